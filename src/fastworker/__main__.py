@@ -1,0 +1,5 @@
+"""`python -m fastworker`."""
+
+from fastworker.cli import main
+
+raise SystemExit(main())

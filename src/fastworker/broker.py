@@ -1,0 +1,78 @@
+"""Broker chores on aiormq that are not the per-message hot path: queues, confirmed publishing.
+
+RabbitMQ closes a channel on a failed declare, so each probe gets a channel of its own.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import aiormq
+from aiormq.abc import AbstractChannel, AbstractConnection
+from pamqp.commands import Basic
+
+log = logging.getLogger("fastworker.broker")
+
+
+class PublishFailed(Exception):
+    """The broker did not confirm a publish; the message it stood for must not be acked."""
+
+
+async def ensure_queue(
+    connection: AbstractConnection,
+    name: str,
+    *,
+    durable: bool = False,
+    arguments: dict[str, Any] | None = None,
+) -> int:
+    """Uses `name` as it exists; declares it only when missing. Returns its message count.
+
+    The deferred-event bundle declares its queue `durable=false`; declaring it again with other
+    flags would fail with PRECONDITION_FAILED, so an existing queue is only checked passively.
+    """
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        ok = await channel.queue_declare(name, passive=True)
+        return int(ok.message_count or 0)
+    except aiormq.exceptions.ChannelNotFoundEntity:
+        pass
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+    channel = await connection.channel(publisher_confirms=False)
+    try:
+        ok = await channel.queue_declare(name, durable=durable, arguments=arguments)
+        log.info("declared missing queue %s (durable=%s)", name, durable)
+        return int(ok.message_count or 0)
+    finally:
+        if not channel.is_closed:
+            await channel.close()
+
+
+class Publisher:
+    """Publishes with publisher confirms and `mandatory`, one confirmed message at a time."""
+
+    def __init__(self, channel: AbstractChannel) -> None:
+        self.channel = channel
+
+    @classmethod
+    async def open(cls, connection: AbstractConnection) -> Publisher:
+        return cls(await connection.channel(publisher_confirms=True))
+
+    async def publish(self, queue: str, body: bytes, properties: Basic.Properties) -> None:
+        """Returns once the broker has the message in `queue`; raises PublishFailed if not."""
+        try:
+            confirm = await self.channel.basic_publish(
+                body, exchange="", routing_key=queue, properties=properties, mandatory=True
+            )
+        except aiormq.exceptions.PublishError as exc:
+            raise PublishFailed(f"queue {queue}: message returned by the broker ({exc})") from None
+        except aiormq.exceptions.AMQPError as exc:
+            raise PublishFailed(f"queue {queue}: {exc!r}") from None
+        if not isinstance(confirm, Basic.Ack):
+            raise PublishFailed(f"queue {queue}: broker answered {type(confirm).__name__}")
+
+    async def close(self) -> None:
+        if not self.channel.is_closed:
+            await self.channel.close()

@@ -1,0 +1,287 @@
+"""Consumes AMQP deliveries with aiormq and runs them through a handler, `concurrency` at a time.
+
+aiormq runs every delivery as a task of its own, so prefetch is no concurrency limit: deliveries
+are queued here and a fixed set of runners take them. A delivery is acked only after the handler
+returned; a handler that raises leaves it unacked, so the broker delivers it again. Acks are sent
+in batches (`multiple=True`) every few milliseconds. After a reconnect the old channel's
+deliveries come again from the broker, so a job that finishes late is never acked on the new one.
+The consumer knows nothing of FastCGI; the handler knows nothing of delivery tags.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+
+import aiormq
+from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
+
+from fastworker.acks import AckTracker
+from fastworker.broker import Publisher, ensure_queue
+from fastworker.message import Message
+
+log = logging.getLogger("fastworker.consumer")
+
+Handler = Callable[[Message, Publisher], Awaitable[None]]
+# Called once per connection before consuming starts, e.g. to declare retry queues.
+Prepare = Callable[[AbstractConnection, str], Awaitable[None]]
+
+ACK_INTERVAL = 0.002  # seconds finished deliveries may wait to share one ack
+REQUEUE_DELAY = 1.0  # seconds before a delivery whose handler failed goes back to the queue
+_PROPERTY_NAMES = (
+    "content_type",
+    "content_encoding",
+    "delivery_mode",
+    "priority",
+    "correlation_id",
+    "reply_to",
+    "expiration",
+    "message_id",
+    "timestamp",
+    "message_type",
+    "user_id",
+    "app_id",
+)
+
+
+@dataclass(slots=True)
+class _Delivery:
+    session: _Session
+    tag: int
+    message: Message
+
+
+class _Session:
+    """One connection's consuming channel, its ack batching, and its publisher."""
+
+    def __init__(self, channel: AbstractChannel, publisher: Publisher) -> None:
+        self.channel = channel
+        self.publisher = publisher
+        self.acks = AckTracker()
+        self.consumer_tags: list[str] = []
+        self.flush_scheduled = False
+        self.alive = True
+
+    def finished(self, tag: int) -> None:
+        if not self.alive:
+            return  # the broker already requeued it when the old channel went away
+        self.acks.finished(tag)
+        if not self.flush_scheduled:
+            self.flush_scheduled = True
+            asyncio.get_running_loop().call_later(ACK_INTERVAL, self._flush_soon)
+
+    def requeue(self, tag: int) -> None:
+        """Hands a delivery back to the broker without acking it."""
+        if not self.alive:
+            return
+        self.acks.discard(tag)
+        asyncio.get_running_loop().create_task(self._nack(tag))
+
+    async def _nack(self, tag: int) -> None:
+        try:
+            await self.channel.basic_nack(tag, requeue=True, wait=False)
+        except aiormq.exceptions.AMQPError as exc:
+            log.warning("requeue of delivery %d failed (%r)", tag, exc)
+
+    def _flush_soon(self) -> None:
+        self.flush_scheduled = False
+        asyncio.get_running_loop().create_task(self.flush())
+
+    async def flush(self) -> None:
+        for tag, multiple in self.acks.take():
+            if not self.alive or self.channel.is_closed:
+                return
+            try:
+                await self.channel.basic_ack(tag, multiple=multiple, wait=False)
+            except aiormq.exceptions.AMQPError as exc:
+                log.warning("ack of delivery %d failed (%r); the broker will redeliver", tag, exc)
+                return
+
+
+class AmqpConsumer:
+    """Reconnects with capped backoff until `stop()`, then drains in-flight jobs and exits."""
+
+    def __init__(
+        self,
+        url: str,
+        queues: Sequence[str],
+        handler: Handler,
+        *,
+        concurrency: int,
+        prefetch: int,
+        prepare: Prepare | None = None,
+        shutdown_timeout: float = 30.0,
+        max_backoff: float = 30.0,
+    ) -> None:
+        self.url = url
+        self.queues = list(queues)
+        self.handler = handler
+        self.concurrency = concurrency
+        self.prefetch = prefetch
+        self.prepare = prepare
+        self.shutdown_timeout = shutdown_timeout
+        self.max_backoff = max_backoff
+        self.processed = 0
+        self.connected = asyncio.Event()  # set while consuming; tests and the CLI wait on it
+        self._stopping = asyncio.Event()
+        self._pending: asyncio.Queue[_Delivery] = asyncio.Queue()
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
+
+    def stop(self) -> None:
+        """Stops consuming; `run()` returns once in-flight jobs finish or the timeout passes."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        runners = [asyncio.create_task(self._runner()) for _ in range(self.concurrency)]
+        backoff = 0.5
+        try:
+            while not self._stopping.is_set():
+                try:
+                    await self._session()
+                    backoff = 0.5
+                except (aiormq.exceptions.AMQPError, ConnectionError, OSError) as exc:
+                    if self._stopping.is_set():
+                        break
+                    delay = backoff * random.uniform(0.5, 1.0)
+                    log.warning(
+                        "broker connection lost or refused (%r); retrying in %.1f s", exc, delay
+                    )
+                    backoff = min(backoff * 2, self.max_backoff)
+                    try:
+                        await asyncio.wait_for(self._stopping.wait(), delay)
+                    except TimeoutError:
+                        pass
+        finally:
+            for runner in runners:
+                runner.cancel()
+            await asyncio.gather(*runners, return_exceptions=True)
+
+    async def _session(self) -> None:
+        connection = await aiormq.connect(
+            self.url, client_properties={"connection_name": "fastworker"}
+        )
+        try:
+            for queue in self.queues:
+                await ensure_queue(connection, queue)
+                if self.prepare is not None:
+                    await self.prepare(connection, queue)
+            publisher = await Publisher.open(connection)
+            channel = await connection.channel(publisher_confirms=False)
+            await channel.basic_qos(prefetch_count=self.prefetch)
+            session = _Session(channel, publisher)
+            for queue in self.queues:
+                ok = await channel.basic_consume(queue, self._on_delivery(session, queue))
+                session.consumer_tags.append(ok.consumer_tag)
+            log.info(
+                "consuming %s (concurrency %d, prefetch %d)",
+                ", ".join(self.queues),
+                self.concurrency,
+                self.prefetch,
+            )
+            self.connected.set()
+            try:
+                await self._until_lost_or_stopped(connection, channel)
+                if self._stopping.is_set() and not connection.is_closed:
+                    await self._drain(session)
+            finally:
+                self.connected.clear()
+                session.alive = False
+                self._forget_pending(session)
+        finally:
+            if not connection.is_closed:
+                await connection.close()
+
+    async def _until_lost_or_stopped(
+        self, connection: AbstractConnection, channel: AbstractChannel
+    ) -> None:
+        stop = asyncio.create_task(self._stopping.wait())
+        lost = asyncio.ensure_future(connection.closing)
+        channel_lost = asyncio.ensure_future(channel.closing)
+        try:
+            await asyncio.wait({stop, lost, channel_lost}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
+        if not self._stopping.is_set():
+            # A closed channel (a broker-sent cancel, a consumer_timeout) ends the session too.
+            reason = lost.exception() if lost.done() else None
+            raise ConnectionError(f"broker closed the connection or channel ({reason!r})")
+
+    async def _drain(self, session: _Session) -> None:
+        for tag in session.consumer_tags:
+            try:
+                await session.channel.basic_cancel(tag)
+            except aiormq.exceptions.AMQPError:
+                pass
+        self._forget_pending(session)  # never started: closing the channel requeues them
+        try:
+            await asyncio.wait_for(self._idle.wait(), self.shutdown_timeout)
+        except TimeoutError:
+            log.warning(
+                "%d jobs still running after --shutdown-timeout; they return to the queue",
+                self._in_flight,
+            )
+        await session.flush()
+
+    def _forget_pending(self, session: _Session) -> None:
+        kept = []
+        while not self._pending.empty():
+            delivery = self._pending.get_nowait()
+            if delivery.session is not session:
+                kept.append(delivery)
+        for delivery in kept:
+            self._pending.put_nowait(delivery)
+
+    def _on_delivery(
+        self, session: _Session, queue: str
+    ) -> Callable[[DeliveredMessage], Awaitable[None]]:
+        async def on_delivery(delivered: DeliveredMessage) -> None:
+            tag = delivered.delivery_tag
+            assert tag is not None
+            props = delivered.header.properties
+            message = Message(
+                body=delivered.body,
+                queue=queue,
+                headers=dict(props.headers or {}),
+                properties={
+                    name: value
+                    for name in _PROPERTY_NAMES
+                    if (value := getattr(props, name, None)) is not None
+                },
+                redelivered=bool(delivered.redelivered),
+            )
+            session.acks.delivered(tag)
+            self._pending.put_nowait(_Delivery(session, tag, message))
+
+        return on_delivery
+
+    async def _runner(self) -> None:
+        while True:
+            delivery = await self._pending.get()
+            session = delivery.session
+            if not session.alive:
+                continue
+            self._in_flight += 1
+            self._idle.clear()
+            try:
+                await self.handler(delivery.message, session.publisher)
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                log.exception(
+                    "job from %s not acknowledged; it goes back to the queue",
+                    delivery.message.queue,
+                )
+                await asyncio.sleep(REQUEUE_DELAY)  # no hot loop if the trouble persists
+                session.requeue(delivery.tag)
+            else:
+                self.processed += 1
+                session.finished(delivery.tag)
+            finally:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self._idle.set()

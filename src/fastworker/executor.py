@@ -1,0 +1,138 @@
+"""Runs a Job as a FastCGI request and classifies what happened.
+
+The outcome kinds (`Result.kind`):
+- ok: no Status header, or a 2xx one.
+- php_error: PHP answered with a non-2xx status (uncaught exception, fatal error, 404 script).
+- timeout: no complete answer within --job-timeout; the connection was closed.
+- lost: the connection died after the answer started, or FPM broke the protocol.
+- unavailable: FPM refused or reset before answering (or FastCGI OVERLOADED); the job did not run.
+- bad_message / not_allowed: refused before FPM was called.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import dataclass
+from urllib.parse import quote_from_bytes
+
+from fastworker import __version__, cgi
+from fastworker.fpm import (
+    OVERLOADED,
+    REQUEST_COMPLETE,
+    FpmConnectionLost,
+    FpmPools,
+    FpmProtocolError,
+    FpmTimeout,
+    FpmUnavailable,
+)
+from fastworker.job import Job, JobRefused
+from fastworker.targets import TargetPolicy
+
+# Data up to this size travels as the DEFERRED_DATA param; larger data as a POST body, because
+# PHP-FPM resets the connection when one param does not fit in a single PARAMS record.
+INLINE_DATA_LIMIT = 32 * 1024
+STDERR_EXCERPT = 8 * 1024
+STDOUT_HEAD = 2 * 1024
+
+# Kinds that mean the job did not run and the trouble is not the job's: retry without counting.
+INFRASTRUCTURE = frozenset({"unavailable"})
+# Kinds that can never succeed: no retries.
+REFUSED = frozenset({"bad_message", "not_allowed"})
+
+
+@dataclass(slots=True)
+class Result:
+    kind: str
+    status: int = 0
+    message: str = ""
+    stderr: bytes = b""
+    stdout_head: bytes = b""
+    endpoint: str = ""
+
+    @property
+    def ok(self) -> bool:
+        return self.kind == "ok"
+
+
+OK = Result("ok", 200)
+
+
+class Executor:
+    def __init__(self, pools: FpmPools, policy: TargetPolicy, job_timeout: float) -> None:
+        self.pools = pools
+        self.policy = policy
+        self.job_timeout = job_timeout
+        self._base = {
+            "GATEWAY_INTERFACE": "CGI/1.1",
+            "SERVER_SOFTWARE": f"fastworker/{__version__}",
+            "SERVER_PROTOCOL": "HTTP/1.1",
+            "SERVER_NAME": socket.gethostname(),
+            "SERVER_ADDR": "127.0.0.1",
+            "SERVER_PORT": "0",
+            "REMOTE_ADDR": "127.0.0.1",
+            "REMOTE_PORT": "0",
+            "REQUEST_METHOD": "POST",
+            "QUERY_STRING": "",
+            "FASTWORKER_PID": str(os.getpid()),
+            # Keeps fatal errors out of the body so they surface as a 500 even where a pool
+            # has display_errors = On.
+            "PHP_VALUE": "display_errors=0",
+        }
+
+    def fastcgi_params(self, job: Job, script: str) -> tuple[dict[str, str | bytes], bytes]:
+        """The CGI params and STDIN for a job whose script was already vetted."""
+        params: dict[str, str | bytes] = dict(job.params)
+        params.update(self._base)
+        body, content_type = job.body, job.content_type
+        if job.data is not None:
+            if len(job.data) <= INLINE_DATA_LIMIT:
+                params["DEFERRED_DATA"] = job.data
+            else:
+                body = b"DEFERRED_DATA=" + quote_from_bytes(job.data, safe="").encode()
+                content_type = "application/x-www-form-urlencoded"
+        params["SCRIPT_FILENAME"] = script
+        params["SCRIPT_NAME"] = script
+        params["REQUEST_URI"] = script
+        params["DOCUMENT_ROOT"] = os.path.dirname(script)
+        params["CONTENT_LENGTH"] = str(len(body))
+        params["CONTENT_TYPE"] = content_type
+        return params, body
+
+    async def run(self, job: Job) -> Result:
+        try:
+            endpoint, script = self.policy.resolve(job)
+        except JobRefused as exc:
+            return Result(exc.kind, message=str(exc))
+        params, body = self.fastcgi_params(job, script)
+        where = str(endpoint)
+        try:
+            response = await self.pools.get(endpoint).request(params, body, self.job_timeout)
+        except FpmUnavailable as exc:
+            return Result("unavailable", message=str(exc), endpoint=where)
+        except FpmTimeout:
+            return Result(
+                "timeout", message=f"no response within {self.job_timeout:g} s", endpoint=where
+            )
+        except (FpmConnectionLost, FpmProtocolError) as exc:
+            return Result("lost", message=str(exc), endpoint=where)
+        if response.protocol_status != REQUEST_COMPLETE:
+            if response.protocol_status == OVERLOADED:
+                return Result("unavailable", message=f"{where}: FPM is overloaded", endpoint=where)
+            return Result(
+                "lost",
+                message=f"{where}: FastCGI protocol status {response.protocol_status}",
+                endpoint=where,
+            )
+        status = cgi.response_status(response.stdout)
+        if cgi.is_success(status):
+            return OK
+        _, body_out = cgi.header_block(response.stdout)
+        return Result(
+            "php_error",
+            status=status,
+            message=cgi.error_message(response.stderr, body_out, status),
+            stderr=response.stderr[:STDERR_EXCERPT],
+            stdout_head=response.stdout[:STDOUT_HEAD],
+            endpoint=where,
+        )

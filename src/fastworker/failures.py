@@ -1,0 +1,190 @@
+"""What happens to a job that did not succeed: a delayed retry, or a dead letter with its error.
+
+Retries wait in the broker, not in worker memory: a failed message is republished to a delay
+queue `<queue>.retry.<ms>ms` whose TTL dead-letters it back to `<queue>`, carrying its attempt
+count in a header, so retries survive worker restarts. Each delay level has its own queue because
+RabbitMQ expires messages only at a queue's head: within one level, TTLs differ only by jitter.
+Every republish is confirmed by the broker before the original is acked, so a crash in between
+can duplicate a message, never lose one.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiormq.abc import AbstractConnection
+from pamqp.commands import Basic
+
+from fastworker import __version__
+from fastworker.broker import Publisher, ensure_queue
+from fastworker.executor import INFRASTRUCTURE, REFUSED, Result
+from fastworker.message import Message
+
+log = logging.getLogger("fastworker.failures")
+
+ATTEMPTS = "x-fastworker-attempts"  # failed attempts so far
+INFRA_RETRIES = "x-fastworker-infra-retries"  # returns for infrastructure trouble, not counted
+FIRST_FAILURE = "x-fastworker-first-failure"  # unix time, float
+ERROR = "x-fastworker-error"  # JSON text: the dead letter's error
+ERROR_KIND = "x-fastworker-error-kind"
+ORIGINAL_QUEUE = "x-fastworker-queue"
+INTERNAL_HEADERS = (ATTEMPTS, INFRA_RETRIES, FIRST_FAILURE, ERROR, ERROR_KIND, ORIGINAL_QUEUE)
+
+JITTER = 0.2  # a retry waits between (1 - JITTER) and 1 times its level's delay
+STDERR_LIMIT = 8 * 1024
+STDOUT_LIMIT = 2 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    max_attempts: int = 5
+    retry_delay: float = 1.0
+    retry_max_delay: float = 300.0
+    dead_letter_queue: str = "{queue}.failed"
+
+    def __post_init__(self) -> None:
+        if self.max_attempts < 1:
+            raise ValueError("--max-attempts must be at least 1")
+        if self.retry_delay <= 0 or self.retry_max_delay < self.retry_delay:
+            raise ValueError("need 0 < --retry-delay <= --retry-max-delay")
+
+    def delay_ms(self, retry: int) -> int:
+        """The delay level before retry number `retry` (1-based): exponential, capped."""
+        exponent = min(retry - 1, 40)
+        return max(1, round(min(self.retry_delay * 2**exponent, self.retry_max_delay) * 1000))
+
+    def levels(self) -> list[int]:
+        levels, retry = [], 1
+        while True:
+            ms = self.delay_ms(retry)
+            if ms in levels:
+                return levels
+            levels.append(ms)
+            retry += 1
+
+    def dead_letter_queue_for(self, queue: str) -> str:
+        return self.dead_letter_queue.format(queue=queue)
+
+
+def delay_queue(queue: str, ms: int) -> str:
+    return f"{queue}.retry.{ms}ms"
+
+
+def _int_header(headers: dict[str, Any], name: str) -> int:
+    value = headers.get(name)
+    try:
+        return max(0, int(value)) if value is not None else 0
+    except (TypeError, ValueError):
+        return 0
+
+
+def _text(data: bytes) -> str:
+    return data.decode("utf-8", "replace")
+
+
+class FailureHandler:
+    """Retries or dead-letters a failed message, per the outcome's kind and the policy."""
+
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.worker = {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__}
+
+    async def prepare(self, connection: AbstractConnection, queue: str) -> None:
+        """Declares `<queue>.failed` and the delay queues; idempotent."""
+        await ensure_queue(connection, self.policy.dead_letter_queue_for(queue), durable=True)
+        for ms in self.policy.levels():
+            await ensure_queue(
+                connection,
+                delay_queue(queue, ms),
+                durable=True,
+                arguments={
+                    "x-message-ttl": ms,
+                    "x-dead-letter-exchange": "",
+                    "x-dead-letter-routing-key": queue,
+                },
+            )
+
+    async def handle(self, message: Message, result: Result, publisher: Publisher) -> None:
+        """Publishes the retry or dead letter; returns once the broker confirmed it."""
+        headers = dict(message.headers)
+        now = time.time()
+        first_failure = headers.get(FIRST_FAILURE) or now
+        headers[FIRST_FAILURE] = first_failure
+        headers[ORIGINAL_QUEUE] = message.queue
+        attempts = _int_header(headers, ATTEMPTS)
+        if result.kind in INFRASTRUCTURE:
+            infra = _int_header(headers, INFRA_RETRIES) + 1
+            headers[INFRA_RETRIES] = infra
+            await self._retry(message, headers, infra, publisher)
+            log.warning(
+                "job from %s not run (%s); back to the queue after a delay",
+                message.queue,
+                result.message,
+            )
+            return
+        if result.kind not in REFUSED:
+            attempts += 1
+            headers[ATTEMPTS] = attempts
+            if attempts < self.policy.max_attempts:
+                ms = await self._retry(message, headers, attempts, publisher)
+                log.warning(
+                    "job from %s failed (%s%s): %s; attempt %d of %d, retry in %.1f s",
+                    message.queue,
+                    result.kind,
+                    f" {result.status}" if result.status else "",
+                    result.message,
+                    attempts,
+                    self.policy.max_attempts,
+                    ms / 1000,
+                )
+                return
+        headers[ERROR_KIND] = result.kind
+        headers[ERROR] = orjson.dumps(
+            {
+                "kind": result.kind,
+                "message": result.message,
+                "status": result.status or None,
+                "stderr": _text(result.stderr[:STDERR_LIMIT]),
+                "stdout_head": _text(result.stdout_head[:STDOUT_LIMIT]),
+                "endpoint": result.endpoint or None,
+                "attempts": attempts,
+                "queue": message.queue,
+                "first_failure": first_failure,
+                "last_failure": now,
+                "worker": self.worker,
+            }
+        ).decode()
+        dead_letters = self.policy.dead_letter_queue_for(message.queue)
+        await publisher.publish(dead_letters, message.body, self._properties(message, headers))
+        log.error(
+            "job from %s dead-lettered to %s (%s%s): %s; attempts %d",
+            message.queue,
+            dead_letters,
+            result.kind,
+            f" {result.status}" if result.status else "",
+            result.message,
+            attempts,
+        )
+
+    async def _retry(
+        self, message: Message, headers: dict[str, Any], retry: int, publisher: Publisher
+    ) -> int:
+        ms = self.policy.delay_ms(retry)
+        props = self._properties(message, headers)
+        props.expiration = str(max(1, int(ms * random.uniform(1 - JITTER, 1.0))))
+        await publisher.publish(delay_queue(message.queue, ms), message.body, props)
+        return ms
+
+    @staticmethod
+    def _properties(message: Message, headers: dict[str, Any]) -> Basic.Properties:
+        kept = {
+            k: v for k, v in message.properties.items() if k not in ("expiration", "delivery_mode")
+        }
+        return Basic.Properties(**kept, headers=headers, delivery_mode=2)

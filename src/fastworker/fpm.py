@@ -1,0 +1,403 @@
+"""Keep-alive FastCGI connection pools, one per PHP-FPM endpoint.
+
+PHP-FPM serves one request at a time per connection, and a kept-alive connection pins one FPM
+child while it stays open. So a pool opens connections only when a job needs one, never holds more
+than `max_connections`, hands idle connections to the next job (LIFO, so few stay warm), and closes
+connections that sat idle too long. It knows FastCGI and sockets, nothing of queues or messages.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections import deque
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
+
+from fastworker.codec import ProtocolError, ResponseParser, encode_request
+
+log = logging.getLogger("fastworker.fpm")
+
+REQUEST_ID = 1  # one request per connection at a time, so the id never needs to vary
+
+# FastCGI protocolStatus values (END_REQUEST).
+REQUEST_COMPLETE = 0
+CANT_MPX_CONN = 1
+OVERLOADED = 2
+UNKNOWN_ROLE = 3
+
+# How many times a request is moved to a fresh connection when a reused one turns out closed.
+_STALE_RETRIES = 3
+
+
+class FpmError(Exception):
+    """Base of everything a pool raises."""
+
+
+class FpmUnavailable(FpmError):
+    """FPM refused, reset or closed before any response byte: the job did not run."""
+
+
+class FpmConnectionLost(FpmError):
+    """The connection died after the response started: the job may have run."""
+
+
+class FpmTimeout(FpmError):
+    """No complete response within the job timeout; the connection was closed."""
+
+
+class FpmProtocolError(FpmError):
+    """FPM sent bytes that are not valid FastCGI; the connection was closed."""
+
+
+@dataclass(frozen=True, slots=True)
+class Endpoint:
+    """An FPM address: TCP `host:port` or `unix:/path`."""
+
+    host: str = ""
+    port: int = 0
+    path: str = ""
+
+    @classmethod
+    def parse(cls, text: str) -> Endpoint:
+        text = text.strip()
+        if text.startswith("unix:"):
+            path = text[5:]
+            if not path:
+                raise ValueError(f"FPM address {text!r}: unix: needs a socket path")
+            return cls(path=path)
+        host, sep, port = text.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"FPM address {text!r}: expected host:port or unix:/path")
+        host = host.strip("[]")
+        try:
+            number = int(port)
+        except ValueError:
+            raise ValueError(f"FPM address {text!r}: port {port!r} is not a number") from None
+        if not 0 < number < 65536:
+            raise ValueError(f"FPM address {text!r}: port {number} out of range")
+        return cls(host=normalize_host(host), port=number)
+
+    def __str__(self) -> str:
+        if self.path:
+            return f"unix:{self.path}"
+        if ":" in self.host:
+            return f"[{self.host}]:{self.port}"
+        return f"{self.host}:{self.port}"
+
+
+def normalize_host(host: str) -> str:
+    """`localhost` is the deferred-event bundle's default; treat it as the loopback address."""
+    host = host.lower()
+    return "127.0.0.1" if host == "localhost" else host
+
+
+@dataclass(slots=True)
+class FpmResponse:
+    stdout: bytes
+    stderr: bytes
+    app_status: int
+    protocol_status: int
+
+
+class _ClosedBeforeResponse(Exception):
+    """Internal: the connection closed before a single response byte arrived."""
+
+
+class _Connection(asyncio.Protocol):
+    """One FastCGI connection; carries one request at a time."""
+
+    __slots__ = (
+        "pool",
+        "transport",
+        "parser",
+        "waiter",
+        "timer",
+        "served",
+        "closed",
+        "last_used",
+        "sent_at",
+        "completed_at_send",
+        "stall_reported",
+    )
+
+    def __init__(self, pool: FpmPool) -> None:
+        self.pool = pool
+        self.transport: asyncio.Transport | None = None
+        self.parser = ResponseParser()
+        self.waiter: asyncio.Future[FpmResponse] | None = None
+        self.timer: asyncio.TimerHandle | None = None
+        self.served = 0
+        self.closed = False
+        self.last_used = 0.0
+        self.sent_at = 0.0
+        self.completed_at_send = 0
+        self.stall_reported = False
+
+    # asyncio.Protocol
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            done = self.parser.feed(data)
+        except ProtocolError as exc:
+            self._fail(FpmProtocolError(f"{self.pool.endpoint}: {exc}"))
+            self.close()
+            return
+        if done and self.waiter is not None and not self.waiter.done():
+            _, stdout, stderr, app_status, protocol_status = done[-1]
+            self.waiter.set_result(FpmResponse(stdout, stderr, app_status, protocol_status))
+
+    def eof_received(self) -> bool:
+        return False  # FPM closing its side ends the connection
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self.parser.bytes_received == 0:
+            self._fail(_ClosedBeforeResponse(str(exc) if exc else "closed by FPM"))
+        else:
+            reason = f": {exc}" if exc else ""
+            self._fail(
+                FpmConnectionLost(f"{self.pool.endpoint}: connection lost mid-response{reason}")
+            )
+        self.pool._on_closed(self)
+
+    # used by the pool
+    def _fail(self, exc: Exception) -> None:
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_exception(exc)
+
+    def _on_timeout(self) -> None:
+        self._fail(FpmTimeout(f"{self.pool.endpoint}: no response within the job timeout"))
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.closed:
+            self.transport.abort()
+
+    async def roundtrip(self, payload: bytes, timeout: float) -> FpmResponse:
+        loop = self.pool.loop
+        waiter: asyncio.Future[FpmResponse] = loop.create_future()
+        self.waiter = waiter
+        self.sent_at = loop.time()
+        self.completed_at_send = self.pool.completed
+        self.stall_reported = False
+        self.timer = loop.call_later(timeout, self._on_timeout)
+        try:
+            assert self.transport is not None
+            self.transport.write(payload)
+            return await waiter
+        finally:
+            self.timer.cancel()
+            self.waiter = None
+            self.served += 1
+
+
+class FpmPool:
+    """Connections to one endpoint, opened lazily and kept alive between jobs."""
+
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        max_connections: int,
+        *,
+        connect_timeout: float = 5.0,
+        idle_timeout: float = 30.0,
+        stall_warning_after: float = 5.0,
+    ) -> None:
+        if max_connections < 1:
+            raise ValueError("max_connections must be at least 1")
+        self.endpoint = endpoint
+        self.max_connections = max_connections
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.stall_warning_after = stall_warning_after
+        self.loop = asyncio.get_running_loop()
+        self.completed = 0  # requests answered, for the stall check
+        self.opened = 0  # connections ever opened, for tests and stats
+        self._open = 0  # connections open or opening
+        self._idle: list[_Connection] = []
+        self._busy: set[_Connection] = set()
+        self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
+        self._closing = False
+
+    @property
+    def open_connections(self) -> int:
+        return self._open
+
+    async def request(
+        self, params: Mapping[str | bytes, str | bytes], stdin: bytes, timeout: float
+    ) -> FpmResponse:
+        """Runs one FastCGI request; raises an FpmError subclass when it cannot complete."""
+        payload = encode_request(REQUEST_ID, params, stdin)
+        for _ in range(_STALE_RETRIES + 1):
+            conn = await self._acquire()
+            reused = conn.served > 0
+            try:
+                response = await conn.roundtrip(payload, timeout)
+            except _ClosedBeforeResponse as exc:
+                if reused:
+                    continue  # FPM recycled or dropped an idle connection; nothing ran
+                raise FpmUnavailable(
+                    f"{self.endpoint}: connection closed before a response ({exc})"
+                ) from None
+            finally:
+                self._release(conn)
+            self.completed += 1
+            return response
+        raise FpmUnavailable(f"{self.endpoint}: reused connections kept closing before a response")
+
+    async def _acquire(self) -> _Connection:
+        while True:
+            while self._idle:
+                conn = self._idle.pop()
+                if not conn.closed:
+                    self._busy.add(conn)
+                    return conn
+            if self._closing:
+                raise FpmUnavailable(f"{self.endpoint}: pool is closed")
+            if self._open < self.max_connections:
+                return await self._connect()
+            waiter: asyncio.Future[_Connection | None] = self.loop.create_future()
+            self._waiters.append(waiter)
+            try:
+                conn = await waiter
+            except asyncio.CancelledError:
+                if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
+                    self._release(waiter.result())  # handed over just as we were cancelled
+                raise
+            if conn is not None:
+                self._busy.add(conn)
+                return conn
+            # None: a connection closed, so there is room to open one; loop and try
+
+    async def _connect(self) -> _Connection:
+        self._open += 1
+        self.opened += 1
+        try:
+            async with asyncio.timeout(self.connect_timeout):
+                if self.endpoint.path:
+                    _, conn = await self.loop.create_unix_connection(
+                        lambda: _Connection(self), self.endpoint.path
+                    )
+                else:
+                    _, conn = await self.loop.create_connection(
+                        lambda: _Connection(self), self.endpoint.host, self.endpoint.port
+                    )
+        except (OSError, TimeoutError) as exc:
+            self._open -= 1
+            self._wake_one(None)
+            reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
+            raise FpmUnavailable(f"{self.endpoint}: cannot connect: {reason}") from None
+        except BaseException:
+            self._open -= 1
+            self._wake_one(None)
+            raise
+        self._busy.add(conn)
+        return conn
+
+    def _release(self, conn: _Connection) -> None:
+        self._busy.discard(conn)
+        if conn.closed:
+            return  # _on_closed already freed its slot
+        if self._closing:
+            conn.close()
+            return
+        conn.last_used = self.loop.time()
+        if not self._wake_one(conn):
+            self._idle.append(conn)
+
+    def _wake_one(self, conn: _Connection | None) -> bool:
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return True
+        return False
+
+    def _on_closed(self, conn: _Connection) -> None:
+        self._open -= 1
+        self._busy.discard(conn)
+        self._wake_one(None)
+
+    def sweep(self) -> None:
+        """Closes connections idle too long and reports requests stuck in FPM's backlog."""
+        now = self.loop.time()
+        keep = []
+        for conn in self._idle:
+            if conn.closed:
+                continue
+            if now - conn.last_used > self.idle_timeout:
+                conn.close()
+            else:
+                keep.append(conn)
+        self._idle[:] = keep
+        for conn in self._busy:
+            if (
+                conn.served == 0
+                and not conn.stall_reported
+                and conn.waiter is not None
+                and conn.parser.bytes_received == 0
+                and now - conn.sent_at > self.stall_warning_after
+                and self.completed > conn.completed_at_send
+            ):
+                conn.stall_reported = True
+                log.warning(
+                    "%s: a request on a new connection has had no answer for %.0f s while other "
+                    "connections completed %d requests; FPM has fewer children than "
+                    "--concurrency (%d) and this connection waits in its backlog. Lower "
+                    "--concurrency to the pool's pm.max_children.",
+                    self.endpoint,
+                    now - conn.sent_at,
+                    self.completed - conn.completed_at_send,
+                    self.max_connections,
+                )
+
+    async def close(self) -> None:
+        """Closes every connection; busy ones are aborted."""
+        self._closing = True
+        for conn in [*self._idle, *self._busy]:
+            conn.close()
+        self._idle.clear()
+        self._wake_one(None)
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(FpmUnavailable(f"{self.endpoint}: pool is closed"))
+        await asyncio.sleep(0)
+
+
+class FpmPools:
+    """One pool per endpoint, created on first use, with a shared housekeeping timer."""
+
+    def __init__(self, max_connections: int, **pool_options: float) -> None:
+        self.max_connections = max_connections
+        self.pool_options = pool_options
+        self._pools: dict[Endpoint, FpmPool] = {}
+        self._sweeper: asyncio.Task[None] | None = None
+
+    def get(self, endpoint: Endpoint) -> FpmPool:
+        pool = self._pools.get(endpoint)
+        if pool is None:
+            pool = self._pools[endpoint] = FpmPool(
+                endpoint, self.max_connections, **self.pool_options
+            )
+            if self._sweeper is None:
+                self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
+        return pool
+
+    def __iter__(self) -> Iterator[FpmPool]:
+        return iter(self._pools.values())
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(1.0)
+            for pool in self._pools.values():
+                pool.sweep()
+
+    async def close(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+        for pool in self._pools.values():
+            await pool.close()

@@ -1,0 +1,50 @@
+"""Who may be targeted: only listed FPM endpoints, only scripts matching an allowed glob.
+
+Anyone who can publish to the queue could otherwise make the worker run any PHP file on any host.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import posixpath
+from collections.abc import Sequence
+
+from fastworker.fpm import Endpoint
+from fastworker.job import Job, NotAllowed
+
+
+class TargetPolicy:
+    def __init__(self, endpoints: Sequence[Endpoint], script_globs: Sequence[str]) -> None:
+        if not endpoints:
+            raise ValueError("at least one FPM endpoint is needed")
+        if not script_globs:
+            raise ValueError("at least one allowed script glob is needed")
+        self.endpoints = tuple(endpoints)
+        self.default_endpoint = self.endpoints[0]
+        self._allowed = frozenset(self.endpoints)
+        self.script_globs = tuple(script_globs)
+        self._checked: dict[str, str] = {}  # scripts seen before; messages repeat a handful
+
+    def resolve(self, job: Job) -> tuple[Endpoint, str]:
+        """The endpoint and normalized script for `job`, or NotAllowed."""
+        endpoint = job.endpoint or self.default_endpoint
+        if endpoint not in self._allowed:
+            allowed = ", ".join(map(str, self.endpoints))
+            raise NotAllowed(f"FPM endpoint {endpoint} is not listed with --fpm ({allowed})")
+        script = self._checked.get(job.script)
+        if script is None:
+            script = self._check_script(job.script)
+            if len(self._checked) < 1024:
+                self._checked[job.script] = script
+        return endpoint, script
+
+    def _check_script(self, script: str) -> str:
+        if not script.startswith("/") or "\0" in script:
+            raise NotAllowed(f"script {script[:200]!r} is not an absolute path")
+        normalized = posixpath.normpath(script)
+        if not any(fnmatch.fnmatchcase(normalized, glob) for glob in self.script_globs):
+            globs = " ".join(self.script_globs)
+            raise NotAllowed(
+                f"script {normalized[:200]!r} matches no --allow-script glob ({globs})"
+            )
+        return normalized

@@ -1,0 +1,102 @@
+"""Assembles pools, pipeline and consumer from the settings, and runs them under uvloop."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import signal
+from dataclasses import dataclass, field
+
+import uvloop
+
+from fastworker.consumer import AmqpConsumer
+from fastworker.executor import Executor
+from fastworker.failures import FailureHandler, RetryPolicy
+from fastworker.formats import parser_for
+from fastworker.fpm import Endpoint, FpmPools
+from fastworker.pipeline import JobPipeline
+from fastworker.targets import TargetPolicy
+
+log = logging.getLogger("fastworker")
+
+
+@dataclass(slots=True)
+class Settings:
+    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    queues: list[str] = field(default_factory=lambda: ["sf_deferred_events"])
+    fpm: list[str] = field(default_factory=lambda: ["127.0.0.1:9000"])
+    script: str = "/var/www/bin/dispatch.php"
+    allow_script: list[str] = field(default_factory=list)
+    concurrency: int = 4
+    prefetch: int = 0  # 0: max(64, 4 x concurrency)
+    format: str = "bundle"
+    job_timeout: float = 300.0
+    shutdown_timeout: float = 30.0
+    connect_timeout: float = 5.0
+    idle_timeout: float = 30.0
+    max_message_size: int = 8 * 1024 * 1024
+    max_attempts: int = 5
+    retry_delay: float = 1.0
+    retry_max_delay: float = 300.0
+    dead_letter_queue: str = "{queue}.failed"
+
+    @property
+    def effective_prefetch(self) -> int:
+        return self.prefetch or max(64, 4 * self.concurrency)
+
+
+def build(settings: Settings) -> tuple[AmqpConsumer, FpmPools]:
+    """Everything the worker runs, wired together; must be called inside the event loop."""
+    endpoints = [Endpoint.parse(text) for text in settings.fpm]
+    policy = TargetPolicy(endpoints, settings.allow_script or [settings.script])
+    pools = FpmPools(
+        settings.concurrency,
+        connect_timeout=settings.connect_timeout,
+        idle_timeout=settings.idle_timeout,
+    )
+    failures = FailureHandler(
+        RetryPolicy(
+            max_attempts=settings.max_attempts,
+            retry_delay=settings.retry_delay,
+            retry_max_delay=settings.retry_max_delay,
+            dead_letter_queue=settings.dead_letter_queue,
+        )
+    )
+    pipeline = JobPipeline(
+        parser_for(settings.format),
+        settings.script,
+        Executor(pools, policy, settings.job_timeout),
+        failures,
+        settings.max_message_size,
+    )
+    consumer = AmqpConsumer(
+        settings.amqp_url,
+        settings.queues,
+        pipeline,
+        concurrency=settings.concurrency,
+        prefetch=settings.effective_prefetch,
+        prepare=failures.prepare,
+        shutdown_timeout=settings.shutdown_timeout,
+    )
+    return consumer, pools
+
+
+async def serve(settings: Settings) -> None:
+    consumer, pools = build(settings)
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, _on_signal, consumer, signum)
+    try:
+        await consumer.run()
+    finally:
+        await pools.close()
+    log.info("stopped after %d jobs", consumer.processed)
+
+
+def _on_signal(consumer: AmqpConsumer, signum: int) -> None:
+    log.info("%s received: finishing in-flight jobs, then exiting", signal.Signals(signum).name)
+    consumer.stop()
+
+
+def run(settings: Settings) -> None:
+    uvloop.run(serve(settings))
