@@ -63,6 +63,7 @@ class _Session:
         self.acks = AckTracker()
         self.consumer_tags: list[str] = []
         self.flush_scheduled = False
+        self.flushing: set[asyncio.Task[None]] = set()
         self.alive = True
 
     def finished(self, tag: int) -> None:
@@ -88,17 +89,25 @@ class _Session:
 
     def _flush_soon(self) -> None:
         self.flush_scheduled = False
-        asyncio.get_running_loop().create_task(self.flush())
+        task = asyncio.get_running_loop().create_task(self.flush())
+        self.flushing.add(task)
+        task.add_done_callback(self.flushing.discard)
 
-    async def flush(self) -> None:
+    async def flush(self, wait: bool = False) -> None:
         for tag, multiple in self.acks.take():
             if not self.alive or self.channel.is_closed:
                 return
             try:
-                await self.channel.basic_ack(tag, multiple=multiple, wait=False)
+                await self.channel.basic_ack(tag, multiple=multiple, wait=wait)
             except aiormq.exceptions.AMQPError as exc:
                 log.warning("ack of delivery %d failed (%r); the broker will redeliver", tag, exc)
                 return
+
+    async def flush_all(self) -> None:
+        """Sends every pending ack and waits until they are written, before the channel closes."""
+        if self.flushing:
+            await asyncio.gather(*self.flushing, return_exceptions=True)
+        await self.flush(wait=True)
 
 
 class AmqpConsumer:
@@ -225,7 +234,7 @@ class AmqpConsumer:
                 "%d jobs still running after --shutdown-timeout; they return to the queue",
                 self._in_flight,
             )
-        await session.flush()
+        await session.flush_all()
 
     def _forget_pending(self, session: _Session) -> None:
         kept = []

@@ -162,14 +162,24 @@ def encode_request(
 
 
 class _Request:
-    """Output accumulated for one request id until its END_REQUEST."""
+    """Output accumulated for one request id until its END_REQUEST.
+
+    Each STDOUT/STDERR record's content is one chunk (at most 65535 bytes), joined once at the
+    end: growing one buffer instead re-copies it as it grows.
+    """
 
     __slots__ = ("stdout", "stderr", "size")
 
     def __init__(self) -> None:
-        self.stdout = bytearray()
-        self.stderr = bytearray()
+        self.stdout: list[bytes | bytearray] = []
+        self.stderr: list[bytes | bytearray] = []
         self.size = 0
+
+
+def _join(chunks: list[bytes | bytearray]) -> bytes:
+    if len(chunks) == 1 and type(chunks[0]) is bytes:
+        return chunks[0]
+    return b"".join(chunks)
 
 
 class ResponseParser:
@@ -196,6 +206,8 @@ class ResponseParser:
         self._pad_left = 0
         self._requests: dict[int, _Request] = {}
         self._req: _Request | None = None
+        self._chunk: bytearray | None = None  # the current record's content, while it arrives
+        self._chunk_pos = 0
         self._error: str | None = None
 
     @property
@@ -203,7 +215,9 @@ class ResponseParser:
         """Bytes fed since construction or since the last completed END_REQUEST."""
         return self._received
 
-    def _on_header(self, version: int, rtype: int, rid: int, clen: int, plen: int) -> None:
+    def _on_header(self, fields: tuple[int, ...], mv: memoryview, pos: int) -> int:
+        """Validates a header and sets up its record; returns how many bytes of `mv` it took."""
+        version, rtype, rid, clen, plen = fields
         req = None
         if version != _VERSION:
             raise ProtocolError(
@@ -229,6 +243,13 @@ class ResponseParser:
                         f"response exceeds max_size ({self.max_size} bytes) for request {rid}"
                     )
                 req.size += clen
+                if len(mv) - pos >= clen:  # the whole content is here: one copy, from input
+                    chunk: bytes | bytearray = bytes(mv[pos : pos + clen])
+                    self._chunk = None
+                else:
+                    chunk = self._chunk = bytearray(clen)
+                    self._chunk_pos = 0
+                (req.stdout if rtype == _STDOUT else req.stderr).append(chunk)
         elif rtype in (_GET_VALUES_RESULT, _UNKNOWN_TYPE):
             if rid != 0:
                 raise ProtocolError(
@@ -243,9 +264,14 @@ class ResponseParser:
         self._type = rtype
         self._rid = rid
         self._req = req
-        self._content_left = clen
         self._pad_left = plen
+        if clen and rtype in (_STDOUT, _STDERR) and self._chunk is None:
+            self._content_left = 0  # already consumed from the input
+            self._state = _ST_PADDING
+            return clen
+        self._content_left = clen
         self._state = _ST_CONTENT if clen else _ST_PADDING
+        return 0
 
     def _finish(self) -> tuple[int, bytes, bytes, int, int]:
         """Turns the completed END_REQUEST into a result tuple and forgets the request."""
@@ -254,7 +280,7 @@ class ResponseParser:
         app_status, protocol_status = _END_BODY.unpack(self._end)
         del self._requests[self._rid]
         self._req = None
-        return (self._rid, bytes(req.stdout), bytes(req.stderr), app_status, protocol_status)
+        return (self._rid, _join(req.stdout), _join(req.stderr), app_status, protocol_status)
 
     def feed(self, data: bytes) -> list[tuple[int, bytes, bytes, int, int]]:
         """Consumes bytes (any split); returns requests whose END_REQUEST completed in them."""
@@ -281,20 +307,20 @@ class ResponseParser:
                             break
                         fields = _HEADER.unpack(self._hdr)
                         self._hdr.clear()
-                    self._on_header(*fields)
+                    pos += self._on_header(fields, mv, pos)
                 elif state == _ST_CONTENT:
                     take = min(self._content_left, n - pos)
-                    rtype = self._type
-                    if rtype == _STDOUT:
-                        self._req.stdout += mv[pos : pos + take]  # type: ignore[union-attr]
-                    elif rtype == _STDERR:
-                        self._req.stderr += mv[pos : pos + take]  # type: ignore[union-attr]
-                    elif rtype == _END_REQUEST:
+                    if self._type == _END_REQUEST:
                         self._end += mv[pos : pos + take]
+                    elif self._chunk is not None:
+                        cpos = self._chunk_pos
+                        self._chunk[cpos : cpos + take] = mv[pos : pos + take]
+                        self._chunk_pos = cpos + take
                     pos += take
                     self._content_left -= take
                     if not self._content_left:
                         self._state = _ST_PADDING
+                        self._chunk = None
                 else:
                     take = min(self._pad_left, n - pos)
                     pos += take

@@ -1,0 +1,230 @@
+"""Keep-alive FastCGI pools and the executor against a real PHP-FPM."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvloop
+
+from conftest import FpmServer, free_loopback_port
+from fastworker.executor import Executor, Result
+from fastworker.fpm import (
+    Endpoint,
+    FpmConnectionLost,
+    FpmPool,
+    FpmPools,
+    FpmTimeout,
+    FpmUnavailable,
+)
+from fastworker.job import Job
+from fastworker.targets import TargetPolicy
+
+PHP = Path(__file__).parent / "php"
+
+
+def run(coro: Coroutine[Any, Any, Any]) -> Any:
+    return uvloop.run(coro)
+
+
+def params(script: str, **extra: str) -> dict[str | bytes, str | bytes]:
+    base: dict[str | bytes, str | bytes] = {
+        "SCRIPT_FILENAME": str(PHP / script),
+        "REQUEST_METHOD": "POST",
+        "CONTENT_LENGTH": "0",
+    }
+    base.update(extra)
+    return base
+
+
+def body_of(stdout: bytes) -> bytes:
+    return stdout.split(b"\r\n\r\n", 1)[1]
+
+
+def test_jobs_reuse_few_connections(fpm: FpmServer) -> None:
+    async def main() -> tuple[set[bytes], int]:
+        pool = FpmPool(Endpoint.parse(fpm.address), max_connections=2)
+        pids = set()
+        for _ in range(60):
+            response = await pool.request(params("pid.php"), b"", 10)
+            pids.add(body_of(response.stdout))
+        await pool.close()
+        return pids, pool.opened
+
+    pids, opened = run(main())
+    assert opened == 1  # sequential jobs all rode one kept-alive connection
+    assert len(pids) == 1
+    assert int(next(iter(pids))) in fpm.child_pids()
+
+
+def test_concurrent_jobs_never_exceed_max_connections(fpm: FpmServer) -> None:
+    async def main() -> tuple[int, int, set[bytes]]:
+        pool = FpmPool(Endpoint.parse(fpm.address), max_connections=3)
+        peak = 0
+
+        async def one() -> bytes:
+            nonlocal peak
+            task = pool.request(params("sleep.php", DEFERRED_DATA="0.01"), b"", 10)
+            peak = max(peak, pool.open_connections)
+            return body_of((await task).stdout)
+
+        bodies = await asyncio.gather(*(one() for _ in range(40)))
+        peak = max(peak, pool.open_connections)
+        await pool.close()
+        return peak, pool.opened, set(bodies)
+
+    peak, opened, bodies = run(main())
+    assert bodies == {b"ok\n"}
+    assert opened == 3 and peak <= 3
+
+
+def test_max_requests_churn_loses_nothing_and_runs_once(fpm_factory) -> None:
+    server = fpm_factory(children=4, max_requests=5)
+    datas = [f"job-{i}".encode() for i in range(200)]
+
+    async def main() -> list[Result]:
+        pools = FpmPools(4)
+        policy = TargetPolicy([Endpoint.parse(server.address)], [str(PHP / "*.php")])
+        executor = Executor(pools, policy, 10)
+        sem = asyncio.Semaphore(4)
+
+        async def one(data: bytes) -> Result:
+            async with sem:
+                return await executor.run(Job(str(PHP / "record.php"), data=data))
+
+        results = await asyncio.gather(*(one(d) for d in datas))
+        await pools.close()
+        return results
+
+    results = run(main())
+    assert [r.kind for r in results] == ["ok"] * 200
+    records = server.records()
+    assert sorted(sha for _, sha, _ in records) == sorted(
+        hashlib.sha1(d).hexdigest() for d in datas
+    )
+    assert len({pid for pid, _, _ in records}) >= 200 // 5  # children really were recycled
+
+
+def test_nothing_listening_is_unavailable() -> None:
+    async def main() -> None:
+        pool = FpmPool(Endpoint("127.0.0.1", free_loopback_port()), max_connections=2)
+        with pytest.raises(FpmUnavailable, match="cannot connect"):
+            await pool.request(params("pid.php"), b"", 5)
+        assert pool.open_connections == 0
+
+    run(main())
+
+
+def test_timeout_closes_the_connection(fpm: FpmServer) -> None:
+    async def main() -> None:
+        pool = FpmPool(Endpoint.parse(fpm.address), max_connections=1)
+        with pytest.raises(FpmTimeout):
+            await pool.request(params("sleep.php", DEFERRED_DATA="3"), b"", 0.3)
+        await asyncio.sleep(0.05)
+        assert pool.open_connections == 0
+        # The pool recovers on a fresh connection (the busy child is still sleeping).
+        response = await pool.request(params("pid.php"), b"", 10)
+        assert body_of(response.stdout).isdigit()
+        await pool.close()
+
+    run(main())
+
+
+def test_connection_lost_mid_response(fpm: FpmServer) -> None:
+    async def main() -> None:
+        pool = FpmPool(Endpoint.parse(fpm.address), max_connections=1)
+        with pytest.raises(FpmConnectionLost, match="mid-response"):
+            await pool.request(params("die_mid.php"), b"", 10)
+        await pool.close()
+
+    run(main())
+
+
+def execute(server: FpmServer, job: Job, timeout: float = 10) -> Result:
+    async def main() -> Result:
+        pools = FpmPools(2)
+        policy = TargetPolicy([Endpoint.parse(server.address)], [str(PHP / "*.php")])
+        try:
+            return await Executor(pools, policy, timeout).run(job)
+        finally:
+            await pools.close()
+
+    return run(main())
+
+
+def test_uncaught_exception_is_php_error_with_its_text(fpm: FpmServer) -> None:
+    result = execute(fpm, Job(str(PHP / "fail.php"), data=b"order 42"))
+    assert result.kind == "php_error" and result.status == 500
+    assert "Uncaught RuntimeException: boom" in result.message
+    assert b"RuntimeException" in result.stderr
+
+
+def test_missing_script_is_404(fpm: FpmServer) -> None:
+    result = execute(fpm, Job(str(PHP / "no_such_script.php"), data=b"x"))
+    assert (result.kind, result.status) == ("php_error", 404)
+    assert "Primary script unknown" in result.message
+
+
+def test_exit_code_without_status_is_success(fpm: FpmServer) -> None:
+    assert execute(fpm, Job(str(PHP / "exit3.php"), data=b"x")).kind == "ok"
+
+
+@pytest.mark.parametrize("code", ["404", "503"])
+def test_status_header_decides(fpm: FpmServer, code: str) -> None:
+    result = execute(fpm, Job(str(PHP / "status.php"), data=code.encode()))
+    assert (result.kind, result.status) == ("php_error", int(code))
+
+
+def test_fatal_error_fails_even_with_display_errors_on(fpm_factory) -> None:
+    server = fpm_factory(children=1, display_errors=True)
+    result = execute(server, Job(str(PHP / "fatal.php"), data=b"x"))
+    assert (result.kind, result.status) == ("php_error", 500)
+    assert "fw_this_function_does_not_exist" in result.message
+
+
+def test_large_data_travels_as_post_body(fpm: FpmServer) -> None:
+    fpm.clear_records()
+    data = (b"QUJD+/=" * 60_000)[:400_000]
+    assert execute(fpm, Job(str(PHP / "record.php"), data=data)).kind == "ok"
+    assert [(sha, size) for _, sha, size in fpm.records()] == [
+        (hashlib.sha1(data).hexdigest(), len(data))
+    ]
+
+
+def test_more_connections_than_children_warns(fpm_factory, caplog) -> None:
+    server = fpm_factory(children=2)
+
+    async def main() -> list[str]:
+        pool = FpmPool(Endpoint.parse(server.address), max_connections=4, stall_warning_after=0.3)
+        sem = asyncio.Semaphore(4)
+
+        async def one() -> str:
+            async with sem:
+                try:
+                    await pool.request(params("sleep.php", DEFERRED_DATA="0.02"), b"", 1.5)
+                    return "ok"
+                except FpmTimeout:
+                    return "timeout"
+
+        async def sweeper() -> None:
+            while True:
+                await asyncio.sleep(0.1)
+                pool.sweep()
+
+        sweeping = asyncio.create_task(sweeper())
+        outcomes = await asyncio.gather(*(one() for _ in range(60)))
+        sweeping.cancel()
+        await pool.close()
+        return outcomes
+
+    with caplog.at_level(logging.WARNING, logger="fastworker.fpm"):
+        outcomes = run(main())
+    assert "timeout" in outcomes  # the connections stuck in FPM's backlog never got an answer
+    warnings = [r.getMessage() for r in caplog.records if "backlog" in r.getMessage()]
+    assert warnings and server.address in warnings[0]
+    assert "--concurrency" in warnings[0]

@@ -1,0 +1,361 @@
+"""The `fastworker` command end to end: real RabbitMQ, real PHP-FPM, the worker as a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections import Counter
+from pathlib import Path
+
+import aiormq
+import orjson
+import pytest
+from pamqp.commands import Basic
+
+from conftest import FpmServer, free_loopback_port
+from helpers import (
+    amqp_get_all,
+    amqp_host_port,
+    amqp_publish,
+    amqp_queue_count,
+    bundle_message,
+    wait_for,
+)
+from worker_proc import PHP_DIR, ROOT, WorkerProcess, worker_args
+
+RECORD = str(PHP_DIR / "record.php")
+
+
+def sha(data: bytes | str) -> str:
+    return hashlib.sha1(data.encode() if isinstance(data, str) else data).hexdigest()
+
+
+def test_bundle_jobs_run_exactly_once_and_the_queue_drains(
+    fpm: FpmServer, rabbitmq_url: str, queue_name: str, tmp_path: Path
+) -> None:
+    fpm.clear_records()
+    small = [f"event-{i}" for i in range(1500)]
+    large = [(f"big-{i}-" * 60_000)[:300_000] for i in range(6)]
+    amqp_publish(
+        rabbitmq_url,
+        queue_name,
+        [bundle_message(d, RECORD, "localhost", fpm.port) for d in small + large],
+    )
+    worker = WorkerProcess(
+        worker_args(rabbitmq_url, queue_name, fpm.address, "--concurrency", "4"),
+        tmp_path / "worker.log",
+    )
+    try:
+        wait_for(lambda: len(fpm.records()) >= len(small) + len(large), 60, what="all jobs run")
+    finally:
+        code = worker.stop()
+    assert code == 0, worker.log()
+    runs = Counter(s for _, s, _ in fpm.records())
+    assert runs == Counter(sha(d) for d in small + large)  # each exactly once
+    sizes = {size for _, _, size in fpm.records()}
+    assert 300_000 in sizes
+    assert amqp_queue_count(rabbitmq_url, queue_name) == 0
+    assert amqp_queue_count(rabbitmq_url, f"{queue_name}.failed") == 0
+
+
+def test_keep_alive_few_connections_serve_many_jobs(
+    fpm_factory, rabbitmq_url: str, queue_name: str, tmp_path: Path
+) -> None:
+    server = fpm_factory(children=8)
+    amqp_publish(
+        rabbitmq_url,
+        queue_name,
+        [bundle_message(f"k{i}", RECORD, "127.0.0.1", server.port) for i in range(400)],
+    )
+    worker = WorkerProcess(
+        worker_args(rabbitmq_url, queue_name, server.address, "--concurrency", "2"),
+        tmp_path / "worker.log",
+    )
+    try:
+        wait_for(lambda: len(server.records()) >= 400, 60, what="400 jobs")
+    finally:
+        assert worker.stop() == 0
+    pids = {pid for pid, _, _ in server.records()}
+    # A connection per job would spread 400 jobs over all 8 children; two kept-alive
+    # connections pin two children.
+    assert len(pids) <= 2, pids
+
+
+def test_max_requests_churn_loses_and_fails_nothing(
+    fpm_factory, rabbitmq_url: str, queue_name: str, tmp_path: Path
+) -> None:
+    server = fpm_factory(children=4, max_requests=5)
+    datas = [f"churn-{i}" for i in range(300)]
+    amqp_publish(
+        rabbitmq_url,
+        queue_name,
+        [bundle_message(d, RECORD, "127.0.0.1", server.port) for d in datas],
+    )
+    worker = WorkerProcess(
+        worker_args(rabbitmq_url, queue_name, server.address, "--concurrency", "4"),
+        tmp_path / "worker.log",
+    )
+    try:
+        wait_for(lambda: len(server.records()) >= 300, 60, what="300 jobs")
+        time.sleep(0.3)
+    finally:
+        assert worker.stop() == 0
+    assert Counter(s for _, s, _ in server.records()) == Counter(sha(d) for d in datas)
+    assert amqp_queue_count(rabbitmq_url, f"{queue_name}.failed") == 0
+    assert " WARNING " not in worker.log() and " ERROR " not in worker.log()
+
+
+def test_refused_targets_never_reach_fpm(
+    fpm: FpmServer, rabbitmq_url: str, queue_name: str, tmp_path: Path
+) -> None:
+    fpm.clear_records()
+    outside = str(ROOT / "examples" / "php" / "dispatch.php")
+    bad = [
+        bundle_message("wrong-port", RECORD, "127.0.0.1", free_loopback_port()),
+        bundle_message("wrong-host", RECORD, "10.1.2.3", fpm.port),
+        bundle_message("wrong-script", outside, "127.0.0.1", fpm.port),
+        bundle_message(
+            "dotdot", f"{PHP_DIR}/../../examples/php/dispatch.php", "127.0.0.1", fpm.port
+        ),
+    ]
+    good = bundle_message("good", RECORD, "127.0.0.1", fpm.port)
+    amqp_publish(rabbitmq_url, queue_name, [*bad, good])
+    worker = WorkerProcess(
+        worker_args(rabbitmq_url, queue_name, fpm.address), tmp_path / "worker.log"
+    )
+    try:
+        wait_for(lambda: len(fpm.records()) >= 1, 30, what="the good job")
+        wait_for(
+            lambda: amqp_queue_count(rabbitmq_url, f"{queue_name}.failed") == 4,
+            30,
+            what="4 dead letters",
+        )
+    finally:
+        assert worker.stop() == 0
+    assert [s for _, s, _ in fpm.records()] == [sha("good")]
+    dead = amqp_get_all(rabbitmq_url, f"{queue_name}.failed")
+    assert sorted(m.body for m in dead) == sorted(bad)  # byte for byte
+    for message in dead:
+        headers = message.header.properties.headers
+        assert headers["x-fastworker-error-kind"] == "not_allowed"
+    log = worker.log()
+    assert "is not listed with --fpm" in log and "matches no --allow-script glob" in log
+
+
+def test_existing_durable_queue_is_used_as_declared(
+    fpm: FpmServer, rabbitmq_url: str, queue_name: str, tmp_path: Path
+) -> None:
+    fpm.clear_records()
+    amqp_publish(
+        rabbitmq_url,
+        queue_name,
+        [bundle_message("durable", RECORD, "127.0.0.1", fpm.port)],
+        durable=True,
+    )
+    worker = WorkerProcess(worker_args(rabbitmq_url, queue_name, fpm.address), tmp_path / "w.log")
+    try:
+        wait_for(lambda: len(fpm.records()) == 1, 30, what="the job")
+    finally:
+        assert worker.stop() == 0
+    assert "PRECONDITION" not in worker.log()
+
+
+def test_missing_queue_is_declared_as_the_bundle_declares_it(
+    fpm: FpmServer, rabbitmq_url: str, queue_name: str, tmp_path: Path
+) -> None:
+    worker = WorkerProcess(worker_args(rabbitmq_url, queue_name, fpm.address), tmp_path / "w.log")
+    try:
+        worker.wait_consuming()
+
+        async def bundle_declare() -> None:
+            connection = await aiormq.connect(rabbitmq_url)
+            channel = await connection.channel()
+            # php-amqplib: queue_declare($queue, false, false, false, false)
+            await channel.queue_declare(queue_name, durable=False)
+            await connection.close()
+
+        asyncio.run(bundle_declare())  # would fail with PRECONDITION_FAILED had we used durable
+    finally:
+        assert worker.stop() == 0
+
+
+def test_sigterm_finishes_in_flight_jobs_then_exits_zero(
+    fpm: FpmServer, rabbitmq_url: str, queue_name: str, tmp_path: Path
+) -> None:
+    sleeper = str(PHP_DIR / "sleep.php")
+    amqp_publish(
+        rabbitmq_url,
+        queue_name,
+        [bundle_message("1.5", sleeper, "127.0.0.1", fpm.port) for _ in range(12)],
+    )
+    worker = WorkerProcess(
+        worker_args(
+            rabbitmq_url, queue_name, fpm.address, "--concurrency", "4", "--shutdown-timeout", "20"
+        ),
+        tmp_path / "w.log",
+    )
+    worker.wait_consuming()
+    time.sleep(0.5)  # four jobs are now sleeping in PHP
+    started = time.monotonic()
+    code = worker.stop(signal.SIGTERM)
+    assert code == 0, worker.log()
+    assert time.monotonic() - started < 15
+    # The four in-flight jobs finished and were acked; the eight not started went back.
+    assert amqp_queue_count(rabbitmq_url, queue_name) == 8, worker.log()
+    assert amqp_queue_count(rabbitmq_url, f"{queue_name}.failed") == 0
+
+
+def test_json_and_raw_formats(
+    fpm: FpmServer, rabbitmq_url: str, queue_name: str, tmp_path: Path
+) -> None:
+    fpm.clear_records()
+    script = str(PHP_DIR / "record_input.php")
+    envelope = orjson.dumps({"script": script, "params": {"TENANT": "t7"}, "body": '{"a":1}'})
+    amqp_publish(rabbitmq_url, queue_name, [envelope])
+    worker = WorkerProcess(
+        worker_args(rabbitmq_url, queue_name, fpm.address, "--format", "json"), tmp_path / "j.log"
+    )
+    try:
+        wait_for(lambda: len(fpm.records()) == 1, 30, what="the json job")
+    finally:
+        assert worker.stop() == 0
+    assert fpm.records()[0][1] == sha('{"a":1}|t7|')
+
+    raw_queue = f"{queue_name}.raw"
+    amqp_publish(
+        rabbitmq_url,
+        raw_queue,
+        [b"\x00\x01binary"],
+        properties=Basic.Properties(message_id="m-1"),
+    )
+    worker = WorkerProcess(
+        [*worker_args(rabbitmq_url, raw_queue, fpm.address, "--format", "raw"), "--script", script],
+        tmp_path / "r.log",
+    )
+    try:
+        wait_for(lambda: len(fpm.records()) == 2, 30, what="the raw job")
+    finally:
+        assert worker.stop() == 0
+    assert fpm.records()[1][1] == sha(b"\x00\x01binary||m-1")
+
+
+class _Proxy:
+    """A TCP proxy to RabbitMQ whose connections the test can cut, like a broker restart."""
+
+    def __init__(self, target: tuple[str, int]) -> None:
+        self.target = target
+        self.port = free_loopback_port()
+        self.loop = asyncio.new_event_loop()
+        self.writers: list[asyncio.StreamWriter] = []
+        self.ready = threading.Event()
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+        self.ready.wait(5)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self.loop)
+
+        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while data := await reader.read(65536):
+                    writer.write(data)
+                    await writer.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                writer.close()
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            up_reader, up_writer = await asyncio.open_connection(*self.target)
+            self.writers += [writer, up_writer]
+            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+        async def main() -> None:
+            await asyncio.start_server(handle, "127.0.0.1", self.port)
+            self.ready.set()
+
+        self.loop.run_until_complete(main())
+        self.loop.run_forever()
+
+    def cut(self) -> None:
+        def close_all() -> None:
+            for writer in self.writers:
+                writer.transport.abort()
+            self.writers.clear()
+
+        self.loop.call_soon_threadsafe(close_all)
+
+
+def test_reconnects_after_broker_connection_loss_and_loses_nothing(
+    fpm: FpmServer, rabbitmq_url: str, queue_name: str, tmp_path: Path
+) -> None:
+    fpm.clear_records()
+    proxy = _Proxy(amqp_host_port(rabbitmq_url))
+    proxied = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
+    datas = [f"r{i}" for i in range(3000)]
+    amqp_publish(
+        rabbitmq_url, queue_name, [bundle_message(d, RECORD, "127.0.0.1", fpm.port) for d in datas]
+    )
+    worker = WorkerProcess(worker_args(proxied, queue_name, fpm.address), tmp_path / "w.log")
+    try:
+        wait_for(lambda: len(fpm.records()) >= 300, 30, what="some jobs")
+        proxy.cut()
+        wait_for(lambda: "retrying in" in worker.log(), 10, what="the reconnect attempt")
+        wait_for(lambda: amqp_queue_count(rabbitmq_url, queue_name) == 0, 60, what="drain")
+        wait_for(
+            lambda: set(d for _, d, _ in fpm.records()) >= {sha(d) for d in datas},
+            30,
+            what="every job run",
+        )
+    finally:
+        assert worker.stop() == 0
+    runs = Counter(s for _, s, _ in fpm.records())
+    assert set(runs) == {sha(d) for d in datas}
+    # At-least-once: only jobs that were in flight or unacked at the cut may run twice.
+    assert sum(runs.values()) - len(datas) <= 64 + 4
+    assert amqp_queue_count(rabbitmq_url, queue_name) == 0
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "fastworker", *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={"PYTHONPATH": str(ROOT / "src"), "PATH": "/usr/bin:/bin"},
+    )
+
+
+def test_cli_version_help_and_bad_arguments() -> None:
+    from fastworker import __version__
+
+    assert run_cli("--version").stdout.strip() == f"fastworker {__version__}"
+    help_text = run_cli("--help").stdout
+    for option in [
+        "--amqp-url",
+        "--queue",
+        "--fpm",
+        "--allow-script",
+        "--concurrency",
+        "--prefetch",
+        "--format",
+        "--job-timeout",
+        "--shutdown-timeout",
+    ]:
+        assert option in help_text
+    assert "pm.max_children" in help_text
+    bad = run_cli("--fpm", "nowhere", "--amqp-url", "amqp://guest:guest@127.0.0.1:1/")
+    assert bad.returncode == 2 and "expected host:port or unix:/path" in bad.stderr
+    bad = run_cli("--concurrency", "0")
+    assert bad.returncode == 2 and "must be at least 1" in bad.stderr
+
+
+@pytest.mark.parametrize("flag", ["--format", "--queue"])
+def test_cli_rejects_unknown_choices(flag: str) -> None:
+    result = run_cli(flag) if flag == "--queue" else run_cli(flag, "xml")
+    assert result.returncode == 2
