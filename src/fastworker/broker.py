@@ -43,7 +43,7 @@ async def ensure_queue(
     channel = await connection.channel(publisher_confirms=False)
     try:
         ok = await channel.queue_declare(name, durable=durable, arguments=arguments)
-        log.info("declared missing queue %s (durable=%s)", name, durable)
+        log.debug("declared missing queue %s (durable=%s)", name, durable)
         return int(ok.message_count or 0)
     finally:
         if not channel.is_closed:

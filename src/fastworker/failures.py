@@ -98,8 +98,14 @@ class FailureHandler:
 
     async def prepare(self, connection: AbstractConnection, queue: str) -> None:
         """Declares `<queue>.failed` and the delay queues; idempotent."""
-        await ensure_queue(connection, self.policy.dead_letter_queue_for(queue), durable=True)
-        for ms in self.policy.levels():
+        dead_letters = self.policy.dead_letter_queue_for(queue)
+        await ensure_queue(connection, dead_letters, durable=True)
+        levels = self.policy.levels()
+        log.info(
+            "%s: failed jobs retry through %s.retry.{%s}ms, then go to %s",
+            queue, queue, ",".join(map(str, levels)), dead_letters,
+        )
+        for ms in levels:
             await ensure_queue(
                 connection,
                 delay_queue(queue, ms),
