@@ -79,11 +79,27 @@ class Executor:
             # has display_errors = On.
             "PHP_VALUE": "display_errors=0",
         }
+        self._by_script: dict[str, dict[str, str | bytes]] = {}
+
+    def _script_params(self, script: str) -> dict[str, str | bytes]:
+        """The params every job for `script` shares, built once per script."""
+        params = self._by_script.get(script)
+        if params is None:
+            params = dict(self._base)
+            params["SCRIPT_FILENAME"] = script
+            params["SCRIPT_NAME"] = script
+            params["REQUEST_URI"] = script
+            params["DOCUMENT_ROOT"] = os.path.dirname(script)
+            if len(self._by_script) < 1024:
+                self._by_script[script] = params
+        return params
 
     def fastcgi_params(self, job: Job, script: str) -> tuple[dict[str, str | bytes], bytes]:
         """The CGI params and STDIN for a job whose script was already vetted."""
-        params: dict[str, str | bytes] = dict(job.params)
-        params.update(self._base)
+        params = self._script_params(script).copy()
+        if job.params:
+            # Application params come first so the worker's own always win.
+            params = {**job.params, **params}
         body, content_type = job.body, job.content_type
         if job.data is not None:
             if len(job.data) <= INLINE_DATA_LIMIT:
@@ -91,10 +107,6 @@ class Executor:
             else:
                 body = b"DEFERRED_DATA=" + quote_from_bytes(job.data, safe="").encode()
                 content_type = "application/x-www-form-urlencoded"
-        params["SCRIPT_FILENAME"] = script
-        params["SCRIPT_NAME"] = script
-        params["REQUEST_URI"] = script
-        params["DOCUMENT_ROOT"] = os.path.dirname(script)
         params["CONTENT_LENGTH"] = str(len(body))
         params["CONTENT_TYPE"] = content_type
         return params, body
