@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Mapping
+from typing import Any
 
 __all__ = ["ProtocolError", "ResponseParser", "encode_request"]
 
@@ -25,10 +26,13 @@ _RESPONDER = 1
 _KEEP_CONN = 1
 _MAX_CONTENT = 65535
 _STDIN_CHUNK = 0xFFF8
+_RETAIN = 4 * 1024 * 1024  # output buffer kept between requests for reuse
 
 _ST_HEADER = 0
 _ST_CONTENT = 1
 _ST_PADDING = 2
+
+_MAX_SIZE_LIMIT = 2**62  # the compiled twin keeps it in a C Py_ssize_t
 
 _TYPE_NAMES = {
     1: "BEGIN_REQUEST",
@@ -164,22 +168,31 @@ def encode_request(
 class _Request:
     """Output accumulated for one request id until its END_REQUEST.
 
-    Each STDOUT/STDERR record's content is one chunk (at most 65535 bytes), joined once at the
-    end: growing one buffer instead re-copies it as it grows.
+    Buffers that only grow (`*_len` says how much is used), recycled by the parser for the next
+    request: a response of a few MB then costs two copies, where fresh allocations per request
+    page-fault new memory every time.
     """
 
-    __slots__ = ("stdout", "stderr", "size")
+    __slots__ = ("out", "out_len", "err", "err_len", "size")
 
     def __init__(self) -> None:
-        self.stdout: list[bytes | bytearray] = []
-        self.stderr: list[bytes | bytearray] = []
+        self.out = bytearray()
+        self.out_len = 0
+        self.err = bytearray()
+        self.err_len = 0
         self.size = 0
 
 
-def _join(chunks: list[bytes | bytearray]) -> bytes:
-    if len(chunks) == 1 and type(chunks[0]) is bytes:
-        return chunks[0]
-    return b"".join(chunks)
+def _reserve(buf: bytearray, need: int, limit: int) -> None:
+    """Grows an output buffer to hold `need` bytes: doubling, but never past `limit`."""
+    cap = len(buf)
+    if need > cap:
+        buf += bytes(max(need, min(max(cap * 2, 4096), limit)) - cap)
+
+
+def _used(buf: bytearray, n: int) -> bytes:
+    with memoryview(buf) as view:
+        return bytes(view[:n])
 
 
 class ResponseParser:
@@ -187,15 +200,16 @@ class ResponseParser:
 
     It buffers at most one record header and one END_REQUEST body; record content goes straight
     into the request's output, which is bounded by `max_size` (stdout + stderr per request).
-    After a ProtocolError it stays broken: the connection is no longer in a known state.
+    Between requests it keeps up to 4 MiB of output buffer for reuse. After a ProtocolError it
+    stays broken: the connection is no longer in a known state.
     """
 
     def __init__(self, max_size: int = 64 * 1024 * 1024) -> None:
         if not isinstance(max_size, int):
             raise TypeError(f"max_size must be an int, not {type(max_size).__name__}")
-        if max_size < 0:
-            raise ValueError(f"max_size must be >= 0, got {max_size}")
-        self.max_size = max_size
+        if not 0 <= max_size <= _MAX_SIZE_LIMIT:
+            raise ValueError(f"max_size must be in 0..{_MAX_SIZE_LIMIT}, got {max_size}")
+        self._max_size = max_size
         self._received = 0
         self._hdr = bytearray()
         self._end = bytearray()
@@ -206,18 +220,20 @@ class ResponseParser:
         self._pad_left = 0
         self._requests: dict[int, _Request] = {}
         self._req: _Request | None = None
-        self._chunk: bytearray | None = None  # the current record's content, while it arrives
-        self._chunk_pos = 0
+        self._spare: _Request | None = None
         self._error: str | None = None
+
+    @property
+    def max_size(self) -> int:
+        """Most stdout + stderr bytes one request may accumulate."""
+        return self._max_size
 
     @property
     def bytes_received(self) -> int:
         """Bytes fed since construction or since the last completed END_REQUEST."""
         return self._received
 
-    def _on_header(self, fields: tuple[int, ...], mv: memoryview, pos: int) -> int:
-        """Validates a header and sets up its record; returns how many bytes of `mv` it took."""
-        version, rtype, rid, clen, plen = fields
+    def _on_header(self, version: int, rtype: int, rid: int, clen: int, plen: int) -> None:
         req = None
         if version != _VERSION:
             raise ProtocolError(
@@ -230,7 +246,9 @@ class ResponseParser:
                 )
             req = self._requests.get(rid)
             if req is None:
-                req = self._requests[rid] = _Request()
+                req = self._spare or _Request()
+                self._spare = None
+                self._requests[rid] = req
             if rtype == _END_REQUEST:
                 if clen != 8:
                     raise ProtocolError(
@@ -238,18 +256,16 @@ class ResponseParser:
                     )
                 self._end.clear()
             elif clen:
-                if req.size + clen > self.max_size:
+                if req.size + clen > self._max_size:
                     raise ProtocolError(
-                        f"response exceeds max_size ({self.max_size} bytes) for request {rid}"
+                        f"response exceeds max_size ({self._max_size} bytes) for request {rid}"
                     )
                 req.size += clen
-                if len(mv) - pos >= clen:  # the whole content is here: one copy, from input
-                    chunk: bytes | bytearray = bytes(mv[pos : pos + clen])
-                    self._chunk = None
+                left = self._max_size - req.size  # what this request may still add after this
+                if rtype == _STDOUT:
+                    _reserve(req.out, req.out_len + clen, req.out_len + clen + left)
                 else:
-                    chunk = self._chunk = bytearray(clen)
-                    self._chunk_pos = 0
-                (req.stdout if rtype == _STDOUT else req.stderr).append(chunk)
+                    _reserve(req.err, req.err_len + clen, req.err_len + clen + left)
         elif rtype in (_GET_VALUES_RESULT, _UNKNOWN_TYPE):
             if rid != 0:
                 raise ProtocolError(
@@ -264,23 +280,32 @@ class ResponseParser:
         self._type = rtype
         self._rid = rid
         self._req = req
-        self._pad_left = plen
-        if clen and rtype in (_STDOUT, _STDERR) and self._chunk is None:
-            self._content_left = 0  # already consumed from the input
-            self._state = _ST_PADDING
-            return clen
         self._content_left = clen
+        self._pad_left = plen
         self._state = _ST_CONTENT if clen else _ST_PADDING
-        return 0
 
     def _finish(self) -> tuple[int, bytes, bytes, int, int]:
-        """Turns the completed END_REQUEST into a result tuple and forgets the request."""
+        """Turns the completed END_REQUEST into a result tuple; recycles the request's buffers."""
         req = self._req
         assert req is not None
         app_status, protocol_status = _END_BODY.unpack(self._end)
+        result = (
+            self._rid,
+            _used(req.out, req.out_len),
+            _used(req.err, req.err_len),
+            app_status,
+            protocol_status,
+        )
         del self._requests[self._rid]
         self._req = None
-        return (self._rid, _join(req.stdout), _join(req.stderr), app_status, protocol_status)
+        if self._spare is None:
+            if len(req.out) > _RETAIN:
+                req.out = bytearray()
+            if len(req.err) > _RETAIN:
+                req.err = bytearray()
+            req.out_len = req.err_len = req.size = 0
+            self._spare = req
+        return result
 
     def feed(self, data: bytes) -> list[tuple[int, bytes, bytes, int, int]]:
         """Consumes bytes (any split); returns requests whose END_REQUEST completed in them."""
@@ -307,20 +332,25 @@ class ResponseParser:
                             break
                         fields = _HEADER.unpack(self._hdr)
                         self._hdr.clear()
-                    pos += self._on_header(fields, mv, pos)
+                    self._on_header(*fields)
                 elif state == _ST_CONTENT:
                     take = min(self._content_left, n - pos)
-                    if self._type == _END_REQUEST:
+                    rtype = self._type
+                    req: Any = self._req  # set by _on_header for STDOUT/STDERR/END_REQUEST
+                    if rtype == _STDOUT:
+                        used = req.out_len
+                        req.out[used : used + take] = mv[pos : pos + take]
+                        req.out_len = used + take
+                    elif rtype == _STDERR:
+                        used = req.err_len
+                        req.err[used : used + take] = mv[pos : pos + take]
+                        req.err_len = used + take
+                    elif rtype == _END_REQUEST:
                         self._end += mv[pos : pos + take]
-                    elif self._chunk is not None:
-                        cpos = self._chunk_pos
-                        self._chunk[cpos : cpos + take] = mv[pos : pos + take]
-                        self._chunk_pos = cpos + take
                     pos += take
                     self._content_left -= take
                     if not self._content_left:
                         self._state = _ST_PADDING
-                        self._chunk = None
                 else:
                     take = min(self._pad_left, n - pos)
                     pos += take

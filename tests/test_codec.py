@@ -1,0 +1,863 @@
+"""FastCGI codec tests: every vector runs through the compiled `fcgi_codec` and the Python twin.
+
+Requests are checked by an independent decoder written here (record framing, padding, no pair
+across PARAMS records, canonical lengths, greedy packing); responses by an independent encoder
+whose stream is fed to the parser at random split points. Hypothesis also compares the two
+implementations directly: same bytes, same results, same errors with the same messages.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import struct
+import subprocess
+import sys
+import tracemalloc
+import types
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT / "src") not in sys.path:  # a source checkout need not be installed to be tested
+    sys.path.insert(0, str(ROOT / "src"))
+
+from fastworker import fcgi_py  # noqa: E402
+
+try:
+    import fcgi_codec  # noqa: E402
+
+    _IMPORT_ERROR: ImportError | None = None
+except ImportError as exc:  # reported by the tests below, not hidden by a skip
+    fcgi_codec = None  # type: ignore[assignment]
+    _IMPORT_ERROR = exc
+
+BEGIN, ABORT, END, PARAMS, STDIN, STDOUT, STDERR, DATA, GET_VALUES = range(1, 10)
+GET_VALUES_RESULT, UNKNOWN_TYPE = 10, 11
+STDIN_CHUNK = 0xFFF8
+HEADER = struct.Struct("!BBHHBx")
+
+SETTINGS = settings(
+    deadline=None,
+    max_examples=150,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+def _compiled() -> types.ModuleType:
+    if fcgi_codec is None:
+        pytest.fail(f"the compiled codec `fcgi_codec` cannot be imported: {_IMPORT_ERROR}")
+    return fcgi_codec
+
+
+@pytest.fixture(params=["compiled", "python"])
+def codec(request: pytest.FixtureRequest) -> types.ModuleType:
+    """Each test using this runs once against the extension and once against the twin."""
+    return _compiled() if request.param == "compiled" else fcgi_py
+
+
+def both() -> tuple[types.ModuleType, types.ModuleType]:
+    return _compiled(), fcgi_py
+
+
+# --------------------------------------------------------------------------------------------
+# test-side request decoder
+
+
+def _as_bytes(x: str | bytes) -> bytes:
+    return x.encode("utf-8") if isinstance(x, str) else x
+
+
+def _pair_size(name: bytes, value: bytes) -> int:
+    return sum(1 if len(x) < 128 else 4 for x in (name, value)) + len(name) + len(value)
+
+
+def split_records(data: bytes) -> list[tuple[int, int, bytes]]:
+    """Splits a stream into (type, request_id, content), checking framing and padding."""
+    out = []
+    pos = 0
+    while pos < len(data):
+        assert pos + 8 <= len(data), "truncated record header"
+        version, rtype, rid, clen, plen = HEADER.unpack_from(data, pos)
+        assert version == 1
+        assert data[pos + 7] == 0, "reserved header byte must be 0"
+        content = data[pos + 8 : pos + 8 + clen]
+        padding = data[pos + 8 + clen : pos + 8 + clen + plen]
+        assert len(content) == clen and len(padding) == plen, "truncated record"
+        assert padding == bytes(plen), "padding must be zero bytes"
+        assert (8 + clen + plen) % 8 == 0, "record length must be a multiple of 8"
+        assert plen < 8, "padding beyond alignment is waste"
+        out.append((rtype, rid, content))
+        pos += 8 + clen + plen
+    return out
+
+
+def parse_pairs(content: bytes) -> list[tuple[bytes, bytes]]:
+    """Parses ONE PARAMS record on its own, as PHP-FPM does: a split pair fails here."""
+    pairs = []
+    pos = 0
+
+    def length() -> int:
+        nonlocal pos
+        assert pos < len(content), "pair split across records"
+        if content[pos] & 0x80:
+            assert pos + 4 <= len(content), "pair split across records"
+            n = int.from_bytes(content[pos : pos + 4], "big") & 0x7FFFFFFF
+            assert n >= 128, "4-byte length used for a length below 128"
+            pos += 4
+        else:
+            n = content[pos]
+            pos += 1
+        return n
+
+    while pos < len(content):
+        nlen = length()
+        vlen = length()
+        assert pos + nlen + vlen <= len(content), "pair split across records"
+        pairs.append((content[pos : pos + nlen], content[pos + nlen : pos + nlen + vlen]))
+        pos += nlen + vlen
+    return pairs
+
+
+def decode_request(data: bytes) -> dict[str, Any]:
+    """Decodes an encoded request and asserts every structural rule of the contract."""
+    records = split_records(data)
+    rtype, rid, content = records[0]
+    assert rtype == BEGIN and len(content) == 8
+    role, flags = struct.unpack_from("!HB", content)
+    assert content[3:] == bytes(5)
+    assert all(r[1] == rid for r in records), "all records carry the same request id"
+    i = 1
+    params: list[tuple[bytes, bytes]] = []
+    param_records: list[list[tuple[bytes, bytes]]] = []
+    while records[i][0] == PARAMS and records[i][2]:
+        assert len(records[i][2]) <= 65535
+        param_records.append(parse_pairs(records[i][2]))
+        params += param_records[-1]
+        i += 1
+    assert records[i] == (PARAMS, rid, b""), "PARAMS must end with one empty record"
+    i += 1
+    # greedy packing: a record was closed only because the next pair did not fit
+    for prev, nxt in zip(param_records, param_records[1:], strict=False):
+        used = sum(_pair_size(n, v) for n, v in prev)
+        assert used + _pair_size(*nxt[0]) > 65535
+    chunks = []
+    while records[i][0] == STDIN and records[i][2]:
+        chunks.append(records[i][2])
+        i += 1
+    assert all(len(c) == STDIN_CHUNK for c in chunks[:-1])
+    assert not chunks or 0 < len(chunks[-1]) <= STDIN_CHUNK
+    assert records[i] == (STDIN, rid, b""), "STDIN must end with one empty record"
+    assert i == len(records) - 1, "nothing may follow the empty STDIN record"
+    return {"rid": rid, "role": role, "flags": flags, "params": params, "stdin": b"".join(chunks)}
+
+
+# --------------------------------------------------------------------------------------------
+# test-side response encoder
+
+
+def rec(
+    rtype: int,
+    rid: int,
+    content: bytes = b"",
+    pad: int | None = None,
+    version: int = 1,
+    pad_byte: bytes = b"\0",
+) -> bytes:
+    """One record as a FastCGI server would write it (padding may be any length/content)."""
+    if pad is None:
+        pad = -len(content) & 7
+    return HEADER.pack(version, rtype, rid, len(content), pad) + content + pad_byte * pad
+
+
+def end(rid: int, app_status: int = 0, protocol_status: int = 0, pad: int | None = None) -> bytes:
+    return rec(END, rid, struct.pack("!IB3x", app_status, protocol_status), pad)
+
+
+def php_response(rid: int, stdout: bytes, stderr: bytes = b"", app_status: int = 0) -> bytes:
+    """What PHP-FPM sends: STDOUT in <= 65535-byte records, STDERR, empty STDOUT, END."""
+    out = b""
+    for off in range(0, len(stdout), 65535):
+        out += rec(STDOUT, rid, stdout[off : off + 65535])
+    if stderr:
+        out += rec(STDERR, rid, stderr)
+    return out + rec(STDOUT, rid) + end(rid, app_status)
+
+
+def feed_all(parser: Any, data: bytes, cuts: list[int]) -> list[tuple[Any, ...]]:
+    out = []
+    prev = 0
+    for cut in [*sorted(set(cuts)), len(data)]:
+        out += parser.feed(data[prev:cut])
+        prev = cut
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# the extension must be there
+
+
+def test_compiled_extension_is_built_and_selected() -> None:
+    """Fails when the extension was not built, or when fastworker.codec fell back silently."""
+    compiled = _compiled()
+    assert Path(compiled.__file__).suffix in (".so", ".pyd"), compiled.__file__
+    from fastworker import codec as selector
+
+    if os.environ.get("FASTWORKER_NO_EXTENSIONS"):
+        assert selector.COMPILED is False
+        impl: types.ModuleType = fcgi_py
+    else:
+        assert selector.COMPILED is True, "fcgi_codec did not load in fastworker.codec"
+        impl = compiled
+    assert selector.encode_request is impl.encode_request
+    assert selector.ResponseParser is impl.ResponseParser
+    assert selector.ProtocolError is impl.ProtocolError
+
+
+def test_protocol_error_is_a_value_error(codec: types.ModuleType) -> None:
+    assert issubclass(codec.ProtocolError, ValueError)
+    assert codec.ProtocolError.__module__ == codec.__name__
+
+
+# --------------------------------------------------------------------------------------------
+# encoding: known answers and edges
+
+
+def test_encode_known_bytes(codec: types.ModuleType) -> None:
+    expected = bytes.fromhex(
+        "01 01 0001 0008 00 00"
+        "0001 01 0000000000"  # BEGIN_REQUEST, RESPONDER, KEEP_CONN
+        "01 04 0001 0004 04 00"
+        "01 01 41 62"
+        "00000000"  # PARAMS A=b, padded to 8
+        "01 04 0001 0000 00 00"  # empty PARAMS
+        "01 05 0001 0003 05 00"
+        "78 79 7a"
+        "0000000000"  # STDIN "xyz", padded
+        "01 05 0001 0000 00 00"  # empty STDIN
+    )
+    assert codec.encode_request(1, {"A": "b"}, b"xyz") == expected
+
+
+def test_encode_empty_request(codec: types.ModuleType) -> None:
+    data = codec.encode_request(65535, {}, keep_conn=False)
+    assert data == bytes.fromhex(
+        "01 01 ffff 0008 00 00 0001 00 000000000001 04 ffff 0000 00 0001 05 ffff 0000 00 00"
+    )
+    assert decode_request(data)["flags"] == 0
+
+
+@pytest.mark.parametrize("request_id", [0, -1, 65536, 2**70])
+def test_encode_rejects_out_of_range_request_id(codec: types.ModuleType, request_id: int) -> None:
+    with pytest.raises(ValueError, match="1..65535"):
+        codec.encode_request(request_id, {"A": "b"})
+
+
+@pytest.mark.parametrize("request_id", [1.0, "1", None])
+def test_encode_rejects_non_int_request_id(codec: types.ModuleType, request_id: object) -> None:
+    with pytest.raises(TypeError, match="request_id"):
+        codec.encode_request(request_id, {})
+
+
+@pytest.mark.parametrize("bad", [1, None, 2.5, bytearray(b"x"), ["x"]])
+def test_encode_rejects_non_str_bytes_values(codec: types.ModuleType, bad: object) -> None:
+    with pytest.raises(TypeError, match="param values must be str or bytes, not"):
+        codec.encode_request(1, {"A": "ok", "B": bad})
+
+
+@pytest.mark.parametrize("bad", [1, None, 2.5, ("x",), frozenset()])
+def test_encode_rejects_non_str_bytes_names(codec: types.ModuleType, bad: object) -> None:
+    with pytest.raises(TypeError, match="param names must be str or bytes, not"):
+        codec.encode_request(1, {"A": "ok", bad: "x"})
+
+
+@pytest.mark.parametrize("n", [0, 1, 127, 128, 129, 255, 256, 65535 - 9])
+def test_encode_length_prefixes(codec: types.ModuleType, n: int) -> None:
+    """1-byte length below 128, 4-byte with the high bit from 128 on, for names and values."""
+    value = "v" * n
+    data = codec.encode_request(1, {"NAME": value})
+    content = split_records(data)[1][2]
+    if n < 128:
+        assert content[:2] == bytes([4, n])
+        assert content[2:6] == b"NAME" and content[6:] == value.encode()
+    else:
+        assert content[:5] == bytes([4]) + (0x80000000 | n).to_bytes(4, "big")
+    assert decode_request(data)["params"] == [(b"NAME", value.encode())]
+    name = "n" * n
+    if n and n < 65000:
+        content = split_records(codec.encode_request(1, {name: "v"}))[1][2]
+        prefix = bytes([n]) if n < 128 else (0x80000000 | n).to_bytes(4, "big")
+        assert content.startswith(prefix + b"\x01" + name.encode() + b"v")
+
+
+def test_encode_exactly_127_and_128(codec: types.ModuleType) -> None:
+    data = codec.encode_request(1, {"a" * 127: "b" * 128, "c" * 128: "d" * 127})
+    content = split_records(data)[1][2]
+    assert content[0] == 127
+    assert content[1:5] == b"\x80\x00\x00\x80"
+    second = content[5 + 127 + 128 :]
+    assert second[:4] == b"\x80\x00\x00\x80" and second[4] == 127
+    assert decode_request(data)["params"] == [(b"a" * 127, b"b" * 128), (b"c" * 128, b"d" * 127)]
+
+
+def test_encode_utf8_and_bytes(codec: types.ModuleType) -> None:
+    params = {"é": "naïve ✓", b"RAW\xff": b"\x00\x01", "MIX": b"b"}
+    decoded = decode_request(codec.encode_request(7, params))
+    assert decoded["params"] == [
+        ("é".encode(), "naïve ✓".encode()),
+        (b"RAW\xff", b"\x00\x01"),
+        (b"MIX", b"b"),
+    ]
+    assert decoded["rid"] == 7 and decoded["role"] == 1 and decoded["flags"] == 1
+
+
+def test_encode_surrogates_fail_the_same(codec: types.ModuleType) -> None:
+    with pytest.raises(UnicodeEncodeError):
+        codec.encode_request(1, {"A": "\udc80"})
+
+
+def test_encode_largest_pair_fits_one_record(codec: types.ModuleType) -> None:
+    value = b"v" * (65535 - 1 - 4 - 1)  # 1-byte name length, 4-byte value length, name "N"
+    data = codec.encode_request(1, {"N": value, "M": "m"})
+    records = split_records(data)
+    assert len(records[1][2]) == 65535
+    assert records[2][2] == b"\x01\x01Mm"  # the next pair starts a new record
+    assert decode_request(data)["params"] == [(b"N", value), (b"M", b"m")]
+
+
+@pytest.mark.parametrize("size", [65536, 70000, 3_000_000])
+def test_encode_rejects_a_pair_over_one_record(codec: types.ModuleType, size: int) -> None:
+    with pytest.raises(ValueError, match=r"DEFERRED_DATA.*65535.*stdin") as info:
+        codec.encode_request(1, {"A": "b", "DEFERRED_DATA": "x" * (size - 4 - 1 - 13)})
+    assert f"encodes to {size} bytes" in str(info.value)
+    assert len(str(info.value)) < 400  # the message does not echo the huge name
+
+
+def test_encode_huge_name_message_is_short(codec: types.ModuleType) -> None:
+    with pytest.raises(ValueError) as info:
+        codec.encode_request(1, {"N" * 100_000: ""})
+    assert len(str(info.value)) < 400
+
+
+def test_encode_packs_params_into_several_records(codec: types.ModuleType) -> None:
+    params = {f"P{i:03}": chr(65 + i % 26) * (1000 + 37 * i) for i in range(120)}
+    data = codec.encode_request(3, params)
+    decoded = decode_request(data)  # checks no split pair and greedy packing
+    assert decoded["params"] == [(k.encode(), v.encode()) for k, v in params.items()]
+    assert sum(1 for r in split_records(data) if r[0] == PARAMS) >= 4
+
+
+@pytest.mark.parametrize(
+    "size", [0, 1, 7, 8, 9, STDIN_CHUNK - 1, STDIN_CHUNK, STDIN_CHUNK + 1, 65535, 200_000]
+)
+def test_encode_stdin_chunks(codec: types.ModuleType, size: int) -> None:
+    body = random.Random(size).randbytes(size)
+    data = codec.encode_request(1, {"REQUEST_METHOD": "POST"}, body)
+    decoded = decode_request(data)
+    assert decoded["stdin"] == body
+    stdin_records = [r for r in split_records(data) if r[0] == STDIN]
+    assert len(stdin_records) == -(-size // STDIN_CHUNK) + 1
+
+
+def test_encode_stdin_accepts_buffers(codec: types.ModuleType) -> None:
+    body = bytes(range(256)) * 300
+    expected = codec.encode_request(1, {"A": "b"}, body)
+    assert codec.encode_request(1, {"A": "b"}, bytearray(body)) == expected
+    assert codec.encode_request(1, {"A": "b"}, memoryview(body)) == expected
+    with pytest.raises(TypeError):
+        codec.encode_request(1, {"A": "b"}, "text")
+
+
+def test_encode_accepts_any_mapping(codec: types.ModuleType) -> None:
+    class Params(Mapping[str, str]):
+        def __init__(self, d: dict[str, str]) -> None:
+            self._d = d
+
+        def __getitem__(self, key: str) -> str:
+            return self._d[key]
+
+        def __iter__(self) -> Iterator[str]:
+            return iter(self._d)
+
+        def __len__(self) -> int:
+            return len(self._d)
+
+    d = {"SCRIPT_FILENAME": "/srv/a.php", "REQUEST_METHOD": "POST"}
+    expected = codec.encode_request(9, d)
+    assert codec.encode_request(9, Params(d)) == expected
+    assert codec.encode_request(9, types.MappingProxyType(d)) == expected
+
+
+def test_encode_keep_conn_flag(codec: types.ModuleType) -> None:
+    assert decode_request(codec.encode_request(1, {}, keep_conn=True))["flags"] == 1
+    assert decode_request(codec.encode_request(1, {}, keep_conn=False))["flags"] == 0
+    assert decode_request(codec.encode_request(1, {}, keep_conn=0))["flags"] == 0
+
+
+# --------------------------------------------------------------------------------------------
+# encoding: property-based round trip and differential
+
+
+_LENGTHS = st.sampled_from([0, 1, 126, 127, 128, 129, 1000, 20_000, 40_000, 65_000, 70_000])
+_SIZED = st.builds(
+    lambda n, unit: unit * (n // len(unit.encode() if isinstance(unit, str) else unit)),
+    _LENGTHS,
+    st.sampled_from(["x", "é", b"y", "✓"]),
+)
+_NAME_OR_VALUE = st.one_of(
+    st.text(max_size=20), st.binary(max_size=20), st.text(min_size=100, max_size=200), _SIZED
+)
+_BODIES = st.one_of(
+    st.binary(max_size=100),
+    st.builds(
+        lambda n, seed: random.Random(seed).randbytes(n),
+        st.sampled_from([STDIN_CHUNK - 1, STDIN_CHUNK, STDIN_CHUNK + 1, 2 * STDIN_CHUNK, 150_001]),
+        st.integers(0, 1000),
+    ),
+)
+
+
+@SETTINGS
+@given(
+    request_id=st.integers(1, 65535),
+    params=st.dictionaries(_NAME_OR_VALUE, _NAME_OR_VALUE, max_size=8),
+    stdin=_BODIES,
+    keep_conn=st.booleans(),
+)
+def test_encode_round_trip(
+    request_id: int, params: dict[Any, Any], stdin: bytes, keep_conn: bool
+) -> None:
+    expected = [(_as_bytes(k), _as_bytes(v)) for k, v in params.items()]
+    too_big = any(_pair_size(*p) > 65535 for p in expected)
+    outputs = []
+    for impl in both():
+        if too_big:
+            with pytest.raises(ValueError, match="65535"):
+                impl.encode_request(request_id, params, stdin, keep_conn)
+            continue
+        data = impl.encode_request(request_id, params, stdin, keep_conn)
+        decoded = decode_request(data)
+        assert decoded == {
+            "rid": request_id,
+            "role": 1,
+            "flags": int(keep_conn),
+            "params": expected,
+            "stdin": stdin,
+        }
+        outputs.append(data)
+    if outputs:
+        assert outputs[0] == outputs[1], "compiled and twin differ"
+
+
+def _outcome(fn: Any, *args: Any) -> tuple[Any, ...]:
+    try:
+        return ("ok", fn(*args))
+    except Exception as exc:  # noqa: BLE001 - the point is to compare any failure
+        return ("error", type(exc), str(exc))
+
+
+_ANY_KEY = st.one_of(_NAME_OR_VALUE, st.integers(), st.none(), st.floats(allow_nan=False))
+_ANY_VALUE = st.one_of(_NAME_OR_VALUE, st.integers(), st.none(), st.lists(st.integers()))
+
+
+@SETTINGS
+@given(
+    request_id=st.one_of(st.integers(-5, 70_000), st.floats(), st.text(max_size=3)),
+    params=st.dictionaries(_ANY_KEY, _ANY_VALUE, max_size=6),
+    stdin=st.one_of(_BODIES, st.just(bytearray(b"abc")), st.integers(0, 3), st.text(max_size=3)),
+)
+def test_encode_differential(request_id: Any, params: dict[Any, Any], stdin: Any) -> None:
+    compiled, twin = both()
+    a = _outcome(compiled.encode_request, request_id, params, stdin)
+    b = _outcome(twin.encode_request, request_id, params, stdin)
+    if a[0] == "error" and a[1] is TypeError and b[0] == "error" and b[1] is TypeError:
+        return  # both refuse; CPython's own TypeError wording may differ per call site
+    assert a == b
+
+
+# --------------------------------------------------------------------------------------------
+# parsing: known answers and edges
+
+
+OK_BODY = b"Content-type: text/html\r\n\r\nok"
+
+
+def test_parse_simple_response(codec: types.ModuleType) -> None:
+    data = rec(STDOUT, 1, OK_BODY) + rec(STDERR, 1) + end(1)
+    parser = codec.ResponseParser()
+    assert parser.bytes_received == 0
+    assert parser.feed(data) == [(1, OK_BODY, b"", 0, 0)]
+    assert parser.bytes_received == 0
+
+
+def test_parse_byte_by_byte(codec: types.ModuleType) -> None:
+    data = php_response(5, OK_BODY + b"x" * 100, b"PHP message: warning", app_status=3)
+    parser = codec.ResponseParser()
+    out = []
+    for i in range(len(data)):
+        got = parser.feed(data[i : i + 1])
+        if i < len(data) - 1:
+            assert got == []
+            assert parser.bytes_received == i + 1
+        out += got
+    assert out == [(5, OK_BODY + b"x" * 100, b"PHP message: warning", 3, 0)]
+    assert parser.bytes_received == 0
+
+
+def test_parse_accepts_buffers(codec: types.ModuleType) -> None:
+    data = php_response(2, b"body", b"err")
+    assert codec.ResponseParser().feed(bytearray(data)) == [(2, b"body", b"err", 0, 0)]
+    assert codec.ResponseParser().feed(memoryview(data)) == [(2, b"body", b"err", 0, 0)]
+    assert codec.ResponseParser().feed(b"") == []
+
+
+def test_parse_status_fields(codec: types.ModuleType) -> None:
+    data = end(9, app_status=0xFFFFFFFF, protocol_status=3)
+    assert codec.ResponseParser().feed(data) == [(9, b"", b"", 0xFFFFFFFF, 3)]
+
+
+def test_parse_padding_of_any_length_and_content_is_skipped(codec: types.ModuleType) -> None:
+    data = (
+        rec(STDOUT, 1, b"abc", pad=255, pad_byte=b"\xff")
+        + rec(STDERR, 1, b"e", pad=0)
+        + rec(STDOUT, 1, b"", pad=3, pad_byte=b"\x01")
+        + end(1, pad=12)
+    )
+    assert codec.ResponseParser().feed(data) == [(1, b"abc", b"e", 0, 0)]
+    parser = codec.ResponseParser()
+    assert feed_all(parser, data, list(range(0, len(data), 3))) == [(1, b"abc", b"e", 0, 0)]
+
+
+def test_parse_large_output_in_socket_chunks(codec: types.ModuleType) -> None:
+    body = random.Random(1).randbytes(1024 * 1024)
+    data = php_response(1, body, b"warn" * 3000)
+    parser = codec.ResponseParser()
+    out = feed_all(parser, data, list(range(65536, len(data), 65536)))
+    assert out == [(1, body, b"warn" * 3000, 0, 0)]
+
+
+def test_parse_two_requests_in_one_feed_and_leftover(codec: types.ModuleType) -> None:
+    first = php_response(1, b"one")
+    second = php_response(2, b"two", b"e2")
+    third = rec(STDOUT, 3, b"partial")
+    parser = codec.ResponseParser()
+    assert parser.feed(first + second + third[:5]) == [
+        (1, b"one", b"", 0, 0),
+        (2, b"two", b"e2", 0, 0),
+    ]
+    assert parser.bytes_received == 5  # bytes since the last END_REQUEST
+    assert parser.feed(third[5:] + end(3)) == [(3, b"partial", b"", 0, 0)]
+    assert parser.bytes_received == 0
+
+
+def test_parse_interleaved_request_ids(codec: types.ModuleType) -> None:
+    data = (
+        rec(STDOUT, 1, b"a1")
+        + rec(STDOUT, 2, b"b1")
+        + rec(STDERR, 2, b"be")
+        + rec(STDOUT, 1, b"a2")
+        + end(2, 2)
+        + rec(STDOUT, 1, b"a3")
+        + end(1, 1)
+    )
+    assert codec.ResponseParser().feed(data) == [(2, b"b1", b"be", 2, 0), (1, b"a1a2a3", b"", 1, 0)]
+
+
+def test_parse_same_id_reused_after_end(codec: types.ModuleType) -> None:
+    parser = codec.ResponseParser()
+    assert parser.feed(php_response(1, b"first")) == [(1, b"first", b"", 0, 0)]
+    assert parser.feed(php_response(1, b"second")) == [(1, b"second", b"", 0, 0)]
+
+
+def test_parse_ignores_management_records(codec: types.ModuleType) -> None:
+    mgmt = rec(GET_VALUES_RESULT, 0, b"\x0e\x01FCGI_MAX_CONNS1") + rec(UNKNOWN_TYPE, 0, bytes(8))
+    parser = codec.ResponseParser()
+    assert parser.feed(mgmt) == []
+    assert parser.bytes_received == len(mgmt)
+    data = rec(STDOUT, 1, b"x") + mgmt + end(1)
+    assert parser.feed(data) == [(1, b"x", b"", 0, 0)]
+    assert parser.bytes_received == 0
+
+
+def test_bytes_received_tracks_the_unfinished_response(codec: types.ModuleType) -> None:
+    data = php_response(1, b"hello")
+    parser = codec.ResponseParser()
+    assert parser.feed(data[:3]) == [] and parser.bytes_received == 3
+    assert parser.feed(data[3:-1]) == [] and parser.bytes_received == len(data) - 1
+    assert parser.feed(data[-1:] + b"\x01\x06") == [(1, b"hello", b"", 0, 0)]
+    assert parser.bytes_received == 2
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [
+        (rec(STDOUT, 1, b"x", version=0), "version 0"),
+        (rec(STDOUT, 1, b"x", version=2), "version 2"),
+        (b"HTTP/1.1 200 OK\r\n", "version 72"),
+        (rec(0, 1, b"x"), "unknown FastCGI record type 0"),
+        (rec(12, 1, b"x"), "unknown FastCGI record type 12"),
+        (rec(255, 0, b""), "unknown FastCGI record type 255"),
+        (rec(BEGIN, 1, bytes(8)), r"request-side record type 1 \(BEGIN_REQUEST\)"),
+        (rec(ABORT, 1), r"request-side record type 2 \(ABORT_REQUEST\)"),
+        (rec(PARAMS, 1), r"request-side record type 4 \(PARAMS\)"),
+        (rec(STDIN, 1), r"request-side record type 5 \(STDIN\)"),
+        (rec(DATA, 1), r"request-side record type 8 \(DATA\)"),
+        (rec(GET_VALUES, 0), r"request-side record type 9 \(GET_VALUES\)"),
+        (rec(END, 1, bytes(7)), "END_REQUEST record with content length 7"),
+        (rec(END, 1, bytes(16)), "END_REQUEST record with content length 16"),
+        (rec(END, 1, b""), "END_REQUEST record with content length 0"),
+        (rec(STDOUT, 0, b"x"), "STDOUT record with request id 0"),
+        (end(0), "END_REQUEST record with request id 0"),
+        (rec(UNKNOWN_TYPE, 1, bytes(8)), "UNKNOWN_TYPE with request id 1"),
+    ],
+)
+def test_parse_rejects_malformed(codec: types.ModuleType, data: bytes, message: str) -> None:
+    parser = codec.ResponseParser()
+    good = php_response(1, b"fine")
+    with pytest.raises(codec.ProtocolError, match=message):
+        parser.feed(good + data)
+    with pytest.raises(codec.ProtocolError, match="earlier error.*" + message):
+        parser.feed(good)
+    with pytest.raises(codec.ProtocolError):
+        parser.feed(b"")
+
+
+def test_parse_rejects_malformed_header_split(codec: types.ModuleType) -> None:
+    data = rec(STDOUT, 1, b"ok") + rec(PARAMS, 1, b"zz")[:8]  # raised as the header completes
+    parser = codec.ResponseParser()
+    for i in range(len(data) - 1):
+        assert parser.feed(data[i : i + 1]) == []
+    with pytest.raises(codec.ProtocolError, match="PARAMS"):
+        parser.feed(data[-1:])
+
+
+def test_parse_max_size(codec: types.ModuleType) -> None:
+    def ok(rid: int) -> bytes:
+        return rec(STDOUT, rid, b"x" * 60) + rec(STDERR, rid, b"e" * 40) + end(rid)
+
+    expected = (1, b"x" * 60, b"e" * 40, 0, 0)
+    assert codec.ResponseParser(max_size=100).feed(ok(1)) == [expected]
+    parser = codec.ResponseParser(max_size=99)
+    with pytest.raises(codec.ProtocolError, match=r"response exceeds max_size \(99 bytes\)"):
+        parser.feed(ok(1))
+    with pytest.raises(codec.ProtocolError, match="max_size"):
+        parser.feed(ok(1))
+    # the limit is per request: two responses of 100 bytes each fit a parser of 100
+    parser = codec.ResponseParser(max_size=100)
+    assert parser.feed(ok(1) + ok(2) + ok(1)) == [expected, (2, *expected[1:]), expected]
+    empty_ok = php_response(1, b"")
+    assert codec.ResponseParser(max_size=0).feed(empty_ok) == [(1, b"", b"", 0, 0)]
+
+
+def test_parse_max_size_is_checked_before_the_content_arrives(codec: types.ModuleType) -> None:
+    parser = codec.ResponseParser(max_size=1000)
+    with pytest.raises(codec.ProtocolError, match="max_size"):
+        parser.feed(HEADER.pack(1, STDOUT, 1, 1001, 0))
+
+
+@pytest.mark.parametrize(
+    "bad, exc", [(-1, ValueError), (2**62 + 1, ValueError), ("1", TypeError), (1.5, TypeError)]
+)
+def test_parser_rejects_bad_max_size(codec: types.ModuleType, bad: Any, exc: type) -> None:
+    with pytest.raises(exc, match="max_size"):
+        codec.ResponseParser(max_size=bad)
+
+
+def test_parser_max_size_is_read_only(codec: types.ModuleType) -> None:
+    parser = codec.ResponseParser(max_size=2**62)
+    assert parser.max_size == 2**62
+    with pytest.raises(AttributeError):
+        parser.max_size = 5
+
+
+def test_parse_reused_buffers_do_not_leak_between_requests(codec: types.ModuleType) -> None:
+    """The parser recycles output buffers: a short response after a long one must stay short."""
+    parser = codec.ResponseParser()
+    big = random.Random(3).randbytes(300_000)
+    assert parser.feed(php_response(1, big, b"E" * 60_000)) == [(1, big, b"E" * 60_000, 0, 0)]
+    assert parser.feed(php_response(2, b"s", b"e")) == [(2, b"s", b"e", 0, 0)]
+    assert parser.feed(php_response(1, b"")) == [(1, b"", b"", 0, 0)]
+    huge = b"h" * (5 << 20)  # over what is kept between requests
+    assert parser.feed(php_response(3, huge)) == [(3, huge, b"", 0, 0)]
+    assert parser.feed(php_response(3, b"t")) == [(3, b"t", b"", 0, 0)]
+
+
+def test_parse_memory_stays_bounded(codec: types.ModuleType) -> None:
+    """Ignored and oversized content is never buffered: peak memory stays far below the input."""
+    junk = rec(UNKNOWN_TYPE, 0, b"j" * 65535) * 128  # 8 MiB of management records
+    flood = rec(STDOUT, 1, b"o" * 65535) * 128  # 8 MiB of output, max_size 1 MiB
+    parser = codec.ResponseParser(max_size=1 << 20)
+    tracemalloc.start()
+    try:
+        assert parser.feed(junk) == []
+        assert tracemalloc.get_traced_memory()[1] < 256 * 1024
+        with pytest.raises(codec.ProtocolError, match="max_size"):
+            parser.feed(flood)
+        assert tracemalloc.get_traced_memory()[1] < 2 * (1 << 20) + 256 * 1024
+    finally:
+        tracemalloc.stop()
+
+
+# --------------------------------------------------------------------------------------------
+# parsing: property-based round trip and differential
+
+
+@st.composite
+def response_streams(draw: st.DrawFn) -> tuple[bytes, list[tuple[Any, ...]], list[int]]:
+    """A server stream: interleaved requests, any padding, management records in between.
+
+    Returns (stream, expected results in order, offset just past each END_REQUEST record).
+    """
+    rids = draw(st.lists(st.integers(1, 65535), min_size=1, max_size=4, unique=True))
+    queues: dict[int, list[tuple[bytes, Any]]] = {}
+    for rid in rids:
+        out, err, recs = b"", b"", []
+        for _ in range(draw(st.integers(0, 4))):
+            rtype = draw(st.sampled_from([STDOUT, STDERR]))
+            content = draw(st.binary(max_size=300))
+            pad = draw(st.one_of(st.none(), st.integers(0, 255)))
+            recs.append((rec(rtype, rid, content, pad, pad_byte=b"\xaa"), None))
+            if rtype == STDOUT:
+                out += content
+            else:
+                err += content
+        app = draw(st.sampled_from([0, 1, 255, 0xFFFFFFFF]))
+        proto = draw(st.integers(0, 3))
+        recs.append(
+            (end(rid, app, proto, draw(st.sampled_from([None, 0, 5]))), (rid, out, err, app, proto))
+        )
+        queues[rid] = recs
+    stream = b""
+    expected, ends = [], []
+    while any(queues.values()):
+        if draw(st.integers(0, 5)) == 0:
+            stream += rec(
+                draw(st.sampled_from([GET_VALUES_RESULT, UNKNOWN_TYPE])),
+                0,
+                draw(st.binary(max_size=20)),
+            )
+        rid = draw(st.sampled_from([r for r in rids if queues[r]]))
+        data, result = queues[rid].pop(0)
+        stream += data
+        if result is not None:
+            expected.append(result)
+            ends.append(len(stream))
+    return stream, expected, ends
+
+
+def _cuts(data: st.DataObject, length: int) -> list[int]:
+    if length < 2000 and data.draw(st.integers(0, 9)) == 0:
+        return list(range(1, length))  # byte by byte
+    return sorted(set(data.draw(st.lists(st.integers(0, length), max_size=25))))
+
+
+@SETTINGS
+@given(stream=response_streams(), data=st.data())
+def test_parse_round_trip_any_split(
+    stream: tuple[bytes, list[tuple[Any, ...]], list[int]], data: st.DataObject
+) -> None:
+    raw, expected, ends = stream
+    cuts = _cuts(data, len(raw))
+    for impl in both():
+        parser = impl.ResponseParser()
+        got = []
+        prev = 0
+        for cut in [*cuts, len(raw)]:
+            results = parser.feed(raw[prev:cut])
+            finished = [i for i, e in enumerate(ends) if prev < e <= cut]
+            assert results == [expected[i] for i in finished]
+            last_end = max([e for e in ends if e <= cut], default=0)
+            assert parser.bytes_received == cut - last_end
+            got += results
+            prev = cut
+        assert got == expected
+
+
+@st.composite
+def hostile_streams(draw: st.DrawFn) -> bytes:
+    """Streams of records with arbitrary header fields, to reach every error path."""
+    out = b""
+    for _ in range(draw(st.integers(0, 6))):
+        version = draw(st.sampled_from([1, 1, 1, 1, 0, 2]))
+        rtype = draw(
+            st.one_of(st.sampled_from([STDOUT, STDERR, END, END, 10, 11]), st.integers(0, 255))
+        )
+        rid = draw(st.sampled_from([0, 1, 1, 2, 65535]))
+        if rtype == END and draw(st.booleans()):
+            content = draw(st.binary(min_size=8, max_size=8))
+        else:
+            content = draw(st.binary(max_size=40))
+        pad = draw(st.integers(0, 9))
+        out += HEADER.pack(version, rtype, rid, len(content), pad) + content + b"\x55" * pad
+    if draw(st.booleans()):
+        out = out[: draw(st.integers(0, len(out)))]
+    return out
+
+
+def _mutate(data: st.DataObject, raw: bytes) -> bytes:
+    buf = bytearray(raw)
+    for _ in range(data.draw(st.integers(0, 3))):
+        if buf:
+            buf[data.draw(st.integers(0, len(buf) - 1))] = data.draw(st.integers(0, 255))
+    return bytes(buf)
+
+
+@SETTINGS
+@given(
+    raw=st.one_of(
+        response_streams().map(lambda s: s[0]), hostile_streams(), st.binary(max_size=64)
+    ),
+    max_size=st.sampled_from([64 * 1024 * 1024, 0, 10, 300]),
+    data=st.data(),
+)
+def test_parse_differential(raw: bytes, max_size: int, data: st.DataObject) -> None:
+    """Both parsers agree feed by feed: same results, same errors and messages, same counters."""
+    raw = _mutate(data, raw)
+    cuts = _cuts(data, len(raw))
+    parsers = [impl.ResponseParser(max_size=max_size) for impl in both()]
+    prev = 0
+    for cut in [*cuts, len(raw), len(raw)]:  # one extra feed: a broken parser must stay broken
+        outcomes = []
+        for parser in parsers:
+            try:
+                outcomes.append(("ok", parser.feed(raw[prev:cut])))
+            except ValueError as exc:
+                assert type(exc).__name__ == "ProtocolError"
+                outcomes.append(("error", str(exc)))
+            outcomes.append(parser.bytes_received)
+        assert outcomes[:2] == outcomes[2:]
+        prev = cut
+
+
+# --------------------------------------------------------------------------------------------
+# the benchmark script runs (no timing assertions: the machine is shared and noisy)
+
+
+def test_bench_quick_json() -> None:
+    _compiled()
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "bench" / "codec.py"), "--quick", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert {row["case"] for row in rows} == {
+        "encode_small",
+        "encode_200k_stdin",
+        "parse_small",
+        "parse_1m_stdout",
+        "round_trip_small",
+    }
+    for row in rows:
+        assert row["ns_per_op_compiled"] > 0 and row["ns_per_op_twin"] > 0
+        assert row["ratio"] == pytest.approx(row["ns_per_op_twin"] / row["ns_per_op_compiled"])
+        assert row["bytes_per_op"] > 0
