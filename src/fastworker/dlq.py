@@ -201,6 +201,17 @@ def _table_line(cells: Sequence[str]) -> str:
     return "  ".join([*fixed, message, cells[-1]]).rstrip()
 
 
+def _preview(body: bytes) -> str:
+    """The body for one table cell; for the bundle's format, its script and data, not its head."""
+    head, sep, data = body.partition(b"\n\n")
+    if sep and b"dispatch_path:" in head:
+        lines = head.decode("utf-8", "replace").split("\n")
+        fields = dict(line.partition(":")[::2] for line in lines)
+        script = fields.get("dispatch_path", "").strip().rsplit("/", 1)[-1]
+        return f"{script}: {data.decode('utf-8', 'replace')}"
+    return body.decode("utf-8", "replace")
+
+
 def _table_row(letter: DeadLetter) -> str:
     status = letter.error.get("status")
     return _table_line(
@@ -211,7 +222,7 @@ def _table_row(letter: DeadLetter) -> str:
             str(letter.attempts),
             _when(letter.error.get("last_failure")),
             _one_line(_text(letter.error.get("message") or ""), _MESSAGE_WIDTH),
-            _one_line(letter.body.decode("utf-8", "replace"), _BODY_WIDTH),
+            _one_line(_preview(letter.body), _BODY_WIDTH),
         ]
     )
 
@@ -328,7 +339,7 @@ async def replay(args: argparse.Namespace) -> int:
                     continue
                 try:
                     await publisher.publish(letter.queue, letter.body, letter.replay_properties())
-                except PublishFailed as exc:
+                except (PublishFailed, aiormq.exceptions.ChannelInvalidStateError) as exc:
                     failure = f"dead letter #{position} not replayed: {exc}"
                     break
                 await channel.basic_ack(tag)
@@ -356,7 +367,9 @@ async def purge(args: argparse.Namespace) -> int:
         if not args.yes:
             if not sys.stdin.isatty():
                 raise DlqError(f"{name} holds {total} dead letters; add --yes to purge them")
-            answer = input(f"Purge {total} dead letters from {name}? [y/N] ")
+            prompt = f"Purge {total} dead letters from {name}? [y/N] "
+            # In a thread, so the connection keeps its heartbeats while the user thinks.
+            answer = await asyncio.get_running_loop().run_in_executor(None, input, prompt)
             if answer.strip().lower() not in ("y", "yes"):
                 _write("nothing purged")
                 return 1

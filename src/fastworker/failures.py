@@ -31,7 +31,7 @@ log = logging.getLogger("fastworker.failures")
 
 ATTEMPTS = "x-fastworker-attempts"  # failed attempts so far
 INFRA_RETRIES = "x-fastworker-infra-retries"  # returns for infrastructure trouble, not counted
-FIRST_FAILURE = "x-fastworker-first-failure"  # unix time, float
+FIRST_FAILURE = "x-fastworker-first-failure"  # unix time as text, e.g. "1718000000.25"
 ERROR = "x-fastworker-error"  # JSON text: the dead letter's error
 ERROR_KIND = "x-fastworker-error-kind"
 ORIGINAL_QUEUE = "x-fastworker-queue"
@@ -85,6 +85,16 @@ def _int_header(headers: dict[str, Any], name: str) -> int:
         return 0
 
 
+def _time_header(headers: dict[str, Any], name: str) -> float | None:
+    value = headers.get(name)
+    if isinstance(value, bytes):
+        value = value.decode("ascii", "replace")
+    try:
+        return float(value) if value is not None else None
+    except (TypeError, ValueError):
+        return None
+
+
 def _text(data: bytes) -> str:
     return data.decode("utf-8", "replace")
 
@@ -121,8 +131,10 @@ class FailureHandler:
         """Publishes the retry or dead letter; returns once the broker confirmed it."""
         headers = dict(message.headers)
         now = time.time()
-        first_failure = headers.get(FIRST_FAILURE) or now
-        headers[FIRST_FAILURE] = first_failure
+        first_failure = _time_header(headers, FIRST_FAILURE) or now
+        # Written as text: pamqp encodes a Python float in a header table as a 32-bit float,
+        # whose resolution at today's unix times is 128 s.
+        headers[FIRST_FAILURE] = repr(first_failure)
         headers[ORIGINAL_QUEUE] = message.queue
         attempts = _int_header(headers, ATTEMPTS)
         if result.kind in INFRASTRUCTURE:
@@ -190,7 +202,8 @@ class FailureHandler:
 
     @staticmethod
     def _properties(message: Message, headers: dict[str, Any]) -> Basic.Properties:
-        kept = {
-            k: v for k, v in message.properties.items() if k not in ("expiration", "delivery_mode")
-        }
+        # user_id is dropped: RabbitMQ refuses (and closes the channel on) a user_id that is not
+        # the publishing connection's user, and the worker's user is rarely the producer's.
+        dropped = ("expiration", "delivery_mode", "user_id")
+        kept = {k: v for k, v in message.properties.items() if k not in dropped}
         return Basic.Properties(**kept, headers=headers, delivery_mode=2)
