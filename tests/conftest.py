@@ -44,7 +44,8 @@ from helpers import (  # noqa: E402
 FPM_BINARY = os.environ.get("FASTWORKER_TEST_FPM", "php-fpm8.2")
 FPM_START_TIMEOUT = 10.0
 DEFAULT_AMQP_URL = "amqp://guest:guest@127.0.0.1:5672/"
-QUEUE_PREFIX = "fwtest."
+# One token per test session, so a session sweeps only its own leftover queues.
+QUEUE_PREFIX = f"fwtest.{secrets.token_hex(3)}."
 PR_SET_PDEATHSIG = 1
 
 
@@ -432,7 +433,7 @@ def rabbitmq_url() -> Iterator[str]:
 
 
 def _sweep_test_queues(url: str) -> None:
-    """Delete leftover ``fwtest.*`` queues; needs rabbitmqctl (local broker), else does nothing."""
+    """Deletes this session's leftover ``fwtest.<token>.*`` queues (needs rabbitmqctl)."""
     rabbitmqctl = which("rabbitmqctl")
     if rabbitmqctl is None:
         return

@@ -410,12 +410,6 @@ def test_connection_lost_mid_response_is_a_failed_attempt(
     assert "connection lost mid-response" in error["message"]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: a fresh FPM connection closed before any response byte is classified "
-    "'unavailable' (fpm.py FpmPool.request), so a job that kills its PHP child before output "
-    "runs again and again, never counted, never dead-lettered",
-)
 def test_crash_before_any_output_is_a_failed_attempt(
     rabbitmq_url, queue_name, fpm_factory, worker
 ):

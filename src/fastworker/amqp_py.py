@@ -360,8 +360,14 @@ def encode_ack(channel: int, delivery_tag: int, multiple: bool = False) -> bytes
     _check_channel(channel)
     _check_tag(delivery_tag)
     return _ACK.pack(
-        FRAME_METHOD, channel, 13, _CLASS_BASIC, _ACK_METHOD, delivery_tag,
-        1 if multiple else 0, FRAME_END,
+        FRAME_METHOD,
+        channel,
+        13,
+        _CLASS_BASIC,
+        _ACK_METHOD,
+        delivery_tag,
+        1 if multiple else 0,
+        FRAME_END,
     )
 
 
@@ -385,8 +391,14 @@ def encode_acks(channel: int, acks: Iterable[tuple[int, bool]]) -> bytes:
         _check_tag(tag)
         parts.append(
             _ACK.pack(
-                FRAME_METHOD, channel, 13, _CLASS_BASIC, _ACK_METHOD, tag,
-                1 if multiple else 0, FRAME_END,
+                FRAME_METHOD,
+                channel,
+                13,
+                _CLASS_BASIC,
+                _ACK_METHOD,
+                tag,
+                1 if multiple else 0,
+                FRAME_END,
             )
         )
     return b"".join(parts)

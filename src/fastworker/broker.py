@@ -68,7 +68,7 @@ class Publisher:
             )
         except aiormq.exceptions.PublishError as exc:
             raise PublishFailed(f"queue {queue}: message returned by the broker ({exc})") from None
-        except aiormq.exceptions.AMQPError as exc:
+        except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError) as exc:
             raise PublishFailed(f"queue {queue}: {exc!r}") from None
         if not isinstance(confirm, Basic.Ack):
             raise PublishFailed(f"queue {queue}: broker answered {type(confirm).__name__}")

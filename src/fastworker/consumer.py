@@ -194,7 +194,7 @@ class AmqpConsumer:
             )
             self.connected.set()
             try:
-                await self._until_lost_or_stopped(connection, channel)
+                await self._until_lost_or_stopped(connection, channel, publisher.channel)
                 if self._stopping.is_set() and not connection.is_closed:
                     await self._drain(session)
             finally:
@@ -206,15 +206,22 @@ class AmqpConsumer:
                 await connection.close()
 
     async def _until_lost_or_stopped(
-        self, connection: AbstractConnection, channel: AbstractChannel
+        self, connection: AbstractConnection, *channels: AbstractChannel
     ) -> None:
+        """Returns on stop; raises when the connection or any of its channels closes.
+
+        A dead publisher channel matters as much as the consuming one: without it no failed job
+        could be retried or dead-lettered.
+        """
         stop = asyncio.create_task(self._stopping.wait())
         lost = asyncio.ensure_future(connection.closing)
-        channel_lost = asyncio.ensure_future(channel.closing)
+        watched = {stop, lost, *(asyncio.ensure_future(ch.closing) for ch in channels)}
         try:
-            await asyncio.wait({stop, lost, channel_lost}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
         finally:
-            stop.cancel()
+            for future in watched:
+                if not future.done():
+                    future.cancel()
         if not self._stopping.is_set():
             # A closed channel (a broker-sent cancel, a consumer_timeout) ends the session too.
             reason = lost.exception() if lost.done() else None

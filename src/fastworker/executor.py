@@ -4,8 +4,10 @@ The outcome kinds (`Result.kind`):
 - ok: no Status header, or a 2xx one.
 - php_error: PHP answered with a non-2xx status (uncaught exception, fatal error, 404 script).
 - timeout: no complete answer within --job-timeout; the connection was closed.
-- lost: the connection died after the answer started, or FPM broke the protocol.
-- unavailable: FPM refused or reset before answering (or FastCGI OVERLOADED); the job did not run.
+- lost: the connection died after the answer started, a fresh connection closed without an
+  answer (the PHP process died), or FPM broke the protocol.
+- unavailable: no connection to FPM could be made (refused, timed out), or FastCGI OVERLOADED;
+  the job did not run.
 - bad_message / not_allowed: refused before FPM was called.
 """
 

@@ -239,8 +239,12 @@ class FpmPool:
             except _ClosedBeforeResponse as exc:
                 if reused:
                     continue  # FPM recycled or dropped an idle connection; nothing ran
-                raise FpmUnavailable(
-                    f"{self.endpoint}: connection closed before a response ({exc})"
+                # A fresh connection took the whole request and then closed: the child that
+                # accepted it died (crash, OOM kill, request_terminate_timeout). The job may
+                # have run, so this is a failed attempt, not infrastructure trouble.
+                raise FpmConnectionLost(
+                    f"{self.endpoint}: connection closed before any response; the PHP process "
+                    f"may have crashed ({exc})"
                 ) from None
             finally:
                 self._release(conn)
