@@ -299,7 +299,10 @@ def test_publish_uses_existing_durable_queue(rabbitmq_url, queue_name):
 
 
 def test_queue_name_is_unique_and_prefixed(queue_name, request):
-    assert queue_name.startswith("fwtest.test_queue_name_is_unique_and_prefixed.")
+    from conftest import QUEUE_PREFIX
+
+    assert QUEUE_PREFIX.startswith("fwtest.") and QUEUE_PREFIX != "fwtest."
+    assert queue_name.startswith(f"{QUEUE_PREFIX}test_queue_name_is_unique_and_prefixed.")
 
 
 def test_bundle_message_format():
