@@ -64,6 +64,7 @@ class _Session:
         self.consumer_tags: list[str] = []
         self.flush_scheduled = False
         self.flushing: set[asyncio.Task[None]] = set()
+        self.flush_lock = asyncio.Lock()
         self.alive = True
 
     def finished(self, tag: int) -> None:
@@ -94,14 +95,18 @@ class _Session:
         task.add_done_callback(self.flushing.discard)
 
     async def flush(self, wait: bool = False) -> None:
-        for tag, multiple in self.acks.take():
-            if not self.alive or self.channel.is_closed:
-                return
-            try:
-                await self.channel.basic_ack(tag, multiple=multiple, wait=wait)
-            except aiormq.exceptions.AMQPError as exc:
-                log.warning("ack of delivery %d failed (%r); the broker will redeliver", tag, exc)
-                return
+        # One flush at a time, taking its acks inside the lock: a later multiple=True ack must
+        # never overtake an earlier single ack of a tag it covers (RabbitMQ would close the
+        # channel with "unknown delivery tag" and redeliver everything unacked).
+        async with self.flush_lock:
+            for tag, multiple in self.acks.take():
+                if not self.alive or self.channel.is_closed:
+                    return
+                try:
+                    await self.channel.basic_ack(tag, multiple=multiple, wait=wait)
+                except (aiormq.exceptions.AMQPError, RuntimeError) as exc:
+                    log.warning("ack of delivery %d failed (%r); it will be redelivered", tag, exc)
+                    return
 
     async def flush_all(self) -> None:
         """Sends every pending ack and waits until they are written, before the channel closes."""

@@ -6,6 +6,7 @@ Message content may choose values, never FastCGI param names that PHP-FPM or PHP
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -78,11 +79,17 @@ def parse_bundle(body: bytes, default_script: str) -> Job:
     if host or port:
         if not (host and port):
             raise BadMessage("fastcgi_host and fastcgi_port must be given together")
-        try:
-            endpoint = Endpoint.parse(f"{normalize_host(host)}:{port}")
-        except ValueError as exc:
-            raise BadMessage(str(exc)) from None
+        endpoint = _bundle_endpoint(host, port)
     return Job(script=headers.get("dispatch_path") or default_script, endpoint=endpoint, data=data)
+
+
+@functools.lru_cache(maxsize=256)
+def _bundle_endpoint(host: str, port: str) -> Endpoint:
+    """Messages name the same few endpoints over and over: parse each once."""
+    try:
+        return Endpoint.parse(f"{normalize_host(host)}:{port}")
+    except ValueError as exc:
+        raise BadMessage(str(exc)) from None
 
 
 def parse_json(body: bytes, default_script: str) -> Job:
