@@ -22,7 +22,9 @@ from fastworker import __version__, cgi
 from fastworker.fpm import (
     OVERLOADED,
     REQUEST_COMPLETE,
+    Endpoint,
     FpmConnectionLost,
+    FpmPool,
     FpmPools,
     FpmProtocolError,
     FpmTimeout,
@@ -82,6 +84,10 @@ class Executor:
             "PHP_VALUE": "display_errors=0",
         }
         self._by_script: dict[str, dict[str, str | bytes]] = {}
+        # (job endpoint, job script) -> (pool, endpoint text, shared params), once vetted
+        self._targets: dict[
+            tuple[Endpoint | None, str], tuple[FpmPool, str, dict[str, str | bytes]]
+        ] = {}
 
     def _script_params(self, script: str) -> dict[str, str | bytes]:
         """The params every job for `script` shares, built once per script."""
@@ -98,7 +104,11 @@ class Executor:
 
     def fastcgi_params(self, job: Job, script: str) -> tuple[dict[str, str | bytes], bytes]:
         """The CGI params and STDIN for a job whose script was already vetted."""
-        params = self._script_params(script).copy()
+        return self._request(job, self._script_params(script))
+
+    @staticmethod
+    def _request(job: Job, shared: dict[str, str | bytes]) -> tuple[dict[str, str | bytes], bytes]:
+        params = shared.copy()
         if job.params:
             # Application params come first so the worker's own always win.
             params = {**job.params, **params}
@@ -114,14 +124,20 @@ class Executor:
         return params, body
 
     async def run(self, job: Job) -> Result:
+        key = (job.endpoint, job.script)
+        target = self._targets.get(key)
+        if target is None:
+            try:
+                endpoint, script = self.policy.resolve(job)
+            except JobRefused as exc:
+                return Result(exc.kind, message=str(exc))
+            target = (self.pools.get(endpoint), str(endpoint), self._script_params(script))
+            if len(self._targets) < 1024:
+                self._targets[key] = target
+        pool, where, shared = target
+        params, body = self._request(job, shared)
         try:
-            endpoint, script = self.policy.resolve(job)
-        except JobRefused as exc:
-            return Result(exc.kind, message=str(exc))
-        params, body = self.fastcgi_params(job, script)
-        where = str(endpoint)
-        try:
-            response = await self.pools.get(endpoint).request(params, body, self.job_timeout)
+            response = await pool.request(params, body, self.job_timeout)
         except FpmUnavailable as exc:
             return Result("unavailable", message=str(exc), endpoint=where)
         except FpmTimeout:

@@ -62,25 +62,32 @@ def parse_bundle(body: bytes, default_script: str) -> Job:
     head_end = body.find(b"\n\n")
     if head_end == -1:
         raise BadMessage("no empty line between the header lines and the data")
-    head = _text(body[:head_end])
     data = body[head_end + 2 :]
-    _text(data)  # the bundle sends base64 text; anything else did not come from it
+    if not data.isascii():
+        _text(data)  # the bundle sends base64 text; anything else did not come from it
+    if not data.strip():
+        raise BadMessage("the message carries no data after its header lines")
+    script, endpoint = _bundle_target(body[:head_end])
+    return Job(script=script or default_script, endpoint=endpoint, data=data)
+
+
+@functools.lru_cache(maxsize=256)
+def _bundle_target(head: bytes) -> tuple[str | None, Endpoint | None]:
+    """(dispatch_path, endpoint) of a header block; one app sends the same few blocks."""
     headers: dict[str, str] = {}
-    for number, line in enumerate(head.split("\n"), 1):
+    for number, line in enumerate(_text(head).split("\n"), 1):
         line = line.rstrip("\r")
         name, sep, value = line.partition(":")
         if not sep or not name.strip():
             raise BadMessage(f"header line {number} has no 'name: value' form: {line[:80]!r}")
         headers[name.strip().lower()] = value.strip()
-    if not data.strip():
-        raise BadMessage("the message carries no data after its header lines")
     endpoint = None
     host, port = headers.get("fastcgi_host"), headers.get("fastcgi_port")
     if host or port:
         if not (host and port):
             raise BadMessage("fastcgi_host and fastcgi_port must be given together")
         endpoint = _bundle_endpoint(host, port)
-    return Job(script=headers.get("dispatch_path") or default_script, endpoint=endpoint, data=data)
+    return headers.get("dispatch_path"), endpoint
 
 
 @functools.lru_cache(maxsize=256)

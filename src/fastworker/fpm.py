@@ -13,6 +13,7 @@ import logging
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from fastworker.codec import ProtocolError, ResponseParser, encode_request
 
@@ -50,9 +51,8 @@ class FpmProtocolError(FpmError):
     """FPM sent bytes that are not valid FastCGI; the connection was closed."""
 
 
-@dataclass(frozen=True, slots=True)
-class Endpoint:
-    """An FPM address: TCP `host:port` or `unix:/path`."""
+class Endpoint(NamedTuple):
+    """An FPM address: TCP `host:port` or `unix:/path` (a tuple: hashed in C on the hot path)."""
 
     host: str = ""
     port: int = 0
@@ -145,9 +145,11 @@ class _Connection(asyncio.Protocol):
             self._fail(FpmProtocolError(f"{self.pool.endpoint}: {exc}"))
             self.close()
             return
-        if done and self.waiter is not None and not self.waiter.done():
-            _, stdout, stderr, app_status, protocol_status = done[-1]
-            self.waiter.set_result(FpmResponse(stdout, stderr, app_status, protocol_status))
+        if done:
+            waiter = self._settle()
+            if waiter is not None:
+                _, stdout, stderr, app_status, protocol_status = done[-1]
+                waiter.set_result(FpmResponse(stdout, stderr, app_status, protocol_status))
 
     def eof_received(self) -> bool:
         return False  # FPM closing its side ends the connection
@@ -164,9 +166,22 @@ class _Connection(asyncio.Protocol):
         self.pool._on_closed(self)
 
     # used by the pool
+    def _settle(self) -> asyncio.Future[FpmResponse] | None:
+        """Ends the request in flight; returns its waiter if someone still waits on it."""
+        waiter = self.waiter
+        if waiter is None:
+            return None
+        self.waiter = None
+        self.served += 1
+        if self.timer is not None:
+            self.timer.cancel()
+            self.timer = None
+        return None if waiter.done() else waiter
+
     def _fail(self, exc: Exception) -> None:
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(exc)
+        waiter = self._settle()
+        if waiter is not None:
+            waiter.set_exception(exc)
 
     def _on_timeout(self) -> None:
         self._fail(FpmTimeout(f"{self.pool.endpoint}: no response within the job timeout"))
@@ -176,7 +191,8 @@ class _Connection(asyncio.Protocol):
         if self.transport is not None and not self.closed:
             self.transport.abort()
 
-    async def roundtrip(self, payload: bytes, timeout: float) -> FpmResponse:
+    def send(self, payload: bytes, timeout: float) -> asyncio.Future[FpmResponse]:
+        """Writes one request; the future resolves with its response or an FpmError."""
         loop = self.pool.loop
         waiter: asyncio.Future[FpmResponse] = loop.create_future()
         self.waiter = waiter
@@ -184,14 +200,9 @@ class _Connection(asyncio.Protocol):
         self.completed_at_send = self.pool.completed
         self.stall_reported = False
         self.timer = loop.call_later(timeout, self._on_timeout)
-        try:
-            assert self.transport is not None
-            self.transport.write(payload)
-            return await waiter
-        finally:
-            self.timer.cancel()
-            self.waiter = None
-            self.served += 1
+        assert self.transport is not None
+        self.transport.write(payload)
+        return waiter
 
 
 class FpmPool:
@@ -232,10 +243,10 @@ class FpmPool:
         """Runs one FastCGI request; raises an FpmError subclass when it cannot complete."""
         payload = encode_request(REQUEST_ID, params, stdin)
         for _ in range(_STALE_RETRIES + 1):
-            conn = await self._acquire()
+            conn = self._take_idle() or await self._acquire()
             reused = conn.served > 0
             try:
-                response = await conn.roundtrip(payload, timeout)
+                response = await conn.send(payload, timeout)
             except _ClosedBeforeResponse as exc:
                 if reused:
                     continue  # FPM recycled or dropped an idle connection; nothing ran
@@ -252,13 +263,21 @@ class FpmPool:
             return response
         raise FpmUnavailable(f"{self.endpoint}: reused connections kept closing before a response")
 
+    def _take_idle(self) -> _Connection | None:
+        """The most recently used open idle connection, if any (the no-wait fast path)."""
+        idle = self._idle
+        while idle:
+            conn = idle.pop()
+            if not conn.closed:
+                self._busy.add(conn)
+                return conn
+        return None
+
     async def _acquire(self) -> _Connection:
         while True:
-            while self._idle:
-                conn = self._idle.pop()
-                if not conn.closed:
-                    self._busy.add(conn)
-                    return conn
+            conn = self._take_idle()
+            if conn is not None:
+                return conn
             if self._closing:
                 raise FpmUnavailable(f"{self.endpoint}: pool is closed")
             if self._open < self.max_connections:

@@ -23,7 +23,6 @@ class TargetPolicy:
         self.default_endpoint = self.endpoints[0]
         self._allowed = frozenset(self.endpoints)
         self.script_globs = tuple(script_globs)
-        self._checked: dict[str, str] = {}  # scripts seen before; messages repeat a handful
 
     def resolve(self, job: Job) -> tuple[Endpoint, str]:
         """The endpoint and normalized script for `job`, or NotAllowed."""
@@ -31,12 +30,7 @@ class TargetPolicy:
         if endpoint not in self._allowed:
             allowed = ", ".join(map(str, self.endpoints))
             raise NotAllowed(f"FPM endpoint {endpoint} is not listed with --fpm ({allowed})")
-        script = self._checked.get(job.script)
-        if script is None:
-            script = self._check_script(job.script)
-            if len(self._checked) < 1024:
-                self._checked[job.script] = script
-        return endpoint, script
+        return endpoint, self._check_script(job.script)
 
     def _check_script(self, script: str) -> str:
         if not script.startswith("/") or "\0" in script:
