@@ -1,10 +1,11 @@
-"""Builds the compiled FastCGI codec; everything else lives in pyproject.toml."""
+"""Builds the compiled codecs (FastCGI, AMQP); everything else lives in pyproject.toml."""
 
 from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 extensions = [
     Extension("fcgi_codec", ["src/fcgi_codec.pyx"], extra_compile_args=["-O2"]),
+    Extension("amqp_codec", ["src/amqp_codec.pyx"], extra_compile_args=["-O2"]),
 ]
 
 setup(

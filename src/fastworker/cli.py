@@ -64,6 +64,14 @@ def worker_parser() -> argparse.ArgumentParser:
         help="broker URL (default: $FASTWORKER_AMQP_URL or %(default)s)",
     )
     p.add_argument(
+        "--amqp-client",
+        choices=["fast", "aiormq"],
+        default="fast",
+        help="how deliveries are consumed and acked: fast (its own AMQP connection and "
+        "compiled frame codec) or aiormq (the reference implementation); declares, retries "
+        "and dead letters always use aiormq (default: %(default)s)",
+    )
+    p.add_argument(
         "--queue",
         action="append",
         dest="queues",
@@ -185,6 +193,7 @@ def worker_parser() -> argparse.ArgumentParser:
 def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(
         amqp_url=args.amqp_url,
+        amqp_client=args.amqp_client,
         queues=args.queues or ["sf_deferred_events"],
         fpm=args.fpm or ["127.0.0.1:9000"],
         script=args.script,

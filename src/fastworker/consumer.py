@@ -186,6 +186,11 @@ class AmqpConsumer:
                     await self.prepare(connection, queue)
             publisher = await Publisher.open(connection)
             channel = await connection.channel(publisher_confirms=False)
+            # aiormq only logs a broker-sent Basic.Cancel (queue deleted): end the session on it.
+            cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+            channel.on_consumer_cancel_callbacks.add(
+                lambda frame: cancelled.done() or cancelled.set_result(None)
+            )
             await channel.basic_qos(prefetch_count=self.prefetch)
             session = _Session(channel, publisher)
             for queue in self.queues:
@@ -199,7 +204,9 @@ class AmqpConsumer:
             )
             self.connected.set()
             try:
-                await self._until_lost_or_stopped(connection, channel, publisher.channel)
+                await self._until_lost_or_stopped(
+                    connection, channel, publisher.channel, cancelled=cancelled
+                )
                 if self._stopping.is_set() and not connection.is_closed:
                     await self._drain(session)
             finally:
@@ -211,7 +218,10 @@ class AmqpConsumer:
                 await connection.close()
 
     async def _until_lost_or_stopped(
-        self, connection: AbstractConnection, *channels: AbstractChannel
+        self,
+        connection: AbstractConnection,
+        *channels: AbstractChannel,
+        cancelled: asyncio.Future[None] | None = None,
     ) -> None:
         """Returns on stop; raises when the connection or any of its channels closes.
 
@@ -222,14 +232,20 @@ class AmqpConsumer:
         lost = asyncio.ensure_future(connection.closing)
         watched = {stop, lost, *(asyncio.ensure_future(ch.closing) for ch in channels)}
         try:
-            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(
+                watched | ({cancelled} if cancelled else set()),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
         finally:
             for future in watched:
                 if not future.done():
                     future.cancel()
         if not self._stopping.is_set():
             # A closed channel (a broker-sent cancel, a consumer_timeout) ends the session too.
-            reason = lost.exception() if lost.done() else None
+            # `lost` was cancelled above if the connection is still open: no exception() then.
+            reason = lost.exception() if lost.done() and not lost.cancelled() else None
+            if cancelled is not None and cancelled.done():
+                reason = "the broker cancelled the consumer (queue deleted?)"
             raise ConnectionError(f"broker closed the connection or channel ({reason!r})")
 
     async def _drain(self, session: _Session) -> None:

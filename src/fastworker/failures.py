@@ -113,7 +113,10 @@ class FailureHandler:
         levels = self.policy.levels()
         log.info(
             "%s: failed jobs retry through %s.retry.{%s}ms, then go to %s",
-            queue, queue, ",".join(map(str, levels)), dead_letters,
+            queue,
+            queue,
+            ",".join(map(str, levels)),
+            dead_letters,
         )
         for ms in levels:
             await ensure_queue(

@@ -12,6 +12,7 @@ import uvloop
 from fastworker.consumer import AmqpConsumer
 from fastworker.executor import Executor
 from fastworker.failures import FailureHandler, RetryPolicy
+from fastworker.fast_consumer import FastAmqpConsumer
 from fastworker.formats import parser_for
 from fastworker.fpm import Endpoint, FpmPools
 from fastworker.pipeline import JobPipeline
@@ -19,10 +20,14 @@ from fastworker.targets import TargetPolicy
 
 log = logging.getLogger("fastworker")
 
+Consumer = AmqpConsumer | FastAmqpConsumer
+AMQP_CLIENTS: dict[str, type[Consumer]] = {"fast": FastAmqpConsumer, "aiormq": AmqpConsumer}
+
 
 @dataclass(slots=True)
 class Settings:
     amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    amqp_client: str = "fast"  # "fast": own connection + compiled codec; "aiormq": reference
     queues: list[str] = field(default_factory=lambda: ["sf_deferred_events"])
     fpm: list[str] = field(default_factory=lambda: ["127.0.0.1:9000"])
     script: str = "/var/www/bin/dispatch.php"
@@ -45,7 +50,7 @@ class Settings:
         return self.prefetch or max(64, 4 * self.concurrency)
 
 
-def build(settings: Settings) -> tuple[AmqpConsumer, FpmPools]:
+def build(settings: Settings) -> tuple[Consumer, FpmPools]:
     """Everything the worker runs, wired together; must be called inside the event loop."""
     endpoints = [Endpoint.parse(text) for text in settings.fpm]
     policy = TargetPolicy(endpoints, settings.allow_script or [settings.script])
@@ -69,7 +74,11 @@ def build(settings: Settings) -> tuple[AmqpConsumer, FpmPools]:
         failures,
         settings.max_message_size,
     )
-    consumer = AmqpConsumer(
+    try:
+        consumer_class = AMQP_CLIENTS[settings.amqp_client]
+    except KeyError:
+        raise ValueError(f"unknown AMQP client {settings.amqp_client!r}") from None
+    consumer = consumer_class(
         settings.amqp_url,
         settings.queues,
         pipeline,
@@ -93,7 +102,7 @@ async def serve(settings: Settings) -> None:
     log.info("stopped after %d jobs", consumer.processed)
 
 
-def _on_signal(consumer: AmqpConsumer, signum: int) -> None:
+def _on_signal(consumer: Consumer, signum: int) -> None:
     log.info("%s received: finishing in-flight jobs, then exiting", signal.Signals(signum).name)
     consumer.stop()
 

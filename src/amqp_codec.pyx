@@ -1,0 +1,609 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+"""Sans-IO AMQP 0-9-1 frame codec, compiled: deliveries out of a byte stream, acks into bytes.
+
+Why compiled: aiormq spends 62-89 us of CPU per message on consume + ack (pamqp objects for
+every frame, a task per delivery), while the whole per-job budget is ~60 us (see DESIGN.md).
+Here the Basic.Deliver method, the content header and the body frames of a delivery are walked
+with C ints and turned into one tuple; consumer tags, exchanges and routing keys repeat, so the
+last str of each is reused instead of decoded again; a body that fits one frame is copied once
+from the input; acks are written straight into one bytes object. Everything else (handshake,
+qos, consume-ok, cancel, close, heartbeats) is returned raw for the Python side and pamqp.
+
+The pure-Python twin `fastworker.amqp_py` has the same API, the same error messages and the
+same results; tests/test_amqp_codec.py runs every vector through both. Keep them in step.
+
+`FrameReader().feed(data)` returns, in stream order, a 9-tuple
+`(channel, delivery_tag, redelivered, exchange, routing_key, consumer_tag, properties, headers,
+body)` per completed delivery and a 3-tuple `(frame_type, channel, payload)` per other frame.
+"""
+
+from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
+from cpython.bytes cimport (
+    PyBytes_AS_STRING,
+    PyBytes_CheckExact,
+    PyBytes_FromStringAndSize,
+    PyBytes_GET_SIZE,
+)
+from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.unicode cimport PyUnicode_DecodeUTF8
+from libc.stdint cimport uint32_t, uint64_t
+from libc.string cimport memcmp, memcpy
+
+import struct as _struct
+
+from pamqp import decode as _pamqp_decode
+
+__all__ = [
+    "AMQPFrameError",
+    "DEFAULT_FRAME_MAX",
+    "DEFAULT_MAX_BODY_SIZE",
+    "FRAME_BODY",
+    "FRAME_HEADER",
+    "FRAME_HEARTBEAT",
+    "FRAME_METHOD",
+    "FrameReader",
+    "HEARTBEAT",
+    "PROTOCOL_HEADER",
+    "encode_ack",
+    "encode_acks",
+    "encode_nack",
+]
+
+FRAME_METHOD = 1
+FRAME_HEADER = 2
+FRAME_BODY = 3
+FRAME_HEARTBEAT = 8
+PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
+HEARTBEAT = b"\x08\x00\x00\x00\x00\x00\x00\xce"
+DEFAULT_FRAME_MAX = 131072
+MIN_FRAME_MAX = 4096
+DEFAULT_MAX_BODY_SIZE = 512 * 1024 * 1024
+MAX_TAG = 0xFFFFFFFFFFFFFFFF
+
+cdef enum:
+    _METHOD = 1
+    _HEADER = 2
+    _BODY = 3
+    _HEARTBEAT = 8
+    _FRAME_END = 0xCE
+    _CLASS_BASIC = 60
+    _DELIVER = 60
+    _ACK_METHOD = 80
+    _NACK_METHOD = 120
+    _ACK_SIZE = 21
+
+cdef enum:  # assembly states
+    _IDLE = 0
+    _WANT_HEADER = 1
+    _WANT_BODY = 2
+
+cdef bytes _EMPTY = b""
+cdef object _timestamp = _pamqp_decode.timestamp
+cdef object _field_table = _pamqp_decode.field_table
+
+
+class AMQPFrameError(ValueError):
+    """The broker sent a byte stream this client cannot trust; the connection must be dropped."""
+
+
+cdef inline unsigned int _u16(const unsigned char* p) noexcept nogil:
+    return (<unsigned int>p[0] << 8) | p[1]
+
+
+cdef inline uint32_t _u32(const unsigned char* p) noexcept nogil:
+    return (
+        (<uint32_t>p[0] << 24) | (<uint32_t>p[1] << 16) | (<uint32_t>p[2] << 8) | <uint32_t>p[3]
+    )
+
+
+cdef inline uint64_t _u64(const unsigned char* p) noexcept nogil:
+    return (<uint64_t>_u32(p) << 32) | <uint64_t>_u32(p + 4)
+
+
+cdef inline str _utf8(const unsigned char* p, Py_ssize_t n):
+    return PyUnicode_DecodeUTF8(<const char*>p, n, "replace")
+
+
+cdef class _StrCache:
+    """The last decoded value of one shortstr field: deliveries repeat it, so reuse the str."""
+
+    cdef bytes raw
+    cdef str value
+
+    def __cinit__(self):
+        self.raw = _EMPTY
+        self.value = ""
+
+    cdef inline str get(self, const unsigned char* p, Py_ssize_t n):
+        if n == PyBytes_GET_SIZE(self.raw) and memcmp(PyBytes_AS_STRING(self.raw), p, n) == 0:
+            return self.value
+        self.value = _utf8(p, n)
+        self.raw = PyBytes_FromStringAndSize(<const char*>p, n)
+        return self.value
+
+
+cdef class _Assembly:
+    """A delivery whose content frames are still arriving on one channel."""
+
+    cdef int state
+    cdef uint64_t delivery_tag
+    cdef bint redelivered
+    cdef str exchange
+    cdef str routing_key
+    cdef str consumer_tag
+    cdef dict properties
+    cdef dict headers
+    cdef bytes body
+    cdef Py_ssize_t body_size
+    cdef Py_ssize_t received
+
+
+cdef _check_header(
+    const unsigned char* h, int ftype, int channel, uint64_t size, Py_ssize_t frame_max
+):
+    if ftype != _METHOD and ftype != _HEADER and ftype != _BODY and ftype != _HEARTBEAT:
+        if memcmp(h, b"AMQP", 4) == 0:
+            raise AMQPFrameError(
+                "the broker sent a protocol header instead of a frame: "
+                "it does not accept AMQP 0-9-1"
+            )
+        raise AMQPFrameError(f"unknown frame type {ftype} on channel {channel}")
+    if size + 8 > <uint64_t>frame_max:
+        raise AMQPFrameError(
+            f"frame of {size + 8} bytes on channel {channel} exceeds frame_max {frame_max}"
+        )
+    if ftype == _HEARTBEAT and size:
+        raise AMQPFrameError(f"heartbeat frame with a payload of {size} bytes")
+
+
+cdef inline Py_ssize_t _short_end(
+    const unsigned char* p, Py_ssize_t off, Py_ssize_t end
+) noexcept nogil:
+    """End offset of the shortstr at `off`, or -1 if it runs past `end`."""
+    if off >= end:
+        return -1
+    cdef Py_ssize_t stop = off + 1 + p[off]
+    return -1 if stop > end else stop
+
+
+cdef dict _headers_table(const unsigned char* p, Py_ssize_t n, int channel):
+    """Decodes the rare headers table with pamqp (shared by both implementations)."""
+    try:
+        return dict(_field_table(PyBytes_FromStringAndSize(<const char*>p, n))[1])
+    except (ValueError, _struct.error, TypeError, IndexError) as exc:
+        raise AMQPFrameError(
+            f"content header on channel {channel} has a bad headers table ({exc})"
+        ) from None
+
+
+cdef class FrameReader:
+    """Sans-IO reader: bytes in, deliveries and raw frames out, at most one partial frame kept."""
+
+    cdef unsigned char* _buf  # an incomplete frame carried over to the next feed()
+    cdef Py_ssize_t _len
+    cdef Py_ssize_t _cap
+    cdef Py_ssize_t _frame_max
+    cdef Py_ssize_t _max_body
+    cdef dict _channels
+    cdef int _last_channel
+    cdef _Assembly _last
+    cdef _StrCache _tags
+    cdef _StrCache _exchanges
+    cdef _StrCache _keys
+    cdef list _out
+
+    def __cinit__(self):
+        self._buf = NULL
+        self._len = 0
+        self._cap = 0
+        self._channels = {}
+        self._last_channel = -1
+        self._tags = _StrCache()
+        self._exchanges = _StrCache()
+        self._keys = _StrCache()
+
+    def __init__(self, frame_max=DEFAULT_FRAME_MAX, max_body_size=DEFAULT_MAX_BODY_SIZE):
+        self.frame_max = frame_max
+        if max_body_size < 0:
+            raise ValueError(f"max_body_size must be >= 0, got {max_body_size}")
+        self._max_body = max_body_size
+
+    def __dealloc__(self):
+        if self._buf != NULL:
+            PyMem_Free(self._buf)
+
+    @property
+    def frame_max(self):
+        """Largest frame accepted, header and end octet included (from Connection.Tune)."""
+        return self._frame_max
+
+    @frame_max.setter
+    def frame_max(self, value):
+        if not MIN_FRAME_MAX <= value <= 0xFFFFFFFF:
+            raise ValueError(f"frame_max must be in {MIN_FRAME_MAX}..4294967295, got {value}")
+        self._frame_max = value
+
+    @property
+    def max_body_size(self):
+        return self._max_body
+
+    @property
+    def buffered(self):
+        """Bytes of an incomplete frame held until more data arrives."""
+        return self._len
+
+    cdef int _reserve(self, Py_ssize_t need) except -1:
+        cdef unsigned char* grown
+        cdef Py_ssize_t cap
+        if need <= self._cap:
+            return 0
+        cap = max(need, 4096)
+        grown = <unsigned char*>PyMem_Realloc(self._buf, <size_t>cap)
+        if grown == NULL:
+            raise MemoryError()
+        self._buf = grown
+        self._cap = cap
+        return 0
+
+    def feed(self, data):
+        """Parses what `data` completes; returns deliveries and raw frames in stream order."""
+        cdef Py_buffer view
+        cdef bint have_view = False
+        cdef const unsigned char* p
+        cdef Py_ssize_t n, pos = 0, total, take
+        cdef uint64_t size
+        cdef list out = []
+        if PyBytes_CheckExact(data):
+            p = <const unsigned char*>PyBytes_AS_STRING(data)
+            n = PyBytes_GET_SIZE(data)
+        else:
+            PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
+            have_view = True
+            p = <const unsigned char*>view.buf
+            n = view.len
+        self._out = out
+        try:
+            if self._len:
+                # Complete the carried-over frame first: its header, then the rest.
+                if self._len < 7:
+                    take = min(7 - self._len, n)
+                    self._reserve(7)
+                    memcpy(self._buf + self._len, p, <size_t>take)
+                    self._len += take
+                    pos = take
+                    if self._len < 7:
+                        return out
+                    size = _u32(self._buf + 3)
+                    _check_header(
+                        self._buf, self._buf[0], _u16(self._buf + 1), size, self._frame_max
+                    )
+                else:
+                    size = _u32(self._buf + 3)
+                total = <Py_ssize_t>size + 8
+                self._reserve(total)
+                take = min(total - self._len, n - pos)
+                memcpy(self._buf + self._len, p + pos, <size_t>take)
+                self._len += take
+                pos += take
+                if self._len < total:
+                    return out
+                self._len = 0
+                self._complete(self._buf, size)
+            while n - pos >= 7:
+                size = _u32(p + pos + 3)
+                _check_header(p + pos, p[pos], _u16(p + pos + 1), size, self._frame_max)
+                total = <Py_ssize_t>size + 8
+                if n - pos < total:
+                    break
+                self._complete(p + pos, size)
+                pos += total
+            if pos < n:
+                take = n - pos
+                self._reserve(take if take < 7 else <Py_ssize_t>_u32(p + pos + 3) + 8)
+                memcpy(self._buf, p + pos, <size_t>take)
+                self._len = take
+            return out
+        finally:
+            self._out = None
+            if have_view:
+                PyBuffer_Release(&view)
+
+    cdef int _complete(self, const unsigned char* f, uint64_t size) except -1:
+        """Checks the end octet of the whole frame at `f`, then dispatches its payload."""
+        cdef int ftype = f[0]
+        cdef int channel = _u16(f + 1)
+        cdef unsigned char end = f[7 + size]
+        if end != _FRAME_END:
+            raise AMQPFrameError(
+                f"frame end octet is 0x{end:02x}, not 0xce "
+                f"(frame type {ftype}, channel {channel}, size {size})"
+            )
+        return self._frame(ftype, channel, f + 7, <Py_ssize_t>size)
+
+    cdef inline _Assembly _assembly(self, int channel):
+        if channel == self._last_channel:
+            return self._last
+        cdef _Assembly a = self._channels.get(channel)
+        if a is not None:
+            self._last_channel = channel
+            self._last = a
+        return a
+
+    cdef int _frame(
+        self, int ftype, int channel, const unsigned char* p, Py_ssize_t size
+    ) except -1:
+        cdef _Assembly a = self._assembly(channel)
+        if ftype == _METHOD:
+            if size < 4:
+                raise AMQPFrameError(
+                    f"method frame of {size} bytes on channel {channel} is too short"
+                )
+            if a is not None and a.state != _IDLE:
+                raise AMQPFrameError(
+                    f"method frame on channel {channel} while a delivery's content is incomplete"
+                )
+            if _u16(p) == _CLASS_BASIC and _u16(p + 2) == _DELIVER:
+                if a is None:
+                    a = _Assembly()
+                    self._channels[channel] = a
+                    self._last_channel = channel
+                    self._last = a
+                return self._deliver(a, channel, p, size)
+            self._out.append((ftype, channel, PyBytes_FromStringAndSize(<const char*>p, size)))
+            return 0
+        if ftype == _HEADER:
+            if a is None or a.state == _IDLE:
+                self._out.append(
+                    (ftype, channel, PyBytes_FromStringAndSize(<const char*>p, size))
+                )
+                return 0
+            if a.state == _WANT_BODY:
+                raise AMQPFrameError(
+                    f"content header on channel {channel} while the body is incomplete"
+                )
+            return self._content_header(a, channel, p, size)
+        if ftype == _BODY:
+            if a is None or a.state == _IDLE:
+                self._out.append(
+                    (ftype, channel, PyBytes_FromStringAndSize(<const char*>p, size))
+                )
+                return 0
+            if a.state == _WANT_HEADER:
+                raise AMQPFrameError(f"body frame on channel {channel} before the content header")
+            return self._body(a, channel, p, size)
+        self._out.append((ftype, channel, _EMPTY))
+        return 0
+
+    cdef int _deliver(
+        self, _Assembly a, int channel, const unsigned char* p, Py_ssize_t end
+    ) except -1:
+        cdef Py_ssize_t off = 4, stop
+        stop = _short_end(p, off, end)
+        if stop < 0 or stop + 9 > end:
+            raise AMQPFrameError(f"Basic.Deliver on channel {channel} is truncated")
+        consumer_tag = self._tags.get(p + off + 1, stop - off - 1)
+        off = stop
+        a.delivery_tag = _u64(p + off)
+        a.redelivered = p[off + 8] & 1
+        off += 9
+        stop = _short_end(p, off, end)
+        if stop < 0:
+            raise AMQPFrameError(f"Basic.Deliver on channel {channel} is truncated")
+        exchange = self._exchanges.get(p + off + 1, stop - off - 1)
+        off = stop
+        stop = _short_end(p, off, end)
+        if stop < 0:
+            raise AMQPFrameError(f"Basic.Deliver on channel {channel} is truncated")
+        a.routing_key = self._keys.get(p + off + 1, stop - off - 1)
+        a.consumer_tag = consumer_tag
+        a.exchange = exchange
+        a.state = _WANT_HEADER
+        return 0
+
+    cdef int _content_header(
+        self, _Assembly a, int channel, const unsigned char* p, Py_ssize_t end
+    ) except -1:
+        cdef unsigned int class_id, flags, word
+        cdef uint64_t body_size
+        cdef Py_ssize_t off, stop
+        cdef dict properties = {}
+        cdef dict headers = {}
+        if end < 14:
+            raise AMQPFrameError(f"content header on channel {channel} is truncated")
+        class_id = _u16(p)
+        if class_id != _CLASS_BASIC:
+            raise AMQPFrameError(
+                f"content header of class {class_id} on channel {channel} after Basic.Deliver"
+            )
+        body_size = _u64(p + 4)
+        flags = word = _u16(p + 12)
+        off = 14
+        while word & 1:  # continuation flag words: no Basic property lives there
+            if off + 2 > end:
+                raise AMQPFrameError(f"content header on channel {channel} is truncated")
+            word = _u16(p + off)
+            off += 2
+        if flags & 0xFFFC:
+            headers = self._properties(channel, p, off, end, flags, properties)
+        if body_size > <uint64_t>self._max_body:
+            raise AMQPFrameError(
+                f"delivery of {body_size} bytes on channel {channel} exceeds max_body_size "
+                f"{self._max_body}"
+            )
+        a.properties = properties
+        a.headers = headers
+        if body_size == 0:
+            self._emit(a, channel, _EMPTY)
+            return 0
+        a.body_size = <Py_ssize_t>body_size
+        a.received = 0
+        a.body = None
+        a.state = _WANT_BODY
+        return 0
+
+    cdef dict _properties(
+        self, int channel, const unsigned char* p, Py_ssize_t off, Py_ssize_t end,
+        unsigned int flags, dict props,
+    ):
+        """Fills `props` in wire order; returns the headers table (pamqp decodes it)."""
+        cdef dict headers = {}
+        cdef Py_ssize_t stop
+        cdef int i
+        cdef unsigned int bit
+        for i in range(15, 1, -1):
+            bit = 1u << i
+            if not flags & bit:
+                continue
+            if i == 13:  # headers: a field table
+                if off + 4 > end:
+                    raise AMQPFrameError(f"content header on channel {channel} is truncated")
+                stop = off + 4 + <Py_ssize_t>_u32(p + off)
+                if stop > end:
+                    raise AMQPFrameError(f"content header on channel {channel} is truncated")
+                headers = _headers_table(p + off, stop - off, channel)
+                off = stop
+            elif i == 12 or i == 11:  # delivery_mode, priority: octets
+                if off >= end:
+                    raise AMQPFrameError(f"content header on channel {channel} is truncated")
+                props["delivery_mode" if i == 12 else "priority"] = p[off]
+                off += 1
+            elif i == 6:  # timestamp
+                if off + 8 > end:
+                    raise AMQPFrameError(f"content header on channel {channel} is truncated")
+                props["timestamp"] = _timestamp(
+                    PyBytes_FromStringAndSize(<const char*>(p + off), 8)
+                )[1]
+                off += 8
+            else:  # shortstr
+                stop = _short_end(p, off, end)
+                if stop < 0:
+                    raise AMQPFrameError(f"content header on channel {channel} is truncated")
+                if i != 2:  # cluster_id is read and dropped
+                    props[_SHORTSTR_NAMES[i]] = _utf8(p + off + 1, stop - off - 1)
+                off = stop
+        return headers
+
+    cdef int _body(
+        self, _Assembly a, int channel, const unsigned char* p, Py_ssize_t size
+    ) except -1:
+        cdef char* dst
+        if a.received + size > a.body_size:
+            raise AMQPFrameError(
+                f"body frames on channel {channel} carry more than the "
+                f"{a.body_size} bytes announced"
+            )
+        if a.body is None:
+            if size == a.body_size:  # the usual case: the whole body in one frame, one copy
+                self._emit(a, channel, PyBytes_FromStringAndSize(<const char*>p, size))
+                return 0
+            # Not yet shared with anyone: filled in place, then handed out whole.
+            a.body = PyBytes_FromStringAndSize(NULL, a.body_size)
+        dst = PyBytes_AS_STRING(a.body)
+        memcpy(dst + a.received, p, <size_t>size)
+        a.received += size
+        if a.received == a.body_size:
+            self._emit(a, channel, a.body)
+        return 0
+
+    cdef inline void _emit(self, _Assembly a, int channel, bytes body):
+        self._out.append(
+            (
+                channel,
+                a.delivery_tag,
+                a.redelivered,
+                a.exchange,
+                a.routing_key,
+                a.consumer_tag,
+                a.properties,
+                a.headers,
+                body,
+            )
+        )
+        a.state = _IDLE
+        a.body = None
+        a.properties = None
+        a.headers = None
+
+
+_SHORTSTR_NAMES = {
+    15: "content_type",
+    14: "content_encoding",
+    10: "correlation_id",
+    9: "reply_to",
+    8: "expiration",
+    7: "message_id",
+    5: "message_type",
+    4: "user_id",
+    3: "app_id",
+}
+
+
+# --------------------------------------------------------------------------------------------
+# encoding
+
+
+cdef inline void _put_ack(
+    unsigned char* b, unsigned int channel, uint64_t tag, int method, unsigned char bits
+) noexcept nogil:
+    cdef int i
+    b[0] = _METHOD
+    b[1] = <unsigned char>((channel >> 8) & 0xFF)
+    b[2] = <unsigned char>(channel & 0xFF)
+    b[3] = 0
+    b[4] = 0
+    b[5] = 0
+    b[6] = 13
+    b[7] = 0
+    b[8] = _CLASS_BASIC
+    b[9] = 0
+    b[10] = <unsigned char>method
+    for i in range(8):
+        b[11 + i] = <unsigned char>((tag >> (56 - 8 * i)) & 0xFF)
+    b[19] = bits
+    b[20] = _FRAME_END
+
+
+cdef inline unsigned int _channel(object channel) except? 0:
+    if not 0 <= channel <= 0xFFFF:
+        raise ValueError(f"channel {channel} out of range 0..65535")
+    return channel
+
+
+cdef inline uint64_t _tag(object tag) except? 0:
+    if not 0 <= tag <= MAX_TAG:
+        raise ValueError(f"delivery tag {tag} out of range 0..{MAX_TAG}")
+    return tag
+
+
+def encode_ack(channel, delivery_tag, multiple=False):
+    """One Basic.Ack frame (21 bytes)."""
+    cdef unsigned int ch = _channel(channel)
+    cdef uint64_t tag = _tag(delivery_tag)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, _ACK_SIZE)
+    _put_ack(<unsigned char*>PyBytes_AS_STRING(out), ch, tag, _ACK_METHOD, 1 if multiple else 0)
+    return out
+
+
+def encode_nack(channel, delivery_tag, multiple=False, requeue=True):
+    """One Basic.Nack frame (21 bytes); `requeue=True` gives the message back to the queue."""
+    cdef unsigned int ch = _channel(channel)
+    cdef uint64_t tag = _tag(delivery_tag)
+    cdef unsigned char bits = (1 if multiple else 0) | (2 if requeue else 0)
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, _ACK_SIZE)
+    _put_ack(<unsigned char*>PyBytes_AS_STRING(out), ch, tag, _NACK_METHOD, bits)
+    return out
+
+
+def encode_acks(channel, acks):
+    """Several Basic.Ack frames in one buffer, for one write: `acks` as (tag, multiple)."""
+    cdef unsigned int ch = _channel(channel)
+    cdef list items = acks if type(acks) is list else list(acks)
+    cdef Py_ssize_t n = len(items), i
+    cdef bytes out = PyBytes_FromStringAndSize(NULL, n * _ACK_SIZE)
+    cdef unsigned char* b = <unsigned char*>PyBytes_AS_STRING(out)
+    cdef uint64_t tag
+    for i in range(n):
+        item_tag, multiple = items[i]
+        tag = _tag(item_tag)
+        _put_ack(b + i * _ACK_SIZE, ch, tag, _ACK_METHOD, 1 if multiple else 0)
+    return out
