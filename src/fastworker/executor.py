@@ -29,6 +29,7 @@ from fastworker.fpm import (
     FpmProtocolError,
     FpmTimeout,
     FpmUnavailable,
+    encode_shared_params,
 )
 from fastworker.job import Job, JobRefused
 from fastworker.targets import TargetPolicy
@@ -84,10 +85,8 @@ class Executor:
             "PHP_VALUE": "display_errors=0",
         }
         self._by_script: dict[str, dict[str, str | bytes]] = {}
-        # (job endpoint, job script) -> (pool, endpoint text, shared params), once vetted
-        self._targets: dict[
-            tuple[Endpoint | None, str], tuple[FpmPool, str, dict[str, str | bytes]]
-        ] = {}
+        # (job endpoint, job script) -> (pool, endpoint text, shared params block), once vetted
+        self._targets: dict[tuple[Endpoint | None, str], tuple[FpmPool, str, bytes]] = {}
 
     def _script_params(self, script: str) -> dict[str, str | bytes]:
         """The params every job for `script` shares, built once per script."""
@@ -103,15 +102,14 @@ class Executor:
         return params
 
     def fastcgi_params(self, job: Job, script: str) -> tuple[dict[str, str | bytes], bytes]:
-        """The CGI params and STDIN for a job whose script was already vetted."""
-        return self._request(job, self._script_params(script))
+        """All CGI params and the STDIN of a job whose script was already vetted."""
+        own, body = self._own_params(job)
+        return {**self._script_params(script), **own}, body
 
     @staticmethod
-    def _request(job: Job, shared: dict[str, str | bytes]) -> tuple[dict[str, str | bytes], bytes]:
-        params = shared.copy()
-        if job.params:
-            # Application params come first so the worker's own always win.
-            params = {**job.params, **params}
+    def _own_params(job: Job) -> tuple[dict[str, str | bytes], bytes]:
+        """The params that differ from job to job (the shared ones travel pre-encoded)."""
+        params: dict[str, str | bytes] = dict(job.params) if job.params else {}
         body, content_type = job.body, job.content_type
         if job.data is not None:
             if len(job.data) <= INLINE_DATA_LIMIT:
@@ -131,13 +129,14 @@ class Executor:
                 endpoint, script = self.policy.resolve(job)
             except JobRefused as exc:
                 return Result(exc.kind, message=str(exc))
-            target = (self.pools.get(endpoint), str(endpoint), self._script_params(script))
+            shared = encode_shared_params(self._script_params(script))
+            target = (self.pools.get(endpoint), str(endpoint), shared)
             if len(self._targets) < 1024:
                 self._targets[key] = target
         pool, where, shared = target
-        params, body = self._request(job, shared)
+        params, body = self._own_params(job)
         try:
-            response = await pool.request(params, body, self.job_timeout)
+            response = await pool.request(params, body, self.job_timeout, shared)
         except FpmUnavailable as exc:
             return Result("unavailable", message=str(exc), endpoint=where)
         except FpmTimeout:

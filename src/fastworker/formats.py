@@ -37,6 +37,7 @@ _RESERVED_PREFIXES = (
     "QUERY_",
     "HTTPS",
     "DEFERRED_DATA",
+    "FASTWORKER_",
 )
 _PARAM_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
 

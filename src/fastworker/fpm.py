@@ -51,6 +51,20 @@ class FpmProtocolError(FpmError):
     """FPM sent bytes that are not valid FastCGI; the connection was closed."""
 
 
+_BEGIN_REQUEST_SIZE = 16  # record header + body
+_EMPTY_PARAMS_AND_STDIN_SIZE = 16  # the two empty records that end a request without a body
+
+
+def encode_shared_params(params: Mapping[str | bytes, str | bytes]) -> bytes:
+    """PARAMS records for params many requests share, encoded once for `FpmPool.request`.
+
+    PHP-FPM reads any number of PARAMS records and each pair stays within one record, so a
+    request can carry this block followed by its own params.
+    """
+    encoded = encode_request(REQUEST_ID, params, b"")
+    return encoded[_BEGIN_REQUEST_SIZE:-_EMPTY_PARAMS_AND_STDIN_SIZE]
+
+
 class Endpoint(NamedTuple):
     """An FPM address: TCP `host:port` or `unix:/path` (a tuple: hashed in C on the hot path)."""
 
@@ -112,7 +126,7 @@ class _Connection(asyncio.Protocol):
         "transport",
         "parser",
         "waiter",
-        "timer",
+        "deadline",
         "served",
         "closed",
         "last_used",
@@ -126,11 +140,11 @@ class _Connection(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.parser = ResponseParser()
         self.waiter: asyncio.Future[FpmResponse] | None = None
-        self.timer: asyncio.TimerHandle | None = None
         self.served = 0
         self.closed = False
         self.last_used = 0.0
         self.sent_at = 0.0
+        self.deadline = 0.0
         self.completed_at_send = 0
         self.stall_reported = False
 
@@ -173,9 +187,6 @@ class _Connection(asyncio.Protocol):
             return None
         self.waiter = None
         self.served += 1
-        if self.timer is not None:
-            self.timer.cancel()
-            self.timer = None
         return None if waiter.done() else waiter
 
     def _fail(self, exc: Exception) -> None:
@@ -196,10 +207,11 @@ class _Connection(asyncio.Protocol):
         loop = self.pool.loop
         waiter: asyncio.Future[FpmResponse] = loop.create_future()
         self.waiter = waiter
-        self.sent_at = loop.time()
+        self.sent_at = now = loop.time()
+        self.deadline = now + timeout
         self.completed_at_send = self.pool.completed
         self.stall_reported = False
-        self.timer = loop.call_later(timeout, self._on_timeout)
+        self.pool._watch(self.deadline)
         assert self.transport is not None
         self.transport.write(payload)
         return waiter
@@ -232,16 +244,30 @@ class FpmPool:
         self._busy: set[_Connection] = set()
         self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
         self._closing = False
+        # One timer per pool, armed at the earliest job deadline, instead of one per job.
+        self._watchdog: asyncio.TimerHandle | None = None
+        self._watchdog_at = 0.0
 
     @property
     def open_connections(self) -> int:
         return self._open
 
     async def request(
-        self, params: Mapping[str | bytes, str | bytes], stdin: bytes, timeout: float
+        self,
+        params: Mapping[str | bytes, str | bytes],
+        stdin: bytes,
+        timeout: float,
+        shared: bytes = b"",
     ) -> FpmResponse:
-        """Runs one FastCGI request; raises an FpmError subclass when it cannot complete."""
+        """Runs one FastCGI request; raises an FpmError subclass when it cannot complete.
+
+        `shared` is a block from `encode_shared_params`: params that many requests share,
+        encoded once and sent ahead of `params`.
+        """
         payload = encode_request(REQUEST_ID, params, stdin)
+        if shared:
+            head = _BEGIN_REQUEST_SIZE
+            payload = b"".join((payload[:head], shared, payload[head:]))
         for _ in range(_STALE_RETRIES + 1):
             conn = self._take_idle() or await self._acquire()
             reused = conn.served > 0
@@ -262,6 +288,28 @@ class FpmPool:
             self.completed += 1
             return response
         raise FpmUnavailable(f"{self.endpoint}: reused connections kept closing before a response")
+
+    def _watch(self, deadline: float) -> None:
+        if self._watchdog is None or deadline < self._watchdog_at:
+            if self._watchdog is not None:
+                self._watchdog.cancel()
+            self._watchdog_at = deadline
+            self._watchdog = self.loop.call_at(deadline, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        """Times out requests past their deadline; re-arms for the earliest one left."""
+        self._watchdog = None
+        now = self.loop.time()
+        earliest = 0.0
+        for conn in list(self._busy):
+            if conn.waiter is None:
+                continue
+            if conn.deadline <= now:
+                conn._on_timeout()
+            elif not earliest or conn.deadline < earliest:
+                earliest = conn.deadline
+        if earliest:
+            self._watch(earliest)
 
     def _take_idle(self) -> _Connection | None:
         """The most recently used open idle connection, if any (the no-wait fast path)."""
@@ -380,6 +428,9 @@ class FpmPool:
     async def close(self) -> None:
         """Closes every connection; busy ones are aborted."""
         self._closing = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            self._watchdog = None
         for conn in [*self._idle, *self._busy]:
             conn.close()
         self._idle.clear()
