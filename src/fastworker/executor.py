@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import socket
+from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import quote_from_bytes
 
@@ -24,9 +25,11 @@ from fastworker.fpm import (
     REQUEST_COMPLETE,
     Endpoint,
     FpmConnectionLost,
+    FpmError,
     FpmPool,
     FpmPools,
     FpmProtocolError,
+    FpmResponse,
     FpmTimeout,
     FpmUnavailable,
     encode_shared_params,
@@ -121,7 +124,8 @@ class Executor:
         params["CONTENT_TYPE"] = content_type
         return params, body
 
-    async def run(self, job: Job) -> Result:
+    def _target(self, job: Job) -> tuple[FpmPool, str, bytes] | Result:
+        """(pool, endpoint text, shared params block) for a job, or why it may not run."""
         key = (job.endpoint, job.script)
         target = self._targets.get(key)
         if target is None:
@@ -133,18 +137,56 @@ class Executor:
             target = (self.pools.get(endpoint), str(endpoint), shared)
             if len(self._targets) < 1024:
                 self._targets[key] = target
-        pool, where, shared = target
+        return target
+
+    async def run(self, job: Job) -> Result:
+        target = self._target(job)
+        if type(target) is Result:
+            return target
+        pool, where, shared = target  # type: ignore[misc]
         params, body = self._own_params(job)
         try:
             response = await pool.request(params, body, self.job_timeout, shared)
-        except FpmUnavailable as exc:
+        except FpmError as exc:
+            return self._failed(exc, where)
+        return self._classify(response, where)
+
+    def start(self, job: Job, done: Callable[[Result], None]) -> None:
+        """`run` without a coroutine: `done(result)` is called once the job finished.
+
+        An exception `run` would raise (none is expected) is raised from `start` or, once the
+        request is on its way, passed to `done` instead of a Result.
+        """
+        target = self._target(job)
+        if type(target) is Result:
+            done(target)
+            return
+        pool, where, shared = target  # type: ignore[misc]
+        params, body = self._own_params(job)
+
+        def answered(response: FpmResponse | None, exc: Exception | None) -> None:
+            if exc is None:
+                done(self._classify(response, where))  # type: ignore[arg-type]
+            elif isinstance(exc, FpmError):
+                done(self._failed(exc, where))
+            else:
+                done(exc)  # type: ignore[arg-type]
+
+        pool.request_cb(params, body, self.job_timeout, shared, answered)
+
+    def _failed(self, exc: FpmError, where: str) -> Result:
+        if isinstance(exc, FpmUnavailable):
             return Result("unavailable", message=str(exc), endpoint=where)
-        except FpmTimeout:
+        if isinstance(exc, FpmTimeout):
             return Result(
                 "timeout", message=f"no response within {self.job_timeout:g} s", endpoint=where
             )
-        except (FpmConnectionLost, FpmProtocolError) as exc:
+        if isinstance(exc, (FpmConnectionLost, FpmProtocolError)):
             return Result("lost", message=str(exc), endpoint=where)
+        raise exc
+
+    def _classify(self, response: FpmResponse, where: str) -> Result:
+        stdout = response.stdout
         if response.protocol_status != REQUEST_COMPLETE:
             if response.protocol_status == OVERLOADED:
                 return Result("unavailable", message=f"{where}: FPM is overloaded", endpoint=where)
@@ -153,15 +195,15 @@ class Executor:
                 message=f"{where}: FastCGI protocol status {response.protocol_status}",
                 endpoint=where,
             )
-        status = cgi.response_status(response.stdout)
-        if cgi.is_success(status):
+        status = cgi.response_status(stdout)
+        if 200 <= status < 300:  # cgi.is_success
             return OK
-        _, body_out = cgi.header_block(response.stdout)
+        _, body_out = cgi.header_block(stdout)
         return Result(
             "php_error",
             status=status,
             message=cgi.error_message(response.stderr, body_out, status),
             stderr=response.stderr[:STDERR_EXCERPT],
-            stdout_head=response.stdout[:STDOUT_HEAD],
+            stdout_head=stdout[:STDOUT_HEAD],
             endpoint=where,
         )

@@ -26,7 +26,7 @@ import random
 import ssl
 import struct
 from collections import deque
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qs, unquote, urlsplit
@@ -54,6 +54,12 @@ else:
     codec = amqp_py
 
 log = logging.getLogger("fastworker.consumer")
+
+# A handler's optional callback form, `start(message, publisher, on_done)`: it calls
+# `on_done(None)` when the message may be acked, or `on_done(awaitable)` with what is left to
+# await (returns: ack; raises: requeue), as `JobPipeline.start` does.
+OnDone = Callable[[Awaitable[None] | None], None]
+Start = Callable[[Message, Publisher, OnDone], None]
 
 HANDSHAKE_TIMEOUT = 15.0  # seconds for connect + handshake, and for each consume-side RPC
 CLOSE_TIMEOUT = 2.0  # seconds to wait for Close-Ok before dropping the socket
@@ -221,7 +227,7 @@ class _Link(asyncio.Protocol):
             if self.transport is not None:
                 self.transport.abort()
         if got:
-            consumer._wake()
+            consumer._dispatch()
 
     # ---------------------------------------------------------------- rare frames
 
@@ -479,10 +485,19 @@ class FastAmqpConsumer:
         self.processed = 0
         self.connected = asyncio.Event()  # set while consuming; tests and the CLI wait on it
         self._stopping = asyncio.Event()
-        # (link, delivery tag, message), in delivery order; runners take from the left.
+        # The handler's optional callback form (JobPipeline.start): a job runs without a task
+        # or coroutine unless it needs one, e.g. to publish a retry.
+        self._start: Start | None = getattr(handler, "start", None)
+        # (link, delivery tag, message), in delivery order, not started yet; `_dispatch` takes
+        # from the left while fewer than `concurrency` jobs are in flight.
         self._pending: deque[tuple[_Link, int, Message]] = deque()
+        # Started jobs the runner tasks carry on: (link, tag, message, what is left to await,
+        # or None to await the handler itself).
+        self._ready: deque[tuple[_Link, int, Message, Awaitable[None] | None]] = deque()
         self._waiters: deque[asyncio.Future[None]] = deque()  # idle runners
         self._in_flight = 0
+        self._dispatching = False
+        self._running = False  # runner tasks are up; nothing is started or carried on without
         self._idle_waiter: asyncio.Future[None] | None = None
 
     def stop(self) -> None:
@@ -491,6 +506,7 @@ class FastAmqpConsumer:
 
     async def run(self) -> None:
         runners = [asyncio.create_task(self._runner()) for _ in range(self.concurrency)]
+        self._running = True
         backoff = 0.5
         try:
             while not self._stopping.is_set():
@@ -511,6 +527,7 @@ class FastAmqpConsumer:
                     except TimeoutError:
                         pass
         finally:
+            self._running = False
             for runner in runners:
                 runner.cancel()
             await asyncio.gather(*runners, return_exceptions=True)
@@ -605,31 +622,80 @@ class FastAmqpConsumer:
             self._pending.clear()
             self._pending.extend(kept)
 
-    def _wake(self) -> None:
-        """Wakes as many idle runners as there are deliveries waiting."""
+    def _dispatch(self) -> None:
+        """Starts waiting deliveries while fewer than `concurrency` jobs are in flight."""
+        if self._dispatching or not self._running:
+            return  # re-entered from a job that finished at once: the outer loop goes on
+        self._dispatching = True
+        pending, start = self._pending, self._start
+        try:
+            while pending and self._in_flight < self.concurrency:
+                link, tag, message = pending.popleft()
+                if not link.alive:
+                    continue  # its connection is gone: the broker requeues it
+                self._in_flight += 1
+                if start is None:
+                    self._carry_on(link, tag, message, None)
+                    continue
+                try:
+                    start(message, link.publisher, self._on_done(link, tag, message))
+                except Exception as exc:
+                    self._carry_on(link, tag, message, _raise(exc))
+        finally:
+            self._dispatching = False
+
+    def _on_done(self, link: _Link, tag: int, message: Message) -> OnDone:
+        def on_done(rest: Awaitable[None] | None) -> None:
+            if rest is not None:
+                self._carry_on(link, tag, message, rest)
+            else:
+                self.processed += 1
+                link.finished(tag)
+                self._job_done()
+
+        return on_done
+
+    def _carry_on(
+        self, link: _Link, tag: int, message: Message, rest: Awaitable[None] | None
+    ) -> None:
+        """Hands a started job to a runner task."""
+        if not self._running:  # run() is over: as if its runner had been cancelled
+            if isinstance(rest, Coroutine):
+                rest.close()
+            self._job_done()
+            return
+        self._ready.append((link, tag, message, rest))
         waiters = self._waiters
-        wanted = len(self._pending)
-        while waiters and wanted:
+        while waiters:
             waiter = waiters.popleft()
             if not waiter.done():
                 waiter.set_result(None)
-                wanted -= 1
+                return
+
+    def _job_done(self) -> None:
+        self._in_flight -= 1
+        if not self._in_flight and self._idle_waiter is not None:
+            if not self._idle_waiter.done():
+                self._idle_waiter.set_result(None)
+        if self._pending:
+            self._dispatch()
 
     async def _runner(self) -> None:
         loop = asyncio.get_running_loop()
-        pending, waiters, handler = self._pending, self._waiters, self.handler
+        ready, waiters, handler = self._ready, self._waiters, self.handler
         while True:
-            if not pending:
+            if not ready:
                 waiter = loop.create_future()
                 waiters.append(waiter)
                 await waiter
                 continue
-            link, tag, message = pending.popleft()
-            if not link.alive:
-                continue
-            self._in_flight += 1
+            link, tag, message, rest = ready.popleft()
             try:
-                await handler(message, link.publisher)
+                if rest is None:
+                    if not link.alive:
+                        continue  # not started, and its connection is gone
+                    rest = handler(message, link.publisher)
+                await rest
             except asyncio.CancelledError:
                 raise
             except Exception:
@@ -642,7 +708,8 @@ class FastAmqpConsumer:
                 self.processed += 1
                 link.finished(tag)
             finally:
-                self._in_flight -= 1
-                if not self._in_flight and self._idle_waiter is not None:
-                    if not self._idle_waiter.done():
-                        self._idle_waiter.set_result(None)
+                self._job_done()
+
+
+async def _raise(exc: Exception) -> None:
+    raise exc

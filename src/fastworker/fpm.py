@@ -11,9 +11,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Coroutine, Iterator, Mapping
 from dataclasses import dataclass
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from fastworker.codec import ProtocolError, ResponseParser, encode_request
 
@@ -65,6 +65,14 @@ def encode_shared_params(params: Mapping[str | bytes, str | bytes]) -> bytes:
     return encoded[_BEGIN_REQUEST_SIZE:-_EMPTY_PARAMS_AND_STDIN_SIZE]
 
 
+def _payload(params: Mapping[str | bytes, str | bytes], stdin: bytes, shared: bytes) -> bytes:
+    payload = encode_request(REQUEST_ID, params, stdin)
+    if shared:
+        head = _BEGIN_REQUEST_SIZE
+        payload = b"".join((payload[:head], shared, payload[head:]))
+    return payload
+
+
 class Endpoint(NamedTuple):
     """An FPM address: TCP `host:port` or `unix:/path` (a tuple: hashed in C on the hot path)."""
 
@@ -114,6 +122,10 @@ class FpmResponse:
     protocol_status: int
 
 
+# `FpmPool.request_cb`'s callback: (response, None) or (None, the exception `request` raises).
+ResponseCallback = Callable[["FpmResponse | None", "Exception | None"], None]
+
+
 class _ClosedBeforeResponse(Exception):
     """Internal: the connection closed before a single response byte arrived."""
 
@@ -126,6 +138,10 @@ class _Connection(asyncio.Protocol):
         "transport",
         "parser",
         "waiter",
+        "callback",
+        "payload",
+        "timeout",
+        "reused",
         "deadline",
         "served",
         "closed",
@@ -139,7 +155,14 @@ class _Connection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = ResponseParser()
+        # The request in flight is awaited through `waiter` (FpmPool.request) or answered
+        # through `callback` (FpmPool.request_cb); `payload`, `timeout` and `reused` are kept
+        # for the callback's stale-connection retry.
         self.waiter: asyncio.Future[FpmResponse] | None = None
+        self.callback: ResponseCallback | None = None
+        self.payload = b""
+        self.timeout = 0.0
+        self.reused = False
         self.served = 0
         self.closed = False
         self.last_used = 0.0
@@ -156,10 +179,16 @@ class _Connection(asyncio.Protocol):
         try:
             done = self.parser.feed(data)
         except ProtocolError as exc:
-            self._fail(FpmProtocolError(f"{self.pool.endpoint}: {exc}"))
             self.close()
+            self._fail(FpmProtocolError(f"{self.pool.endpoint}: {exc}"))
             return
         if done:
+            callback = self.callback
+            if callback is not None:
+                self.callback = None
+                self.served += 1
+                self.pool._answered(self, callback, done[-1])
+                return
             waiter = self._settle()
             if waiter is not None:
                 _, stdout, stderr, app_status, protocol_status = done[-1]
@@ -190,31 +219,54 @@ class _Connection(asyncio.Protocol):
         return None if waiter.done() else waiter
 
     def _fail(self, exc: Exception) -> None:
+        callback = self.callback
+        if callback is not None:
+            self.callback = None
+            self.served += 1
+            self.pool._failed(self, callback, exc)
+            return
         waiter = self._settle()
         if waiter is not None:
             waiter.set_exception(exc)
 
+    @property
+    def in_flight(self) -> bool:
+        return self.waiter is not None or self.callback is not None
+
     def _on_timeout(self) -> None:
-        self._fail(FpmTimeout(f"{self.pool.endpoint}: no response within the job timeout"))
         self.close()
+        self._fail(FpmTimeout(f"{self.pool.endpoint}: no response within the job timeout"))
 
     def close(self) -> None:
+        """Aborts the connection; from here on the pool never hands it out again."""
         if self.transport is not None and not self.closed:
             self.transport.abort()
+            # connection_lost follows (and frees the pool slot); until then nothing may pick
+            # this connection from the idle list or put it back there.
+            self.closed = True
 
     def send(self, payload: bytes, timeout: float) -> asyncio.Future[FpmResponse]:
         """Writes one request; the future resolves with its response or an FpmError."""
-        loop = self.pool.loop
-        waiter: asyncio.Future[FpmResponse] = loop.create_future()
+        waiter: asyncio.Future[FpmResponse] = self.pool.loop.create_future()
         self.waiter = waiter
-        self.sent_at = now = loop.time()
+        self._write(payload, timeout)
+        return waiter
+
+    def send_cb(self, payload: bytes, timeout: float, callback: ResponseCallback) -> None:
+        """Writes one request; `callback` gets its response or an FpmError, via the pool."""
+        self.callback = callback
+        self.payload = payload
+        self.timeout = timeout
+        self.reused = self.served > 0
+        self._write(payload, timeout)
+
+    def _write(self, payload: bytes, timeout: float) -> None:
+        self.sent_at = now = self.pool.loop.time()
         self.deadline = now + timeout
         self.completed_at_send = self.pool.completed
         self.stall_reported = False
         self.pool._watch(self.deadline)
-        assert self.transport is not None
-        self.transport.write(payload)
-        return waiter
+        self.transport.write(payload)  # type: ignore[union-attr]
 
 
 class FpmPool:
@@ -247,6 +299,7 @@ class FpmPool:
         # One timer per pool, armed at the earliest job deadline, instead of one per job.
         self._watchdog: asyncio.TimerHandle | None = None
         self._watchdog_at = 0.0
+        self._tasks: set[asyncio.Task[None]] = set()  # request_cb's slow paths
 
     @property
     def open_connections(self) -> int:
@@ -264,11 +317,76 @@ class FpmPool:
         `shared` is a block from `encode_shared_params`: params that many requests share,
         encoded once and sent ahead of `params`.
         """
-        payload = encode_request(REQUEST_ID, params, stdin)
-        if shared:
-            head = _BEGIN_REQUEST_SIZE
-            payload = b"".join((payload[:head], shared, payload[head:]))
-        for _ in range(_STALE_RETRIES + 1):
+        return await self._run(_payload(params, stdin, shared), timeout, _STALE_RETRIES + 1)
+
+    def request_cb(
+        self,
+        params: Mapping[str | bytes, str | bytes],
+        stdin: bytes,
+        timeout: float,
+        shared: bytes,
+        callback: ResponseCallback,
+    ) -> None:
+        """`request` without a coroutine: `callback(response, None)` or `callback(None, exc)`.
+
+        On an idle open connection (the common case) the request is written at once and the
+        answer is handed to `callback` from the connection's data_received; without one (a
+        connection must be opened, or the pool is at its limit) it runs as `request` does, in a
+        task. Same limits, deadlines and stale-connection retries as `request`; `callback` is
+        called exactly once, unless the task is cancelled.
+        """
+        payload = _payload(params, stdin, shared)
+        conn = self._take_idle()
+        if conn is None:
+            self._spawn(self._run_cb(payload, timeout, _STALE_RETRIES + 1, callback))
+        else:
+            conn.send_cb(payload, timeout, callback)
+
+    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = self.loop.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _run_cb(
+        self, payload: bytes, timeout: float, attempts: int, callback: ResponseCallback
+    ) -> None:
+        try:
+            response = await self._run(payload, timeout, attempts)
+        except Exception as exc:
+            callback(None, exc)
+        else:
+            callback(response, None)
+
+    def _answered(self, conn: _Connection, callback: ResponseCallback, done: tuple) -> None:
+        """A callback request's response is complete (called from data_received)."""
+        conn.payload = b""
+        self._release(conn)
+        self.completed += 1
+        _, stdout, stderr, app_status, protocol_status = done
+        callback(FpmResponse(stdout, stderr, app_status, protocol_status), None)
+
+    def _failed(self, conn: _Connection, callback: ResponseCallback, exc: Exception) -> None:
+        """A callback request failed: what `request` would raise, or a stale-connection retry."""
+        payload, conn.payload = conn.payload, b""
+        self._release(conn)
+        if isinstance(exc, _ClosedBeforeResponse):
+            if conn.reused:  # as in `request`: nothing ran; try other connections
+                self._spawn(self._run_cb(payload, conn.timeout, _STALE_RETRIES, callback))
+                return
+            exc = self._crashed(exc)
+        callback(None, exc)
+
+    def _crashed(self, exc: _ClosedBeforeResponse) -> FpmConnectionLost:
+        # A fresh connection took the whole request and then closed: the child that accepted
+        # it died (crash, OOM kill, request_terminate_timeout). The job may have run, so this
+        # is a failed attempt, not infrastructure trouble.
+        return FpmConnectionLost(
+            f"{self.endpoint}: connection closed before any response; the PHP process "
+            f"may have crashed ({exc})"
+        )
+
+    async def _run(self, payload: bytes, timeout: float, attempts: int) -> FpmResponse:
+        for _ in range(attempts):
             conn = self._take_idle() or await self._acquire()
             reused = conn.served > 0
             try:
@@ -276,13 +394,7 @@ class FpmPool:
             except _ClosedBeforeResponse as exc:
                 if reused:
                     continue  # FPM recycled or dropped an idle connection; nothing ran
-                # A fresh connection took the whole request and then closed: the child that
-                # accepted it died (crash, OOM kill, request_terminate_timeout). The job may
-                # have run, so this is a failed attempt, not infrastructure trouble.
-                raise FpmConnectionLost(
-                    f"{self.endpoint}: connection closed before any response; the PHP process "
-                    f"may have crashed ({exc})"
-                ) from None
+                raise self._crashed(exc) from None
             finally:
                 self._release(conn)
             self.completed += 1
@@ -302,7 +414,7 @@ class FpmPool:
         now = self.loop.time()
         earliest = 0.0
         for conn in list(self._busy):
-            if conn.waiter is None:
+            if not conn.in_flight:
                 continue
             if conn.deadline <= now:
                 conn._on_timeout()
@@ -408,7 +520,7 @@ class FpmPool:
             if (
                 conn.served == 0
                 and not conn.stall_reported
-                and conn.waiter is not None
+                and conn.in_flight
                 and conn.parser.bytes_received == 0
                 and now - conn.sent_at > self.stall_warning_after
                 and self.completed > conn.completed_at_send
