@@ -228,3 +228,49 @@ def test_more_connections_than_children_warns(fpm_factory, caplog) -> None:
     warnings = [r.getMessage() for r in caplog.records if "backlog" in r.getMessage()]
     assert warnings and server.address in warnings[0]
     assert "--concurrency" in warnings[0]
+
+
+def request_cb(pool: FpmPool, params_: dict, timeout: float) -> asyncio.Future:
+    """FpmPool.request_cb as a future, for the tests: (response, exception)."""
+    future: asyncio.Future = asyncio.get_running_loop().create_future()
+    pool.request_cb(params_, b"", timeout, b"", lambda r, e: future.set_result((r, e)))
+    return future
+
+
+def test_callback_requests_reuse_connections_and_survive_recycled_children(fpm_factory) -> None:
+    server = fpm_factory(children=2, max_requests=1)  # every child exits after one request
+
+    async def main() -> tuple[list, int]:
+        pool = FpmPool(Endpoint.parse(server.address), max_connections=2)
+        outcomes = []
+        for i in range(30):
+            response, exc = await request_cb(pool, params("record.php", DEFERRED_DATA=f"cb{i}"), 10)
+            outcomes.append(exc or body_of(response.stdout))
+            if i % 2:  # sometimes the child's close arrives first, sometimes our write does
+                await asyncio.sleep(0.01)
+        await pool.close()
+        return outcomes, pool.opened
+
+    outcomes, opened = run(main())
+    assert outcomes == [b"ok\n"] * 30  # stale connections were retried, nothing failed
+    assert opened >= 30  # each child served one request: every job needed a fresh connection
+    expected = sorted(hashlib.sha1(f"cb{i}".encode()).hexdigest() for i in range(30))
+    assert sorted(sha for _, sha, _ in server.records()) == expected  # each ran exactly once
+
+
+def test_callback_request_timeout_and_unavailable(fpm: FpmServer) -> None:
+    async def main() -> None:
+        pool = FpmPool(Endpoint.parse(fpm.address), max_connections=1)
+        response, exc = await request_cb(pool, params("pid.php"), 10)
+        assert exc is None and body_of(response.stdout).isdigit()
+        # Now an idle connection exists: the next request takes the no-task path.
+        response, exc = await request_cb(pool, params("sleep.php", DEFERRED_DATA="3"), 0.3)
+        assert response is None and isinstance(exc, FpmTimeout)
+        assert pool.open_connections == 0 or not pool._idle  # never back on the idle list
+        await pool.close()
+
+        nowhere = FpmPool(Endpoint("127.0.0.1", free_loopback_port()), max_connections=1)
+        response, exc = await request_cb(nowhere, params("pid.php"), 5)
+        assert response is None and isinstance(exc, FpmUnavailable)
+
+    run(main())
