@@ -59,6 +59,10 @@ from conftest import (  # noqa: E402
     start_fpm,
     which,
 )
+from fastworker.executor import Executor  # noqa: E402
+from fastworker.fpm import Endpoint, FpmPools  # noqa: E402
+from fastworker.job import Job  # noqa: E402
+from fastworker.targets import TargetPolicy  # noqa: E402
 from helpers import (  # noqa: E402
     amqp_host_port,
     bundle_message,
@@ -341,26 +345,12 @@ http {{
 
 
 def nginx_params(script: Path, data: str) -> dict[str, str]:
-    """The same CGI params fastworker sends for a bundle job (see executor.py)."""
+    """Exactly the CGI params fastworker sends for a bundle job, taken from its executor."""
+    executor = Executor(FpmPools(1), TargetPolicy([Endpoint("127.0.0.1", 9000)], [str(script)]), 1)
+    params, _ = executor.fastcgi_params(Job(str(script), data=data.encode()), str(script))
     return {
-        "GATEWAY_INTERFACE": "CGI/1.1",
-        "SERVER_SOFTWARE": "nginx",
-        "SERVER_PROTOCOL": "HTTP/1.1",
-        "SERVER_NAME": socket.gethostname(),
-        "SERVER_ADDR": "127.0.0.1",
-        "SERVER_PORT": "0",
-        "REMOTE_ADDR": "127.0.0.1",
-        "REMOTE_PORT": "0",
-        "REQUEST_METHOD": "POST",
-        "QUERY_STRING": "",
-        "PHP_VALUE": "display_errors=0",
-        "DEFERRED_DATA": data,
-        "SCRIPT_FILENAME": str(script),
-        "SCRIPT_NAME": str(script),
-        "REQUEST_URI": str(script),
-        "DOCUMENT_ROOT": str(script.parent),
-        "CONTENT_LENGTH": "0",
-        "CONTENT_TYPE": "",
+        str(name): value.decode() if isinstance(value, bytes) else value
+        for name, value in params.items()
     }
 
 

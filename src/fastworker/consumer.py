@@ -21,7 +21,7 @@ from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 
 from fastworker.acks import AckTracker
 from fastworker.broker import Publisher, ensure_queue
-from fastworker.message import Message
+from fastworker.message import PROPERTY_NAMES, Message
 
 log = logging.getLogger("fastworker.consumer")
 
@@ -31,20 +31,6 @@ Prepare = Callable[[AbstractConnection, str], Awaitable[None]]
 
 ACK_INTERVAL = 0.002  # seconds finished deliveries may wait to share one ack
 REQUEUE_DELAY = 1.0  # seconds before a delivery whose handler failed goes back to the queue
-_PROPERTY_NAMES = (
-    "content_type",
-    "content_encoding",
-    "delivery_mode",
-    "priority",
-    "correlation_id",
-    "reply_to",
-    "expiration",
-    "message_id",
-    "timestamp",
-    "message_type",
-    "user_id",
-    "app_id",
-)
 
 
 @dataclass(slots=True)
@@ -286,7 +272,7 @@ class AmqpConsumer:
                 headers=dict(props.headers or {}),
                 properties={
                     name: value
-                    for name in _PROPERTY_NAMES
+                    for name in PROPERTY_NAMES
                     if (value := getattr(props, name, None)) is not None
                 },
                 redelivered=bool(delivered.redelivered),

@@ -36,6 +36,7 @@ from fastworker.failures import (
     INTERNAL_HEADERS,
     ORIGINAL_QUEUE,
 )
+from fastworker.message import PROPERTY_NAMES
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
 DEFAULT_QUEUE = "sf_deferred_events"
@@ -45,20 +46,6 @@ UNKNOWN = "unknown"
 # Headers RabbitMQ adds when a retry's delay queue dead-letters it back to the work queue: the
 # history of fastworker's own retries, dropped on replay and left out of `headers` like ours.
 _BROKER_HISTORY = ("x-death", "x-first-death-", "x-last-death-")
-_PROPERTY_NAMES = (
-    "content_type",
-    "content_encoding",
-    "delivery_mode",
-    "priority",
-    "correlation_id",
-    "reply_to",
-    "expiration",
-    "message_id",
-    "timestamp",
-    "message_type",
-    "user_id",
-    "app_id",
-)
 # Not carried over on replay: a replayed job must not expire, and RabbitMQ refuses a user_id
 # that is not the replaying connection's user.
 _NOT_REPLAYED = ("expiration", "user_id")
@@ -154,7 +141,7 @@ class DeadLetter:
         out["headers"] = self.headers
         out["properties"] = {
             name: value
-            for name in _PROPERTY_NAMES
+            for name in PROPERTY_NAMES
             if (value := getattr(self.properties, name, None)) is not None
         }
         return out
@@ -163,7 +150,7 @@ class DeadLetter:
         """The dead letter's properties and own headers, without fastworker's bookkeeping."""
         kept = {
             name: value
-            for name in _PROPERTY_NAMES
+            for name in PROPERTY_NAMES
             if name not in _NOT_REPLAYED
             and (value := getattr(self.properties, name, None)) is not None
         }
