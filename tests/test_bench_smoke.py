@@ -1,0 +1,36 @@
+"""The benchmarks still run and report what they claim to (figures are not asserted: see bench/)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from worker_proc import ROOT
+
+
+def run_bench(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+    )
+
+
+def test_e2e_quick_run_reports_a_ratio_and_exactly_once(tmp_path: Path) -> None:
+    out = tmp_path / "e2e.json"
+    result = run_bench("bench/e2e.py", "--quick", "--latency-jobs", "0", "--json", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    report = json.loads(out.read_text())
+    drain, ceiling = report["drain"], report["ceiling"]
+    assert drain["exactly_once"] is True and drain["worker_exit"] == 0
+    assert drain["jobs_s"] > 0 and drain["worker_cpu_us"] > 0
+    # The nginx + wrk reference ran in the same invocation, and PHP answered it without errors.
+    assert ceiling["req_s"] > 0 and ceiling["non_2xx"] == 0
+    assert "ratio to ceiling" in result.stdout
+
+
+def test_amqp_consume_bench_runs_both_consumers() -> None:
+    result = run_bench("bench/amqp_consume.py", "-n", "2000", "--rounds", "1", "--json")
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
+    assert {row.get("consumer") for row in rows} >= {"aiormq", "fast"}, result.stdout
