@@ -34,3 +34,10 @@ def test_amqp_consume_bench_runs_both_consumers() -> None:
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in result.stdout.splitlines() if line.startswith("{")]
     assert {row.get("consumer") for row in rows} >= {"aiormq", "fast"}, result.stdout
+
+
+def test_pipeline_bench_runs_both_paths() -> None:
+    for extra in ([], ["--coroutine"]):
+        result = run_bench("bench/pipeline.py", "-n", "500", *extra)
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert "jobs/s" in result.stdout and "FPM CPU/job" in result.stdout

@@ -1,0 +1,145 @@
+"""The worker's job path without a broker: pipeline + FPM pool + codec against a real pool.
+
+Feeds N bundle-format messages straight into the job pipeline (no RabbitMQ), `--concurrency` at a
+time, on a private PHP-FPM pool, and reports jobs/s, this process's user and system CPU per job,
+and FPM's CPU per job. Compare with `bench/e2e.py`: the difference is what the broker and the
+consume/ack path cost. It runs the callback path the fast consumer uses (`JobPipeline.start`)
+and, with `--coroutine`, the coroutine path the aiormq consumer uses.
+
+    python bench/pipeline.py [-n 30000] [--children 4] [--script PATH] [--coroutine]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+for _path in (ROOT / "tests", ROOT / "src"):
+    if str(_path) not in sys.path:
+        sys.path.insert(0, str(_path))
+
+import uvloop  # noqa: E402
+
+from conftest import start_fpm  # noqa: E402
+from fastworker.codec import COMPILED  # noqa: E402
+from fastworker.executor import Executor  # noqa: E402
+from fastworker.formats import parser_for  # noqa: E402
+from fastworker.fpm import Endpoint, FpmPools  # noqa: E402
+from fastworker.message import Message  # noqa: E402
+from fastworker.pipeline import JobPipeline  # noqa: E402
+from fastworker.targets import TargetPolicy  # noqa: E402
+from helpers import bundle_message, order_placed_data  # noqa: E402
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """utime + stime of these processes, from /proc."""
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except FileNotFoundError:
+            continue
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+async def drain(
+    pipeline: JobPipeline, body: bytes, jobs: int, concurrency: int, coro: bool
+) -> None:
+    remaining = jobs
+    done = asyncio.get_running_loop().create_future()
+
+    if coro:
+
+        async def runner() -> None:
+            nonlocal remaining
+            while remaining > 0:
+                remaining -= 1
+                result = await pipeline.run(Message(body, "bench"))
+                if not result.ok:
+                    raise RuntimeError(f"job failed: {result}")
+
+        await asyncio.gather(*(runner() for _ in range(concurrency)))
+        return
+
+    in_flight = 0
+
+    def start_one() -> None:
+        nonlocal remaining, in_flight
+        remaining -= 1
+        in_flight += 1
+        pipeline.start(Message(body, "bench"), None, finished)  # type: ignore[arg-type]
+
+    def finished(rest: object) -> None:
+        nonlocal in_flight
+        in_flight -= 1
+        if rest is not None and not done.done():
+            done.set_exception(RuntimeError("a job failed; see the FPM log"))
+        elif remaining > 0:
+            start_one()
+        elif in_flight == 0 and not done.done():
+            done.set_result(None)
+
+    for _ in range(min(concurrency, jobs)):
+        start_one()
+    await done
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("-n", "--jobs", type=int, default=30000)
+    parser.add_argument("--children", type=int, default=4)
+    parser.add_argument("--concurrency", type=int, default=0, help="default: --children")
+    parser.add_argument("--script", default=str(ROOT / "examples" / "php" / "dispatch.php"))
+    parser.add_argument("--coroutine", action="store_true", help="the aiormq consumer's path")
+    args = parser.parse_args()
+    concurrency = args.concurrency or args.children
+    workdir = Path(tempfile.mkdtemp(prefix="fastworker-pipeline-"))
+    fpm = start_fpm(
+        workdir, children=args.children, env={"FASTWORKER_DEMO_LOG": str(workdir / "jobs.log")}
+    )
+    script = str(Path(args.script).resolve())
+    body = bundle_message(order_placed_data(1, "x" * 300), script, "127.0.0.1", fpm.port)
+
+    async def run() -> None:
+        pools = FpmPools(concurrency)
+        policy = TargetPolicy([Endpoint.parse(fpm.address)], [script])
+        pipeline = JobPipeline(
+            parser_for("bundle"),
+            script,
+            Executor(pools, policy, 30),
+            None,
+            8 << 20,  # type: ignore[arg-type]
+        )
+        await drain(pipeline, body, 200, concurrency, args.coroutine)  # warm-up
+        children = fpm.child_pids()
+        fpm0, times0, wall0 = cpu_seconds(children), os.times(), time.perf_counter()
+        await drain(pipeline, body, args.jobs, concurrency, args.coroutine)
+        wall, times1, fpm1 = time.perf_counter() - wall0, os.times(), cpu_seconds(children)
+        await pools.close()
+        per_job = 1e6 / args.jobs
+        path = "coroutine" if args.coroutine else "callback"
+        print(
+            f"{args.jobs} jobs, {args.children} FPM children, concurrency {concurrency}, "
+            f"{path} path, codec {'compiled' if COMPILED else 'pure Python'}, no broker"
+        )
+        print(f"jobs/s              {args.jobs / wall:,.0f}")
+        print(f"worker user CPU/job {(times1.user - times0.user) * per_job:.1f} us")
+        print(f"worker sys CPU/job  {(times1.system - times0.system) * per_job:.1f} us")
+        print(f"FPM CPU/job         {(fpm1 - fpm0) * per_job:.1f} us")
+
+    try:
+        uvloop.run(run())
+    finally:
+        fpm.stop()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
