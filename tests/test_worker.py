@@ -359,3 +359,31 @@ def test_cli_version_help_and_bad_arguments() -> None:
 def test_cli_rejects_unknown_choices(flag: str) -> None:
     result = run_cli(flag) if flag == "--queue" else run_cli(flag, "xml")
     assert result.returncode == 2
+
+
+def test_unencodable_request_is_dead_lettered_not_retried_forever(
+    fpm: FpmServer, rabbitmq_url: str, queue_name: str, tmp_path: Path
+) -> None:
+    """A json param too large for one FastCGI record cannot be sent: bad_message, at once."""
+    fpm.clear_records()
+    script = str(PHP_DIR / "record_input.php")
+    huge = orjson.dumps({"script": script, "params": {"TENANT": "x" * 70_000}, "body": "h"})
+    fine = orjson.dumps({"script": script, "params": {"TENANT": "t"}, "body": "f"})
+    amqp_publish(rabbitmq_url, queue_name, [huge, fine])
+    worker = WorkerProcess(
+        worker_args(rabbitmq_url, queue_name, fpm.address, "--format", "json"), tmp_path / "w.log"
+    )
+    try:
+        wait_for(lambda: len(fpm.records()) == 1, 30, what="the good job")
+        wait_for(
+            lambda: amqp_queue_count(rabbitmq_url, f"{queue_name}.failed") == 1,
+            30,
+            what="the dead letter",
+        )
+    finally:
+        assert worker.stop() == 0
+    assert fpm.records()[0][1] == sha("f|t|")
+    (dead,) = amqp_get_all(rabbitmq_url, f"{queue_name}.failed")
+    assert dead.body == huge
+    error = orjson.loads(dead.header.properties.headers["x-fastworker-error"])
+    assert error["kind"] == "bad_message" and "65535" in error["message"]

@@ -8,7 +8,8 @@ The outcome kinds (`Result.kind`):
   answer (the PHP process died), or FPM broke the protocol.
 - unavailable: no connection to FPM could be made (refused, timed out), or FastCGI OVERLOADED;
   the job did not run.
-- bad_message / not_allowed: refused before FPM was called.
+- bad_message / not_allowed: refused before FPM was called (bad_message also for a request that
+  cannot be encoded, e.g. a json param too large for one FastCGI record).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from fastworker.fpm import (
     OVERLOADED,
     REQUEST_COMPLETE,
     Endpoint,
+    FpmBadRequest,
     FpmConnectionLost,
     FpmError,
     FpmPool,
@@ -175,6 +177,8 @@ class Executor:
         pool.request_cb(params, body, self.job_timeout, shared, answered)
 
     def _failed(self, exc: FpmError, where: str) -> Result:
+        if isinstance(exc, FpmBadRequest):
+            return Result("bad_message", message=f"cannot send to PHP-FPM: {exc}")
         if isinstance(exc, FpmUnavailable):
             return Result("unavailable", message=str(exc), endpoint=where)
         if isinstance(exc, FpmTimeout):

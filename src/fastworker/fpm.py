@@ -47,6 +47,10 @@ class FpmTimeout(FpmError):
     """No complete response within the job timeout; the connection was closed."""
 
 
+class FpmBadRequest(FpmError):
+    """The request cannot be encoded (e.g. a param too large for one record); nothing was sent."""
+
+
 class FpmProtocolError(FpmError):
     """FPM sent bytes that are not valid FastCGI; the connection was closed."""
 
@@ -66,7 +70,10 @@ def encode_shared_params(params: Mapping[str | bytes, str | bytes]) -> bytes:
 
 
 def _payload(params: Mapping[str | bytes, str | bytes], stdin: bytes, shared: bytes) -> bytes:
-    payload = encode_request(REQUEST_ID, params, stdin)
+    try:
+        payload = encode_request(REQUEST_ID, params, stdin)
+    except (ValueError, TypeError) as exc:
+        raise FpmBadRequest(str(exc)) from None
     if shared:
         head = _BEGIN_REQUEST_SIZE
         payload = b"".join((payload[:head], shared, payload[head:]))
@@ -335,7 +342,11 @@ class FpmPool:
         task. Same limits, deadlines and stale-connection retries as `request`; `callback` is
         called exactly once, unless the task is cancelled.
         """
-        payload = _payload(params, stdin, shared)
+        try:
+            payload = _payload(params, stdin, shared)
+        except FpmBadRequest as exc:
+            callback(None, exc)
+            return
         conn = self._take_idle()
         if conn is None:
             self._spawn(self._run_cb(payload, timeout, _STALE_RETRIES + 1, callback))
