@@ -64,6 +64,7 @@ from fastworker.fpm import Endpoint, FpmPools  # noqa: E402
 from fastworker.job import Job  # noqa: E402
 from fastworker.targets import TargetPolicy  # noqa: E402
 from helpers import (  # noqa: E402
+    amqp_delete_queues,
     amqp_host_port,
     bundle_message,
     order_placed_data,
@@ -278,19 +279,6 @@ async def _queue_count(url: str, queue: str) -> int:
         channel = await conn.channel()
         ok = await channel.queue_declare(queue, passive=True)
         return int(ok.message_count)
-    finally:
-        await conn.close()
-
-
-async def _delete_queues(url: str, queues: Sequence[str]) -> None:
-    conn = await aiormq.connect(url)
-    try:
-        channel = await conn.channel()
-        for queue in queues:
-            try:
-                await channel.queue_delete(queue)
-            except aiormq.exceptions.AMQPChannelError:
-                channel = await conn.channel()
     finally:
         await conn.close()
 
@@ -520,11 +508,11 @@ class Bench:
             return
         names = [f"{q}{suffix}" for q in self.queues for suffix in ("", ".failed")]
         with contextlib.suppress(Exception):
-            asyncio.run(_delete_queues(self.url, names))
+            amqp_delete_queues(self.url, names)
         leftovers = _listed_queues(f"{QUEUE_PREFIX}{self.token}.")
         if leftovers:
             with contextlib.suppress(Exception):
-                asyncio.run(_delete_queues(self.url, leftovers))
+                amqp_delete_queues(self.url, leftovers)
         note(f"deleted queues {QUEUE_PREFIX}{self.token}.*")
         self.queues.clear()
 

@@ -17,7 +17,6 @@ import shutil
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Coroutine
@@ -37,6 +36,7 @@ from fastworker.consumer import AmqpConsumer  # noqa: E402
 from fastworker.fast_consumer import FastAmqpConsumer  # noqa: E402
 from fastworker.message import Message  # noqa: E402
 from helpers import (  # noqa: E402
+    TcpProxy,
     amqp_delete_queues,
     amqp_get_all,
     amqp_host_port,
@@ -428,64 +428,6 @@ def test_publisher_channel_closed_by_the_broker(
 # a broker connection killed mid-run
 
 
-class _Proxy:
-    """A TCP proxy to RabbitMQ in a thread: the test can cut its connections like a network
-    failure, and knows the proxy's own ports towards the broker to close them there."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.loop = asyncio.new_event_loop()
-        self.writers: list[asyncio.StreamWriter] = []
-        self.upstream_ports: set[int] = set()
-        self.port = 0
-        ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, args=(ready,), daemon=True)
-        self.thread.start()
-        ready.wait(5)
-
-    def _run(self, ready: threading.Event) -> None:
-        asyncio.set_event_loop(self.loop)
-
-        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                while data := await reader.read(65536):
-                    writer.write(data)
-                    await writer.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                writer.close()
-
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-            self.upstream_ports.add(up_writer.get_extra_info("sockname")[1])
-            self.writers += [writer, up_writer]
-            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-        async def main() -> asyncio.Server:
-            server = await asyncio.start_server(handle, "127.0.0.1", 0)
-            self.port = server.sockets[0].getsockname()[1]
-            ready.set()
-            return server
-
-        self.server = self.loop.run_until_complete(main())
-        self.loop.run_forever()
-
-    def cut(self) -> None:
-        def close_all() -> None:
-            for writer in self.writers:
-                writer.transport.abort()
-            self.writers.clear()
-
-        self.loop.call_soon_threadsafe(close_all)
-
-    def close(self) -> None:
-        self.cut()
-        self.loop.call_soon_threadsafe(self.server.close)
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(5)
-
-
 def _rabbitmqctl() -> str:
     path = shutil.which("rabbitmqctl") or shutil.which("rabbitmqctl", path="/usr/sbin:/sbin")
     if path is None:
@@ -526,7 +468,7 @@ def test_killed_connection_reconnects_and_loses_nothing(
     queue_name: str,
     caplog: pytest.LogCaptureFixture,
 ) -> None:
-    proxy = _Proxy(amqp_host_port(rabbitmq_url))
+    proxy = TcpProxy(amqp_host_port(rabbitmq_url))
     url = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
     sent = bodies(3000)
     amqp_publish(rabbitmq_url, queue_name, sent)

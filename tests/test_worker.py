@@ -7,7 +7,6 @@ import hashlib
 import signal
 import subprocess
 import sys
-import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -19,6 +18,7 @@ from pamqp.commands import Basic
 
 from conftest import FpmServer, free_loopback_port
 from helpers import (
+    TcpProxy,
     amqp_get_all,
     amqp_host_port,
     amqp_publish,
@@ -244,58 +244,11 @@ def test_json_and_raw_formats(
     assert fpm.records()[1][1] == sha(b"\x00\x01binary||m-1")
 
 
-class _Proxy:
-    """A TCP proxy to RabbitMQ whose connections the test can cut, like a broker restart."""
-
-    def __init__(self, target: tuple[str, int]) -> None:
-        self.target = target
-        self.port = free_loopback_port()
-        self.loop = asyncio.new_event_loop()
-        self.writers: list[asyncio.StreamWriter] = []
-        self.ready = threading.Event()
-        self.thread = threading.Thread(target=self._run, daemon=True)
-        self.thread.start()
-        self.ready.wait(5)
-
-    def _run(self) -> None:
-        asyncio.set_event_loop(self.loop)
-
-        async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            try:
-                while data := await reader.read(65536):
-                    writer.write(data)
-                    await writer.drain()
-            except (ConnectionError, OSError):
-                pass
-            finally:
-                writer.close()
-
-        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-            up_reader, up_writer = await asyncio.open_connection(*self.target)
-            self.writers += [writer, up_writer]
-            await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
-
-        async def main() -> None:
-            await asyncio.start_server(handle, "127.0.0.1", self.port)
-            self.ready.set()
-
-        self.loop.run_until_complete(main())
-        self.loop.run_forever()
-
-    def cut(self) -> None:
-        def close_all() -> None:
-            for writer in self.writers:
-                writer.transport.abort()
-            self.writers.clear()
-
-        self.loop.call_soon_threadsafe(close_all)
-
-
 def test_reconnects_after_broker_connection_loss_and_loses_nothing(
     fpm: FpmServer, rabbitmq_url: str, queue_name: str, tmp_path: Path
 ) -> None:
     fpm.clear_records()
-    proxy = _Proxy(amqp_host_port(rabbitmq_url))
+    proxy = TcpProxy(amqp_host_port(rabbitmq_url))
     proxied = f"amqp://guest:guest@127.0.0.1:{proxy.port}/"
     datas = [f"r{i}" for i in range(3000)]
     amqp_publish(
@@ -314,6 +267,7 @@ def test_reconnects_after_broker_connection_loss_and_loses_nothing(
         )
     finally:
         assert worker.stop() == 0
+        proxy.close()
     runs = Counter(s for _, s, _ in fpm.records())
     assert set(runs) == {sha(d) for d in datas}
     # At-least-once: only jobs that were in flight or unacked at the cut may run twice.
