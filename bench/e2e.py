@@ -66,6 +66,7 @@ from fastworker.targets import TargetPolicy  # noqa: E402
 from helpers import (  # noqa: E402
     amqp_delete_queues,
     amqp_host_port,
+    amqp_queue_count,
     bundle_message,
     order_placed_data,
     tcp_port_open,
@@ -269,16 +270,6 @@ async def _publish_paced(
                 await channel.basic_publish(body, exchange="", routing_key=queue)
                 sent += 1
             await asyncio.sleep(max(0.0, start + sent / rate - time.monotonic()))
-    finally:
-        await conn.close()
-
-
-async def _queue_count(url: str, queue: str) -> int:
-    conn = await aiormq.connect(url)
-    try:
-        channel = await conn.channel()
-        ok = await channel.queue_declare(queue, passive=True)
-        return int(ok.message_count)
     finally:
         await conn.close()
 
@@ -663,7 +654,7 @@ class Bench:
         asyncio.run(_publish_all(self.url, queue, bodies))
         note(f"{label}: published in {time.monotonic() - t:.1f}s")
         del bodies
-        queued = asyncio.run(_queue_count(self.url, queue))
+        queued = amqp_queue_count(self.url, queue)
         if queued != jobs:
             raise BenchError(f"{queue} holds {queued} messages, expected {jobs}")
 
@@ -723,7 +714,7 @@ class Bench:
         result["peak_rss_mib"] = round(vm_hwm_mib(worker.pid), 1)
         code = self.stop(worker, wait=60)
         result["worker_exit"] = code
-        left = asyncio.run(_queue_count(self.url, queue))
+        left = amqp_queue_count(self.url, queue)
         runs = self.done.count()
         expected = jobs + latency_jobs
         result["exactly_once"] = left == 0 and runs == expected
