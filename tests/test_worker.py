@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import re
 import signal
 import subprocess
 import sys
@@ -29,6 +30,7 @@ from helpers import (
 from worker_proc import PHP_DIR, ROOT, WorkerProcess, worker_args
 
 RECORD = str(PHP_DIR / "record.php")
+SLEEP = str(PHP_DIR / "sleep.php")
 
 
 def sha(data: bytes | str) -> str:
@@ -341,3 +343,39 @@ def test_unencodable_request_is_dead_lettered_not_retried_forever(
     assert dead.body == huge
     error = orjson.loads(dead.header.properties.headers["x-fastworker-error"])
     assert error["kind"] == "bad_message" and "65535" in error["message"]
+
+
+def test_warns_when_concurrency_exceeds_fpm_children(
+    fpm_factory, rabbitmq_url: str, queue_name: str, tmp_path: Path
+) -> None:
+    """Two children, four connections: two wait in FPM's backlog; the worker names the cause."""
+    server = fpm_factory(children=2)
+    amqp_publish(
+        rabbitmq_url,
+        queue_name,
+        # Slow jobs keep the two served connections busy completing for the whole test.
+        [bundle_message("0.05", SLEEP, "127.0.0.1", server.port) for _ in range(600)],
+    )
+    worker = WorkerProcess(
+        worker_args(
+            rabbitmq_url,
+            queue_name,
+            server.address,
+            "--concurrency",
+            "4",
+            "--job-timeout",
+            "30",
+            "--shutdown-timeout",
+            "1",
+        ),
+        tmp_path / "w.log",
+    )
+    try:
+        wait_for(lambda: "waits in its backlog" in worker.log(), 20, what="the backlog warning")
+    finally:
+        assert worker.stop() == 0
+    warning = next(line for line in worker.log().splitlines() if "backlog" in line)
+    assert server.address in warning and "--concurrency (4)" in warning
+    assert "pm.max_children" in warning
+    # The warning itself says the other connections kept completing requests meanwhile.
+    assert re.search(r"while other connections completed [1-9]\d* requests", warning)
