@@ -3,9 +3,11 @@
 Why: aiormq spends 62-89 us of CPU per message on consume + ack (pamqp objects per frame, a task
 per delivery), more than the worker's whole per-job budget (DESIGN.md, "The CPU budget"). Here an
 asyncio Protocol (uvloop in the worker) feeds socket bytes to `amqp_codec.FrameReader`, which
-returns one tuple per delivery; the delivery is queued for a fixed set of runner tasks, and acks
-leave as pre-encoded frames, many per write. pamqp still marshals and unmarshals the rare frames
-(handshake, qos, consume, cancel, close); aiormq stays for everything that is not the hot path:
+returns one tuple per delivery; deliveries are started straight from `data_received` through the
+handler's callback form (no task per delivery; runner tasks only for what must be awaited, such
+as publishing a retry), and acks leave as pre-encoded frames, many per write. pamqp still
+marshals and unmarshals the rare frames (handshake, qos, consume, cancel, close); aiormq stays
+for everything that is not the hot path:
 queue declares, the `prepare` hook and the confirmed `Publisher`, on a second connection per
 session.
 
