@@ -379,3 +379,45 @@ def test_warns_when_concurrency_exceeds_fpm_children(
     assert "pm.max_children" in warning
     # The warning itself says the other connections kept completing requests meanwhile.
     assert re.search(r"while other connections completed [1-9]\d* requests", warning)
+
+
+def test_progress_lines_count_jobs_retries_and_dead_letters(
+    fpm: FpmServer, rabbitmq_url: str, queue_name: str, tmp_path: Path
+) -> None:
+    fail = str(PHP_DIR / "fail.php")
+    bodies = [bundle_message(f"ok{i}", RECORD, "127.0.0.1", fpm.port) for i in range(50)]
+    bodies += [bundle_message(f"bad{i}", fail, "127.0.0.1", fpm.port) for i in range(3)]
+    amqp_publish(rabbitmq_url, queue_name, bodies)
+    worker = WorkerProcess(
+        worker_args(
+            rabbitmq_url,
+            queue_name,
+            fpm.address,
+            "--stats-interval",
+            "0.3",
+            "--max-attempts",
+            "2",
+            "--retry-delay",
+            "0.1",
+        ),
+        tmp_path / "w.log",
+    )
+    try:
+        worker.wait_consuming()
+        wait_for(
+            lambda: amqp_queue_count(rabbitmq_url, f"{queue_name}.failed") == 3,
+            30,
+            what="3 dead letters",
+        )
+        time.sleep(1.0)  # at least one more progress line after the last job
+    finally:
+        assert worker.stop() == 0
+    lines = [line for line in worker.log().splitlines() if " jobs done (" in line]
+    assert lines, worker.log()
+
+    def total(pattern: str) -> int:
+        return sum(int(m.group(1)) for line in lines for m in [re.search(pattern, line)] if m)
+
+    assert total(r": (\d+) jobs done") == 50 + 3 * 2  # every attempt is a job done and acked
+    assert total(r"php_error retried (\d+)") == 3
+    assert total(r"php_error dead-lettered (\d+)") == 3

@@ -186,6 +186,14 @@ def worker_parser() -> argparse.ArgumentParser:
         metavar="NAME",
         help="where failed jobs go, {queue} is the work queue (default: %(default)s)",
     )
+    p.add_argument(
+        "--stats-interval",
+        type=float,
+        default=60.0,
+        metavar="S",
+        help="seconds between progress lines in the log (jobs done, retried, dead-lettered); "
+        "0 turns them off (default: %(default)g)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return p
 
@@ -210,6 +218,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         retry_delay=args.retry_delay,
         retry_max_delay=args.retry_max_delay,
         dead_letter_queue=args.dead_letter_queue,
+        stats_interval=args.stats_interval,
     )
 
 

@@ -15,6 +15,7 @@ import os
 import random
 import socket
 import time
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,6 +106,7 @@ class FailureHandler:
     def __init__(self, policy: RetryPolicy) -> None:
         self.policy = policy
         self.worker = {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__}
+        self.counts: Counter[str] = Counter()  # "<kind> retried|dead-lettered|requeued" -> n
 
     async def prepare(self, connection: AbstractConnection, queue: str) -> None:
         """Declares `<queue>.failed` and the delay queues; idempotent."""
@@ -144,6 +146,7 @@ class FailureHandler:
             infra = _int_header(headers, INFRA_RETRIES) + 1
             headers[INFRA_RETRIES] = infra
             await self._retry(message, headers, infra, publisher)
+            self.counts[f"{result.kind} requeued"] += 1
             log.warning(
                 "job from %s not run (%s); back to the queue after a delay",
                 message.queue,
@@ -155,6 +158,7 @@ class FailureHandler:
             headers[ATTEMPTS] = attempts
             if attempts < self.policy.max_attempts:
                 ms = await self._retry(message, headers, attempts, publisher)
+                self.counts[f"{result.kind} retried"] += 1
                 log.warning(
                     "job from %s failed (%s%s): %s; attempt %d of %d, retry in %.1f s",
                     message.queue,
@@ -184,6 +188,7 @@ class FailureHandler:
         ).decode()
         dead_letters = self.policy.dead_letter_queue_for(message.queue)
         await publisher.publish(dead_letters, message.body, self._properties(message, headers))
+        self.counts[f"{result.kind} dead-lettered"] += 1
         log.error(
             "job from %s dead-lettered to %s (%s%s): %s; attempts %d",
             message.queue,

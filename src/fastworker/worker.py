@@ -40,6 +40,7 @@ class Settings:
     connect_timeout: float = 5.0
     idle_timeout: float = 30.0
     max_message_size: int = 8 * 1024 * 1024
+    stats_interval: float = 60.0  # seconds between progress lines in the log; 0: none
     max_attempts: int = 5
     retry_delay: float = 1.0
     retry_max_delay: float = 300.0
@@ -50,7 +51,7 @@ class Settings:
         return self.prefetch or max(64, 4 * self.concurrency)
 
 
-def build(settings: Settings) -> tuple[Consumer, FpmPools]:
+def build(settings: Settings) -> tuple[Consumer, FpmPools, FailureHandler]:
     """Everything the worker runs, wired together; must be called inside the event loop."""
     endpoints = [Endpoint.parse(text) for text in settings.fpm]
     policy = TargetPolicy(endpoints, settings.allow_script or [settings.script])
@@ -87,19 +88,47 @@ def build(settings: Settings) -> tuple[Consumer, FpmPools]:
         prepare=failures.prepare,
         shutdown_timeout=settings.shutdown_timeout,
     )
-    return consumer, pools
+    return consumer, pools, failures
 
 
 async def serve(settings: Settings) -> None:
-    consumer, pools = build(settings)
+    consumer, pools, failures = build(settings)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _on_signal, consumer, signum)
+    stats = None
+    if settings.stats_interval > 0:
+        stats = loop.create_task(_log_progress(consumer, failures, settings.stats_interval))
     try:
         await consumer.run()
     finally:
+        if stats is not None:
+            stats.cancel()
         await pools.close()
     log.info("stopped after %d jobs", consumer.processed)
+
+
+async def _log_progress(consumer: Consumer, failures: FailureHandler, interval: float) -> None:
+    """One log line per interval with work done, so operators see progress and failure rates."""
+    done, counts = 0, dict(failures.counts)
+    while True:
+        await asyncio.sleep(interval)
+        now_done, now_counts = consumer.processed, dict(failures.counts)
+        if now_done == done and now_counts == counts:
+            continue  # nothing happened: no line
+        changes = ", ".join(
+            f"{key} {n - counts.get(key, 0)}"
+            for key, n in sorted(now_counts.items())
+            if n != counts.get(key, 0)
+        )
+        log.info(
+            "last %g s: %d jobs done (%.1f/s)%s",
+            interval,
+            now_done - done,
+            (now_done - done) / interval,
+            f"; {changes}" if changes else "",
+        )
+        done, counts = now_done, now_counts
 
 
 def _on_signal(consumer: Consumer, signum: int) -> None:
