@@ -92,9 +92,8 @@ def _bundle_target(head: bytes) -> tuple[str | None, Endpoint | None]:
     return headers.get("dispatch_path"), endpoint
 
 
-@functools.lru_cache(maxsize=256)
 def _bundle_endpoint(host: str, port: str) -> Endpoint:
-    """Messages name the same few endpoints over and over: parse each once."""
+    """The endpoint a header block names (called once per distinct block, via its cache)."""
     try:
         return Endpoint.parse(f"{normalize_host(host)}:{port}")
     except ValueError as exc:

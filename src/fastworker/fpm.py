@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterator, Mapping
+from collections.abc import Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -583,9 +583,6 @@ class FpmPools:
             if self._sweeper is None:
                 self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
         return pool
-
-    def __iter__(self) -> Iterator[FpmPool]:
-        return iter(self._pools.values())
 
     async def _sweep_forever(self) -> None:
         while True:
