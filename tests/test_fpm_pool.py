@@ -17,6 +17,7 @@ from fastworker.executor import Executor, Result
 from fastworker.fpm import (
     Endpoint,
     FpmConnectionLost,
+    FpmNotStarted,
     FpmPool,
     FpmPools,
     FpmTimeout,
@@ -274,3 +275,150 @@ def test_callback_request_timeout_and_unavailable(fpm: FpmServer) -> None:
         assert response is None and isinstance(exc, FpmUnavailable)
 
     run(main())
+
+
+def drive(pool: FpmPool, jobs: list[dict], in_flight: int, timeout: float = 10) -> asyncio.Future:
+    """Keeps `in_flight` callback requests going, as the consumer does; resolves with every
+    (response, exception) in job order."""
+    loop = asyncio.get_running_loop()
+    finished: asyncio.Future = loop.create_future()
+    outcomes: list = [None] * len(jobs)
+    next_job = 0
+    left = len(jobs)
+
+    def start() -> None:
+        nonlocal next_job
+        index = next_job
+        next_job += 1
+
+        def answered(response: Any, exc: Any) -> None:
+            nonlocal left
+            outcomes[index] = (response, exc)
+            left -= 1
+            if next_job < len(jobs):
+                start()
+            elif left == 0:
+                finished.set_result(outcomes)
+
+        pool.request_cb(jobs[index], b"", timeout, b"", answered)
+
+    for _ in range(min(in_flight, len(jobs))):
+        start()
+    return finished
+
+
+@pytest.mark.parametrize("max_requests", [0, 3])
+def test_pipelined_requests_run_once_each(fpm_factory, max_requests: int) -> None:
+    # With pm.max_requests = 3 a child exits after its third request and closes the connection
+    # with the next request already written to it: that one must move, not vanish or run twice.
+    server = fpm_factory(children=2, max_requests=max_requests)
+    datas = [f"pipelined-{i}" for i in range(300)]
+
+    async def main() -> tuple[list, int, int]:
+        pool = FpmPool(Endpoint.parse(server.address), max_connections=2, pipeline=3)
+        jobs = [params("record.php", DEFERRED_DATA=data) for data in datas]
+        outcomes = await drive(pool, jobs, in_flight=6)
+        await pool.close()
+        return outcomes, pool.pipelined, pool.opened
+
+    outcomes, pipelined, opened = run(main())
+    assert [exc for _, exc in outcomes] == [None] * 300
+    assert all(body_of(response.stdout) == b"ok\n" for response, _ in outcomes)
+    expected = sorted(hashlib.sha1(d.encode()).hexdigest() for d in datas)
+    assert sorted(sha for _, sha, _ in server.records()) == expected  # each ran exactly once
+    if max_requests:
+        assert opened >= 300 // 3  # children really were recycled under pipelined requests
+        assert pipelined > 10  # (only behind a connection's first request, its child's 2nd)
+    else:
+        assert opened == 2
+        assert pipelined > 100  # most requests were written behind another
+
+
+def warm(pool: FpmPool) -> Any:
+    """One request, so the pool has a connection that has served (pipelining needs one)."""
+    return request_cb(pool, params("pid.php"), 10)
+
+
+def test_pipelined_request_timeout_runs_from_its_start(fpm: FpmServer) -> None:
+    async def main() -> tuple[list, int]:
+        pool = FpmPool(Endpoint.parse(fpm.address), max_connections=1, pipeline=2)
+        await warm(pool)
+        # Both take 0.6 s; the second waits 0.6 s behind the first, so it finishes 1.2 s after
+        # it was written, more than the 1 s timeout, but 0.6 s after it started.
+        first = request_cb(pool, params("sleep.php", DEFERRED_DATA="0.6"), 1.0)
+        second = request_cb(pool, params("sleep.php", DEFERRED_DATA="0.6"), 1.0)
+        outcomes = await asyncio.gather(first, second)
+        await pool.close()
+        return outcomes, pool.pipelined
+
+    outcomes, pipelined = run(main())
+    assert pipelined == 1
+    assert [exc for _, exc in outcomes] == [None, None]
+    assert [body_of(r.stdout) for r, _ in outcomes] == [b"ok\n", b"ok\n"]
+
+
+def test_nothing_is_pipelined_behind_a_long_running_request(fpm: FpmServer) -> None:
+    async def main() -> tuple[list, int, float]:
+        pool = FpmPool(Endpoint.parse(fpm.address), max_connections=1, pipeline=2)
+        await warm(pool)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        first = request_cb(pool, params("sleep.php", DEFERRED_DATA="0.4"), 10)
+        await asyncio.sleep(0.1)  # the head has now run longer than PIPELINE_MAX_HEAD_AGE
+        second = request_cb(pool, params("pid.php"), 10)
+        outcomes = await asyncio.gather(first, second)
+        await pool.close()
+        return outcomes, pool.pipelined, loop.time() - started
+
+    outcomes, pipelined, took = run(main())
+    assert pipelined == 0  # the second waited for the connection instead
+    assert [exc for _, exc in outcomes] == [None, None]
+    assert body_of(outcomes[1][0].stdout).isdigit()
+
+
+@pytest.mark.parametrize("head", ["die_mid", "timeout"])
+def test_requests_pipelined_behind_a_failed_head_run_elsewhere(fpm: FpmServer, head: str) -> None:
+    data = f"behind-{head}"  # the module's FPM is shared: count only this test's runs
+
+    async def main() -> tuple[Any, Any, int]:
+        pool = FpmPool(Endpoint.parse(fpm.address), max_connections=1, pipeline=2)
+        await warm(pool)
+        if head == "die_mid":
+            first = request_cb(pool, params("die_mid.php"), 10)
+        else:
+            first = request_cb(pool, params("sleep.php", DEFERRED_DATA="3"), 0.5)
+        second = request_cb(pool, params("record.php", DEFERRED_DATA=data), 10)
+        outcomes = await asyncio.gather(first, second)
+        await pool.close()
+        return outcomes[0], outcomes[1], pool.pipelined
+
+    first, second, pipelined = run(main())
+    assert pipelined == 1
+    expected = FpmConnectionLost if head == "die_mid" else FpmTimeout
+    assert first[0] is None and isinstance(first[1], expected)
+    # The pipelined request never started on the dead connection: it ran once on a new one.
+    assert second[1] is None and body_of(second[0].stdout) == b"ok\n"
+    runs = [sha for _, sha, _ in fpm.records() if sha == hashlib.sha1(data.encode()).hexdigest()]
+    assert len(runs) == 1
+
+
+def test_stop_starting_gives_back_requests_not_yet_written(fpm: FpmServer) -> None:
+    async def main() -> tuple[Any, Any, Any]:
+        pool = FpmPool(Endpoint.parse(fpm.address), max_connections=1, pipeline=2)
+        await warm(pool)
+        running = request_cb(pool, params("sleep.php", DEFERRED_DATA="0.4"), 10)
+        await asyncio.sleep(0.1)
+        waiting = request_cb(pool, params("record.php", DEFERRED_DATA="not-started"), 10)
+        await asyncio.sleep(0.05)
+        pool.stop_starting()
+        later = await request_cb(pool, params("record.php", DEFERRED_DATA="not-started"), 10)
+        outcomes = await asyncio.gather(running, waiting)
+        await pool.close()
+        return outcomes[0], outcomes[1], later
+
+    running, waiting, later = run(main())
+    assert running[1] is None and body_of(running[0].stdout) == b"ok\n"  # it finishes
+    assert waiting[0] is None and isinstance(waiting[1], FpmNotStarted)
+    assert later[0] is None and isinstance(later[1], FpmNotStarted)
+    never = hashlib.sha1(b"not-started").hexdigest()
+    assert [sha for _, sha, _ in fpm.records() if sha == never] == []

@@ -186,8 +186,9 @@ def test_missing_queue_is_declared_as_the_bundle_declares_it(
         assert worker.stop() == 0
 
 
+@pytest.mark.parametrize("pipeline", ["1", "2"])
 def test_sigterm_finishes_in_flight_jobs_then_exits_zero(
-    fpm: FpmServer, rabbitmq_url: str, queue_name: str, tmp_path: Path
+    fpm: FpmServer, rabbitmq_url: str, queue_name: str, tmp_path: Path, pipeline: str
 ) -> None:
     sleeper = str(PHP_DIR / "sleep.php")
     amqp_publish(
@@ -197,7 +198,15 @@ def test_sigterm_finishes_in_flight_jobs_then_exits_zero(
     )
     worker = WorkerProcess(
         worker_args(
-            rabbitmq_url, queue_name, fpm.address, "--concurrency", "4", "--shutdown-timeout", "20"
+            rabbitmq_url,
+            queue_name,
+            fpm.address,
+            "--concurrency",
+            "4",
+            "--pipeline",
+            pipeline,
+            "--shutdown-timeout",
+            "20",
         ),
         tmp_path / "w.log",
     )
@@ -207,7 +216,9 @@ def test_sigterm_finishes_in_flight_jobs_then_exits_zero(
     code = worker.stop(signal.SIGTERM)
     assert code == 0, worker.log()
     assert time.monotonic() - started < 15
-    # The four in-flight jobs finished and were acked; the eight not started went back.
+    # The four running jobs finished and were acked; the eight not started went back, also
+    # those the worker had taken to pipeline (they waited for a connection: no request is
+    # pipelined behind one that has run for long).
     assert amqp_queue_count(rabbitmq_url, queue_name) == 8, worker.log()
     assert amqp_queue_count(rabbitmq_url, f"{queue_name}.failed") == 0
 

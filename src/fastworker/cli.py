@@ -105,15 +105,24 @@ def worker_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=4,
         metavar="N",
-        help="jobs in flight at once, and most connections per FPM endpoint; keep it "
-        "<= the pool's pm.max_children (default: %(default)s)",
+        help="most connections per FPM endpoint; keep it <= the pool's pm.max_children "
+        "(default: %(default)s)",
+    )
+    p.add_argument(
+        "--pipeline",
+        type=_positive_int,
+        default=2,
+        metavar="N",
+        help="requests written to one FPM connection at once: the next one waits in the "
+        "socket, so the PHP child never waits for the worker; jobs in flight = "
+        "--concurrency x N; 1 turns it off (default: %(default)s)",
     )
     p.add_argument(
         "--prefetch",
         type=_positive_int,
         default=0,
         metavar="N",
-        help="unacked messages the broker may send ahead (default: max(64, 4 x N))",
+        help="unacked messages the broker may send ahead (default: max(64, 4 x jobs in flight))",
     )
     p.add_argument(
         "--format",
@@ -207,6 +216,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         script=args.script,
         allow_script=args.allow_script,
         concurrency=args.concurrency,
+        pipeline=args.pipeline,
         prefetch=args.prefetch,
         format=args.format,
         job_timeout=args.job_timeout,

@@ -21,7 +21,7 @@ from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 
 from fastworker.acks import AckTracker
 from fastworker.broker import Publisher, ensure_queue
-from fastworker.message import PROPERTY_NAMES, Message
+from fastworker.message import PROPERTY_NAMES, Message, NotStarted
 
 log = logging.getLogger("fastworker.consumer")
 
@@ -294,6 +294,8 @@ class AmqpConsumer:
                 await self.handler(delivery.message, session.publisher)
             except asyncio.CancelledError:
                 raise
+            except NotStarted:
+                session.requeue(delivery.tag)
             except Exception:
                 log.exception(
                     "job from %s not acknowledged; it goes back to the queue",

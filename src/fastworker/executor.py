@@ -10,6 +10,8 @@ The outcome kinds (`Result.kind`):
   the job did not run.
 - bad_message / not_allowed: refused before FPM was called (bad_message also for a request that
   cannot be encoded, e.g. a json param too large for one FastCGI record).
+A job the pool no longer starts because the worker is stopping is no outcome: `NotStarted` is
+raised (or passed to `start`'s callback) so the consumer returns the message to its queue.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from fastworker.fpm import (
     FpmBadRequest,
     FpmConnectionLost,
     FpmError,
+    FpmNotStarted,
     FpmPool,
     FpmPools,
     FpmProtocolError,
@@ -37,6 +40,7 @@ from fastworker.fpm import (
     encode_shared_params,
 )
 from fastworker.job import Job, JobRefused
+from fastworker.message import NotStarted
 from fastworker.targets import TargetPolicy
 
 # Data up to this size travels as the DEFERRED_DATA param; larger data as a POST body, because
@@ -149,6 +153,8 @@ class Executor:
         params, body = self._own_params(job)
         try:
             response = await pool.request(params, body, self.job_timeout, shared)
+        except FpmNotStarted as exc:
+            raise NotStarted(str(exc)) from None
         except FpmError as exc:
             return self._failed(exc, where)
         return self._classify(response, where)
@@ -156,8 +162,8 @@ class Executor:
     def start(self, job: Job, done: Callable[[Result], None]) -> None:
         """`run` without a coroutine: `done(result)` is called once the job finished.
 
-        An exception `run` would raise (none is expected) is raised from `start` or, once the
-        request is on its way, passed to `done` instead of a Result.
+        An exception `run` would raise (NotStarted, or an unexpected one) is passed to `done`
+        instead of a Result, or raised from `start` itself if it comes before the request.
         """
         target = self._target(job)
         if type(target) is Result:
@@ -169,6 +175,8 @@ class Executor:
         def answered(response: FpmResponse | None, exc: Exception | None) -> None:
             if exc is None:
                 done(self._classify(response, where))  # type: ignore[arg-type]
+            elif isinstance(exc, FpmNotStarted):
+                done(NotStarted(str(exc)))  # type: ignore[arg-type]
             elif isinstance(exc, FpmError):
                 done(self._failed(exc, where))
             else:

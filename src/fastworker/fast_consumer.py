@@ -42,7 +42,7 @@ from fastworker import __version__, amqp_py
 from fastworker.acks import AckTracker
 from fastworker.broker import Publisher, ensure_queue
 from fastworker.consumer import ACK_INTERVAL, REQUEUE_DELAY, Handler, Prepare
-from fastworker.message import Message
+from fastworker.message import Message, NotStarted
 
 COMPILED = False
 if not os.environ.get("FASTWORKER_NO_EXTENSIONS"):
@@ -700,6 +700,8 @@ class FastAmqpConsumer:
                 await rest
             except asyncio.CancelledError:
                 raise
+            except NotStarted:
+                link.requeue(tag)
             except Exception:
                 log.exception(
                     "job from %s not acknowledged; it goes back to the queue", message.queue

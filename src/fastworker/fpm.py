@@ -30,6 +30,10 @@ UNKNOWN_ROLE = 3
 # How many times a request is moved to a fresh connection when a reused one turns out closed.
 _STALE_RETRIES = 3
 
+# A request is pipelined only behind one that has run for less than this: a request that has
+# already run long is likely a long job, and whatever waits behind it waits as long.
+PIPELINE_MAX_HEAD_AGE = 0.05
+
 
 class FpmError(Exception):
     """Base of everything a pool raises."""
@@ -45,6 +49,10 @@ class FpmConnectionLost(FpmError):
 
 class FpmTimeout(FpmError):
     """No complete response within the job timeout; the connection was closed."""
+
+
+class FpmNotStarted(FpmError):
+    """The pool stopped starting requests (`stop_starting`) before this one was written."""
 
 
 class FpmBadRequest(FpmError):
@@ -138,7 +146,13 @@ class _ClosedBeforeResponse(Exception):
 
 
 class _Connection(asyncio.Protocol):
-    """One FastCGI connection; carries one request at a time."""
+    """One FastCGI connection: the request FPM is running, and any pipelined behind it.
+
+    PHP-FPM runs one request at a time per connection, but it reads the next request from the
+    same socket as soon as it has finished one. A request written while the one before is still
+    running (pipelined) is therefore ready the moment the child is free: the child never waits
+    for the worker. Pipelined requests wait in `queued` until they reach the head.
+    """
 
     __slots__ = (
         "pool",
@@ -146,6 +160,7 @@ class _Connection(asyncio.Protocol):
         "parser",
         "waiter",
         "callback",
+        "queued",
         "payload",
         "timeout",
         "reused",
@@ -167,6 +182,8 @@ class _Connection(asyncio.Protocol):
         # for the callback's stale-connection retry.
         self.waiter: asyncio.Future[FpmResponse] | None = None
         self.callback: ResponseCallback | None = None
+        # Written after the head, not yet started: (payload, timeout, callback), in order.
+        self.queued: deque[tuple[bytes, float, ResponseCallback]] = deque()
         self.payload = b""
         self.timeout = 0.0
         self.reused = False
@@ -189,16 +206,19 @@ class _Connection(asyncio.Protocol):
             self.close()
             self._fail(FpmProtocolError(f"{self.pool.endpoint}: {exc}"))
             return
-        if done:
+        for response in done:  # more than one only when requests were pipelined
             callback = self.callback
             if callback is not None:
                 self.callback = None
+                self.payload = b""
                 self.served += 1
-                self.pool._answered(self, callback, done[-1])
-                return
+                if self.queued:
+                    self._promote()
+                self.pool._answered(self, callback, response)
+                continue
             waiter = self._settle()
             if waiter is not None:
-                _, stdout, stderr, app_status, protocol_status = done[-1]
+                _, stdout, stderr, app_status, protocol_status = response
                 waiter.set_result(FpmResponse(stdout, stderr, app_status, protocol_status))
 
     def eof_received(self) -> bool:
@@ -213,16 +233,26 @@ class _Connection(asyncio.Protocol):
             self._fail(
                 FpmConnectionLost(f"{self.pool.endpoint}: connection lost mid-response{reason}")
             )
+        # Requests pipelined behind the head never started: FPM reads a request only after it
+        # has finished the one before. They move to other connections like stale-connection
+        # retries.
+        queued, self.queued = self.queued, deque()
+        for payload, timeout, callback in queued:
+            self.pool._spawn(self.pool._run_cb(payload, timeout, _STALE_RETRIES, callback))
         self.pool._on_closed(self)
 
     # used by the pool
     def _settle(self) -> asyncio.Future[FpmResponse] | None:
-        """Ends the request in flight; returns its waiter if someone still waits on it."""
+        """Ends the request in flight and releases the connection (here, exactly once: the
+        awaiting task may be cancelled or resume late); returns the waiter if still awaited."""
         waiter = self.waiter
         if waiter is None:
             return None
         self.waiter = None
         self.served += 1
+        if self.queued and not self.closed:
+            self._promote()
+        self.pool._release(self)
         return None if waiter.done() else waiter
 
     def _fail(self, exc: Exception) -> None:
@@ -268,12 +298,30 @@ class _Connection(asyncio.Protocol):
         self._write(payload, timeout)
 
     def _write(self, payload: bytes, timeout: float) -> None:
+        self._start(timeout)
+        self.transport.write(payload)  # type: ignore[union-attr]
+
+    def _start(self, timeout: float) -> None:
+        """The head request starts now: its job timeout runs from here."""
         self.sent_at = now = self.pool.loop.time()
         self.deadline = now + timeout
         self.completed_at_send = self.pool.completed
         self.stall_reported = False
         self.pool._watch(self.deadline)
+
+    def pipeline(self, payload: bytes, timeout: float, callback: ResponseCallback) -> None:
+        """Writes a request behind the head; it starts (and its timeout runs) when it is next."""
+        self.queued.append((payload, timeout, callback))
         self.transport.write(payload)  # type: ignore[union-attr]
+
+    def _promote(self) -> None:
+        """The head completed: the first pipelined request is now the one FPM runs."""
+        payload, timeout, callback = self.queued.popleft()
+        self.callback = callback
+        self.payload = payload
+        self.timeout = timeout
+        self.reused = True
+        self._start(timeout)
 
 
 class FpmPool:
@@ -287,11 +335,15 @@ class FpmPool:
         connect_timeout: float = 5.0,
         idle_timeout: float = 30.0,
         stall_warning_after: float = 5.0,
+        pipeline: int = 1,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
+        if pipeline < 1:
+            raise ValueError("pipeline must be at least 1")
         self.endpoint = endpoint
         self.max_connections = max_connections
+        self.pipeline = pipeline  # requests per connection at once: the head + pipelined
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.stall_warning_after = stall_warning_after
@@ -303,6 +355,8 @@ class FpmPool:
         self._busy: set[_Connection] = set()
         self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
         self._closing = False
+        self._stopping = False  # stop_starting(): requests not yet written fail as not started
+        self.pipelined = 0  # requests ever written behind another, for tests and stats
         # One timer per pool, armed at the earliest job deadline, instead of one per job.
         self._watchdog: asyncio.TimerHandle | None = None
         self._watchdog_at = 0.0
@@ -324,7 +378,18 @@ class FpmPool:
         `shared` is a block from `encode_shared_params`: params that many requests share,
         encoded once and sent ahead of `params`.
         """
-        return await self._run(_payload(params, stdin, shared), timeout, _STALE_RETRIES + 1)
+        answer: asyncio.Future[FpmResponse] = self.loop.create_future()
+
+        def answered(response: FpmResponse | None, exc: Exception | None) -> None:
+            if answer.done():
+                return  # the caller was cancelled
+            if exc is None:
+                answer.set_result(response)  # type: ignore[arg-type]
+            else:
+                answer.set_exception(exc)
+
+        self.request_cb(params, stdin, timeout, shared, answered)
+        return await answer
 
     def request_cb(
         self,
@@ -342,16 +407,51 @@ class FpmPool:
         task. Same limits, deadlines and stale-connection retries as `request`; `callback` is
         called exactly once, unless the task is cancelled.
         """
+        if self._stopping:
+            callback(None, FpmNotStarted(f"{self.endpoint}: the worker is stopping"))
+            return
         try:
             payload = _payload(params, stdin, shared)
         except FpmBadRequest as exc:
             callback(None, exc)
             return
         conn = self._take_idle()
-        if conn is None:
-            self._spawn(self._run_cb(payload, timeout, _STALE_RETRIES + 1, callback))
-        else:
+        if conn is not None:
             conn.send_cb(payload, timeout, callback)
+            return
+        if self.pipeline > 1 and self._open >= self.max_connections:
+            conn = self._pipelinable()
+            if conn is not None:
+                self.pipelined += 1
+                conn.pipeline(payload, timeout, callback)
+                return
+        self._spawn(self._run_cb(payload, timeout, _STALE_RETRIES + 1, callback))
+
+    def _pipelinable(self) -> _Connection | None:
+        """The busy connection best placed to take a pipelined request, if any may.
+
+        Only connections that already completed a request (a child is behind them, not FPM's
+        backlog) whose head started less than PIPELINE_MAX_HEAD_AGE ago; of those, the one
+        with the fewest requests, then the youngest head (the likeliest to finish first
+        when job times vary).
+        """
+        limit = self.pipeline - 1
+        oldest = self.loop.time() - PIPELINE_MAX_HEAD_AGE
+        best: _Connection | None = None
+        best_queued = limit
+        for conn in self._busy:
+            if not conn.in_flight or conn.closed or conn.served == 0:
+                continue
+            queued = len(conn.queued)
+            if queued >= limit or conn.sent_at < oldest:
+                continue
+            if (
+                best is None
+                or queued < best_queued
+                or (queued == best_queued and conn.sent_at > best.sent_at)
+            ):
+                best, best_queued = conn, queued
+        return best
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = self.loop.create_task(coro)
@@ -370,7 +470,6 @@ class FpmPool:
 
     def _answered(self, conn: _Connection, callback: ResponseCallback, done: tuple) -> None:
         """A callback request's response is complete (called from data_received)."""
-        conn.payload = b""
         self._release(conn)
         self.completed += 1
         _, stdout, stderr, app_status, protocol_status = done
@@ -401,13 +500,11 @@ class FpmPool:
             conn = self._take_idle() or await self._acquire()
             reused = conn.served > 0
             try:
-                response = await conn.send(payload, timeout)
+                response = await conn.send(payload, timeout)  # the connection releases itself
             except _ClosedBeforeResponse as exc:
                 if reused:
                     continue  # FPM recycled or dropped an idle connection; nothing ran
                 raise self._crashed(exc) from None
-            finally:
-                self._release(conn)
             self.completed += 1
             return response
         raise FpmUnavailable(f"{self.endpoint}: reused connections kept closing before a response")
@@ -451,6 +548,8 @@ class FpmPool:
                 return conn
             if self._closing:
                 raise FpmUnavailable(f"{self.endpoint}: pool is closed")
+            if self._stopping:
+                raise FpmNotStarted(f"{self.endpoint}: the worker is stopping")
             if self._open < self.max_connections:
                 return await self._connect()
             waiter: asyncio.Future[_Connection | None] = self.loop.create_future()
@@ -492,6 +591,8 @@ class FpmPool:
         return conn
 
     def _release(self, conn: _Connection) -> None:
+        if conn.in_flight:
+            return  # a pipelined request became the head; the connection stays busy
         self._busy.discard(conn)
         if conn.closed:
             return  # _on_closed already freed its slot
@@ -548,6 +649,13 @@ class FpmPool:
                     self.max_connections,
                 )
 
+    def stop_starting(self) -> None:
+        """From now on requests not yet written to FPM fail with FpmNotStarted (shutdown):
+        jobs waiting for a connection go back to their queue instead of running late."""
+        self._stopping = True
+        while self._waiters:
+            self._wake_one(None)  # each waiter loops in _acquire and sees _stopping
+
     async def close(self) -> None:
         """Closes every connection; busy ones are aborted."""
         self._closing = True
@@ -568,9 +676,10 @@ class FpmPool:
 class FpmPools:
     """One pool per endpoint, created on first use, with a shared housekeeping timer."""
 
-    def __init__(self, max_connections: int, **pool_options: float) -> None:
+    def __init__(self, max_connections: int, **pool_options: Any) -> None:
         self.max_connections = max_connections
         self.pool_options = pool_options
+        self._stopping = False
         self._pools: dict[Endpoint, FpmPool] = {}
         self._sweeper: asyncio.Task[None] | None = None
 
@@ -580,6 +689,8 @@ class FpmPools:
             pool = self._pools[endpoint] = FpmPool(
                 endpoint, self.max_connections, **self.pool_options
             )
+            if self._stopping:
+                pool.stop_starting()
             if self._sweeper is None:
                 self._sweeper = asyncio.get_running_loop().create_task(self._sweep_forever())
         return pool
@@ -589,6 +700,12 @@ class FpmPools:
             await asyncio.sleep(1.0)
             for pool in self._pools.values():
                 pool.sweep()
+
+    def stop_starting(self) -> None:
+        """See `FpmPool.stop_starting`; pools created later start stopped too."""
+        self._stopping = True
+        for pool in self._pools.values():
+            pool.stop_starting()
 
     async def close(self) -> None:
         if self._sweeper is not None:

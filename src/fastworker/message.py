@@ -22,6 +22,10 @@ PROPERTY_NAMES = (
 )
 
 
+class NotStarted(Exception):
+    """A handler gives the message back unrun (the worker is stopping): requeue it as it was."""
+
+
 @dataclass(slots=True)
 class Message:
     body: bytes

@@ -32,8 +32,9 @@ class Settings:
     fpm: list[str] = field(default_factory=lambda: ["127.0.0.1:9000"])
     script: str = "/var/www/bin/dispatch.php"
     allow_script: list[str] = field(default_factory=list)
-    concurrency: int = 4
-    prefetch: int = 0  # 0: max(64, 4 x concurrency)
+    concurrency: int = 4  # connections per FPM endpoint, <= pm.max_children
+    pipeline: int = 2  # requests per connection at once; jobs in flight = concurrency x this
+    prefetch: int = 0  # 0: max(64, 4 x jobs in flight)
     format: str = "bundle"
     job_timeout: float = 300.0
     shutdown_timeout: float = 30.0
@@ -47,8 +48,12 @@ class Settings:
     dead_letter_queue: str = "{queue}.failed"
 
     @property
+    def jobs_in_flight(self) -> int:
+        return self.concurrency * self.pipeline
+
+    @property
     def effective_prefetch(self) -> int:
-        return self.prefetch or max(64, 4 * self.concurrency)
+        return self.prefetch or max(64, 4 * self.jobs_in_flight)
 
 
 def build(settings: Settings) -> tuple[Consumer, FpmPools, FailureHandler]:
@@ -59,6 +64,7 @@ def build(settings: Settings) -> tuple[Consumer, FpmPools, FailureHandler]:
         settings.concurrency,
         connect_timeout=settings.connect_timeout,
         idle_timeout=settings.idle_timeout,
+        pipeline=settings.pipeline,
     )
     failures = FailureHandler(
         RetryPolicy(
@@ -83,7 +89,7 @@ def build(settings: Settings) -> tuple[Consumer, FpmPools, FailureHandler]:
         settings.amqp_url,
         settings.queues,
         pipeline,
-        concurrency=settings.concurrency,
+        concurrency=settings.jobs_in_flight,
         prefetch=settings.effective_prefetch,
         prepare=failures.prepare,
         shutdown_timeout=settings.shutdown_timeout,
@@ -95,7 +101,7 @@ async def serve(settings: Settings) -> None:
     consumer, pools, failures = build(settings)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, _on_signal, consumer, signum)
+        loop.add_signal_handler(signum, _on_signal, consumer, pools, signum)
     stats = None
     if settings.stats_interval > 0:
         stats = loop.create_task(_log_progress(consumer, failures, settings.stats_interval))
@@ -131,9 +137,11 @@ async def _log_progress(consumer: Consumer, failures: FailureHandler, interval: 
         done, counts = now_done, now_counts
 
 
-def _on_signal(consumer: Consumer, signum: int) -> None:
-    log.info("%s received: finishing in-flight jobs, then exiting", signal.Signals(signum).name)
+def _on_signal(consumer: Consumer, pools: FpmPools, signum: int) -> None:
+    log.info("%s received: finishing running jobs, then exiting", signal.Signals(signum).name)
     consumer.stop()
+    # Jobs taken but not yet written to FPM (waiting for a connection) go back to the queue.
+    pools.stop_starting()
 
 
 def run(settings: Settings) -> None:
