@@ -6,7 +6,7 @@ and FPM's CPU per job. Compare with `bench/e2e.py`: the difference is what the b
 consume/ack path cost. It runs the callback path the fast consumer uses (`JobPipeline.start`)
 and, with `--coroutine`, the coroutine path the aiormq consumer uses.
 
-    python bench/pipeline.py [-n 30000] [--children 4] [--script PATH] [--coroutine]
+    python bench/pipeline.py [-n 30000] [--children 4] [--pipeline 2] [--script PATH] [--coroutine]
 """
 
 from __future__ import annotations
@@ -91,11 +91,22 @@ async def drain(
     await done
 
 
+def context_switches() -> int:
+    """This process's voluntary context switches: how often it went to sleep waiting for I/O."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            return int(line.split()[1])
+    return 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("-n", "--jobs", type=int, default=30000)
     parser.add_argument("--children", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=0, help="default: --children")
+    parser.add_argument(
+        "--pipeline", type=int, default=2, help="requests per connection (worker's --pipeline)"
+    )
     parser.add_argument("--script", default=str(ROOT / "examples" / "php" / "dispatch.php"))
     parser.add_argument("--coroutine", action="store_true", help="the aiormq consumer's path")
     args = parser.parse_args()
@@ -108,7 +119,8 @@ def main() -> int:
     body = bundle_message(order_placed_data(1, "x" * 300), script, "127.0.0.1", fpm.port)
 
     async def run() -> None:
-        pools = FpmPools(concurrency)
+        pools = FpmPools(concurrency, pipeline=args.pipeline)
+        in_flight = concurrency * args.pipeline
         policy = TargetPolicy([Endpoint.parse(fpm.address)], [script])
         pipeline = JobPipeline(
             parser_for("bundle"),
@@ -117,22 +129,26 @@ def main() -> int:
             None,
             8 << 20,  # type: ignore[arg-type]
         )
-        await drain(pipeline, body, 200, concurrency, args.coroutine)  # warm-up
+        await drain(pipeline, body, 200, in_flight, args.coroutine)  # warm-up
         children = fpm.child_pids()
+        switches0 = context_switches()
         fpm0, times0, wall0 = cpu_seconds(children), os.times(), time.perf_counter()
-        await drain(pipeline, body, args.jobs, concurrency, args.coroutine)
+        await drain(pipeline, body, args.jobs, in_flight, args.coroutine)
         wall, times1, fpm1 = time.perf_counter() - wall0, os.times(), cpu_seconds(children)
+        switches = context_switches() - switches0
         await pools.close()
         per_job = 1e6 / args.jobs
         path = "coroutine" if args.coroutine else "callback"
         print(
             f"{args.jobs} jobs, {args.children} FPM children, concurrency {concurrency}, "
+            f"pipeline {args.pipeline}, "
             f"{path} path, codec {'compiled' if COMPILED else 'pure Python'}, no broker"
         )
         print(f"jobs/s              {args.jobs / wall:,.0f}")
         print(f"worker user CPU/job {(times1.user - times0.user) * per_job:.1f} us")
         print(f"worker sys CPU/job  {(times1.system - times0.system) * per_job:.1f} us")
         print(f"FPM CPU/job         {(fpm1 - fpm0) * per_job:.1f} us")
+        print(f"worker sleeps/job   {switches / args.jobs:.2f}")
 
     try:
         uvloop.run(run())

@@ -75,3 +75,40 @@ def test_discard_keeps_a_rejected_tag_out_of_multiple_acks() -> None:
     tracker.finished(3)
     broker = [1, 3]  # 2 was nacked
     assert sorted(acked_tags(tracker.take(), broker)) == [1, 3]
+
+
+def test_hold_waits_one_round_before_acking_behind_a_gap() -> None:
+    tracker = AckTracker()
+    for tag in range(1, 7):
+        tracker.delivered(tag)
+    for tag in (1, 3, 4):
+        tracker.finished(tag)
+    assert tracker.take(hold=True) == [(1, True)]  # 3 and 4 wait: the gap at 2 may close
+    tracker.finished(2)
+    tracker.finished(6)
+    assert tracker.take(hold=True) == [(4, True)]  # it did: one multiple ack; 6 now waits
+    assert tracker.pending == 1
+    assert tracker.take(hold=True) == [(6, False)]  # still behind 5 a round later: alone
+    tracker.finished(5)
+    assert tracker.take(hold=True) == [(5, True)]
+    assert tracker.pending == 0
+
+
+@given(st.integers(1, 60), st.randoms(use_true_random=False))
+def test_random_completion_with_hold_acks_each_tag_once(count: int, rnd: random.Random) -> None:
+    tracker = AckTracker()
+    outstanding = list(range(1, count + 1))
+    for tag in outstanding:
+        tracker.delivered(tag)
+    order = outstanding[:]
+    rnd.shuffle(order)
+    broker = outstanding[:]
+    acked: list[int] = []
+    for tag in order:
+        tracker.finished(tag)
+        if rnd.random() < 0.3:
+            acked += acked_tags(tracker.take(hold=True), broker)
+    acked += acked_tags(tracker.take(hold=True), broker)
+    acked += acked_tags(tracker.take(hold=True), broker)  # held ones go within two rounds
+    assert sorted(acked) == list(range(1, count + 1))
+    assert broker == []

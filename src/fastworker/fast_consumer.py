@@ -435,20 +435,24 @@ class _Link(asyncio.Protocol):
         acks = self._acks
         acks.finished(tag)
         if acks.pending >= self._flush_at:
-            self.flush()
-        elif not self._flush_scheduled:
+            self.flush(hold=True)
+        if not self._flush_scheduled and acks.pending:
             self._flush_scheduled = True
             self._loop.call_later(ACK_INTERVAL, self._flush_timer)
 
     def _flush_timer(self) -> None:
         self._flush_scheduled = False
-        self.flush()
+        self.flush(hold=True)
+        if self._acks.pending and not self._flush_scheduled and self.alive:
+            self._flush_scheduled = True  # held ones: ack them next round at the latest
+            self._loop.call_later(ACK_INTERVAL, self._flush_timer)
 
-    def flush(self) -> None:
-        """Writes every ack that is due, in one write."""
+    def flush(self, hold: bool = False) -> None:
+        """Writes the acks that are due, in one write; all of them unless `hold` (see
+        AckTracker.take)."""
         if not self.alive:
             return
-        taken = self._acks.take()
+        taken = self._acks.take(hold)
         if taken:
             self.transport.write(self._encode_acks(CHANNEL, taken))  # type: ignore[union-attr]
 

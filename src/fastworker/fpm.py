@@ -439,18 +439,19 @@ class FpmPool:
         oldest = self.loop.time() - PIPELINE_MAX_HEAD_AGE
         best: _Connection | None = None
         best_queued = limit
+        best_sent = 0.0
         for conn in self._busy:
-            if not conn.in_flight or conn.closed or conn.served == 0:
+            sent_at = conn.sent_at
+            if sent_at < oldest:
                 continue
             queued = len(conn.queued)
-            if queued >= limit or conn.sent_at < oldest:
+            if queued >= limit or queued > best_queued:
                 continue
-            if (
-                best is None
-                or queued < best_queued
-                or (queued == best_queued and conn.sent_at > best.sent_at)
-            ):
-                best, best_queued = conn, queued
+            if queued == best_queued and sent_at <= best_sent:
+                continue
+            if conn.closed or not conn.served or (conn.callback is None and conn.waiter is None):
+                continue
+            best, best_queued, best_sent = conn, queued, sent_at
         return best
 
     def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
