@@ -132,6 +132,21 @@ def fpm_cpu(fpm: FpmServer) -> float:
     return cpu_seconds(fpm.master_pid, reaped=True) + sum(cpu_seconds(p) for p in fpm.child_pids())
 
 
+def io_counts(pid: int) -> tuple[int, int, int]:
+    """(read syscalls, write syscalls, voluntary context switches) of a live process so far:
+    where the worker's kernel time goes. Zeros if it is gone."""
+    try:
+        io = dict(line.split(": ") for line in Path(f"/proc/{pid}/io").read_text().splitlines())
+        status = Path(f"/proc/{pid}/status").read_text()
+    except (FileNotFoundError, ProcessLookupError):
+        return 0, 0, 0
+    sleeps = 0
+    for line in status.splitlines():
+        if line.startswith("voluntary_ctxt_switches:"):
+            sleeps = int(line.split()[1])
+    return int(io["syscr"]), int(io["syscw"]), sleeps
+
+
 def vm_hwm_mib(pid: int) -> float:
     """Peak resident set size (VmHWM) of a live process, in MiB; 0 if it is gone."""
     with contextlib.suppress(OSError):
@@ -629,6 +644,8 @@ class Bench:
             str(concurrency),
             "--prefetch",
             str(prefetch),
+            "--pipeline",
+            str(self.args.pipeline),
             *self.args.worker_arg,
         ]
 
@@ -669,6 +686,7 @@ class Bench:
         worker = self.spawn(self.worker_cmd(queue, concurrency, prefetch), log, env)
         t0, started_by = self._wait_consuming(worker, log)
         w0, b0, f0 = cpu_seconds(worker.pid), self._broker_cpu(), fpm_cpu(fpm)
+        io0 = io_counts(worker.pid)
         m0, _ = machine_busy_seconds()
         me0 = time.process_time()
         spy = self._start_pyspy(worker.pid) if profile else None
@@ -676,6 +694,7 @@ class Bench:
         done = self._wait_done(worker, log, jobs, label, t0)
         t1 = time.monotonic()
         w1, b1, f1 = cpu_seconds(worker.pid), self._broker_cpu(), fpm_cpu(fpm)
+        io1 = io_counts(worker.pid)
         m1, _ = machine_busy_seconds()
         me1 = time.process_time()
         profile_result = self._stop_pyspy(spy) if spy else None
@@ -692,6 +711,9 @@ class Bench:
             "jobs_s": round(jobs / seconds, 1),
             "measured_from": started_by,
             "worker_cpu_us": round((w1 - w0) / jobs * 1e6, 1),
+            "worker_reads_per_job": round((io1[0] - io0[0]) / jobs, 2),
+            "worker_writes_per_job": round((io1[1] - io0[1]) / jobs, 2),
+            "worker_sleeps_per_job": round((io1[2] - io0[2]) / jobs, 2),
             "broker_cpu_us": round(max(0.0, (b1 - b0) - broker_idle * seconds) / jobs * 1e6, 1),
             # Other clients of the shared broker make the subtraction a guess.
             "broker_cpu_reliable": broker_idle * seconds <= 0.25 * (b1 - b0),
@@ -927,6 +949,11 @@ def print_report(results: dict[str, Any]) -> None:
         ("ratio to ceiling", f"{ratio:.2f}x", "target >= 0.90x"),
         ("worker CPU / job", f"{drain['worker_cpu_us']:.1f} us", "target <= 35 us"),
         (
+            "worker syscalls / job",
+            f"{drain['worker_reads_per_job']:.2f} r {drain['worker_writes_per_job']:.2f} w",
+            f"and {drain['worker_sleeps_per_job']:.2f} sleeps (voluntary context switches)",
+        ),
+        (
             "RabbitMQ CPU / job",
             f"{drain['broker_cpu_us']:.1f} us",
             ("" if drain["broker_cpu_reliable"] else "UNRELIABLE, broker busy with others: ")
@@ -968,8 +995,8 @@ def print_report(results: dict[str, Any]) -> None:
         f"\nfastworker e2e: {args['children']} static FPM children"
         f" ({'Unix socket' if args['unix_socket'] else 'TCP loopback'}),"
         f" {Path(args['script']).name},"
-        f" concurrency {drain['concurrency']}, prefetch {drain['prefetch']},"
-        f" codec {results['machine']['codec']}"
+        f" concurrency {drain['concurrency']}, pipeline {args['pipeline']},"
+        f" prefetch {drain['prefetch']}, codec {results['machine']['codec']}"
     )
     _print_table(("metric", "value", "note"), rows)
     if "profile" in drain:
@@ -1107,6 +1134,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--nginx-keepalive", type=int, default=8, help="upstream keepalive (8)")
     p.add_argument("--concurrency", type=int, default=0, help="default: --children")
     p.add_argument("--prefetch", type=int, default=64, help="default: 64")
+    p.add_argument(
+        "--pipeline",
+        type=int,
+        default=2,
+        help="the worker's --pipeline: requests per FPM connection at once (default: 2)",
+    )
     p.add_argument(
         "--worker-arg",
         action="append",
