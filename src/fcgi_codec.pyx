@@ -135,14 +135,18 @@ def _pair_too_big(name: object, size: int) -> str:
     )
 
 
-def encode_request(request_id, params, stdin=b"", keep_conn=True):
+def encode_request(request_id, params, stdin=b"", keep_conn=True, shared=b""):
     """Encodes one RESPONDER request: BEGIN_REQUEST, PARAMS, empty PARAMS, STDIN, empty STDIN.
 
     Name-value pairs never cross a PARAMS record (PHP-FPM parses each record on its own); STDIN
-    goes in 0xFFF8-byte records. Raises ValueError for a pair over 65535 bytes or a request id
-    outside 1..65535, TypeError for names/values that are neither str nor bytes.
+    goes in 0xFFF8-byte records. `shared` is name-value pairs encoded beforehand (the content
+    of a PARAMS record, at most 65535 bytes): they start the first PARAMS record, ahead of
+    `params`, so params many requests share are encoded once and still cost FPM no extra record.
+    Raises ValueError for a pair or `shared` over 65535 bytes or a request id outside 1..65535,
+    TypeError for names/values that are neither str nor bytes.
     """
     cdef Py_ssize_t rid, total, cur, ps, nlen, vlen, pos, start, slen, off, chunk, nfull, rem
+    cdef Py_ssize_t shlen
     cdef const char* np
     cdef const char* vp
     cdef const unsigned char* sp
@@ -160,6 +164,11 @@ def encode_request(request_id, params, stdin=b"", keep_conn=True):
     rid = request_id
     flags = _KEEP_CONN if keep_conn else 0
     d = params if type(params) is dict else dict(params)
+    if not PyBytes_CheckExact(shared):
+        shared = bytes(shared)
+    shlen = PyBytes_GET_SIZE(shared)
+    if shlen > _MAX_CONTENT:
+        raise ValueError(f"shared params of {shlen} bytes do not fit in one PARAMS record")
 
     # stdin first: nothing that can run Python code may happen between the two passes below
     if PyBytes_CheckExact(stdin):
@@ -172,9 +181,9 @@ def encode_request(request_id, params, stdin=b"", keep_conn=True):
         sp = <const unsigned char*>view.buf
         slen = view.len
     try:
-        # pass 1: validate and size everything
+        # pass 1: validate and size everything (the first PARAMS record starts with shared)
         total = 16
-        cur = 0
+        cur = shlen
         for name, value in d.items():
             np = _utf8(name, &nlen, "name")
             vp = _utf8(value, &vlen, "value")
@@ -205,7 +214,10 @@ def encode_request(request_id, params, stdin=b"", keep_conn=True):
         memset(b + 11, 0, 5)
         start = 16
         pos = 24
-        cur = 0
+        cur = shlen
+        if shlen:
+            memcpy(b + pos, PyBytes_AS_STRING(shared), <size_t>shlen)
+            pos += shlen
         for name, value in d.items():
             np = _utf8(name, &nlen, "name")
             vp = _utf8(value, &vlen, "value")

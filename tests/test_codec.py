@@ -353,6 +353,39 @@ def test_encode_packs_params_into_several_records(codec: types.ModuleType) -> No
     assert sum(1 for r in split_records(data) if r[0] == PARAMS) >= 4
 
 
+def _pairs_of(codec: types.ModuleType, params: dict[str, str]) -> bytes:
+    """The content of the single PARAMS record `params` encode to (what `shared` takes)."""
+    records = [r for r in split_records(codec.encode_request(1, params)) if r[0] == PARAMS]
+    assert len(records) == 2  # the pairs, then the empty record
+    return records[0][2]
+
+
+def test_encode_shared_pairs_start_the_first_record(codec: types.ModuleType) -> None:
+    shared = {"GATEWAY_INTERFACE": "CGI/1.1", "SCRIPT_FILENAME": "/srv/a.php", "Q": "x" * 300}
+    own = {"DEFERRED_DATA": "d" * 400, "CONTENT_LENGTH": "0"}
+    data = codec.encode_request(5, own, b"", True, _pairs_of(codec, shared))
+    # Byte for byte what encoding all of them in one go gives: one record, shared ones first.
+    assert data == codec.encode_request(5, {**shared, **own})
+    assert sum(1 for r in split_records(data) if r[0] == PARAMS and r[2]) == 1
+    assert codec.encode_request(5, {}, b"", True, _pairs_of(codec, shared)) == (
+        codec.encode_request(5, shared)
+    )
+
+
+def test_encode_shared_pairs_leave_room_by_starting_a_new_record(codec: types.ModuleType) -> None:
+    shared = {"BIG": "s" * 40_000}
+    own = {"ALSO_BIG": "o" * 30_000, "SMALL": "x"}
+    data = codec.encode_request(1, own, b"", True, _pairs_of(codec, shared))
+    assert data == codec.encode_request(1, {**shared, **own})
+    decoded = decode_request(data)  # checks that no pair crosses a record
+    assert decoded["params"] == [(k.encode(), v.encode()) for k, v in {**shared, **own}.items()]
+
+
+def test_encode_rejects_shared_pairs_over_one_record(codec: types.ModuleType) -> None:
+    with pytest.raises(ValueError, match="shared"):
+        codec.encode_request(1, {}, b"", True, b"x" * 65536)
+
+
 @pytest.mark.parametrize(
     "size", [0, 1, 7, 8, 9, STDIN_CHUNK - 1, STDIN_CHUNK, STDIN_CHUNK + 1, 65535, 200_000]
 )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import json
 import logging
 from collections.abc import Coroutine
 from pathlib import Path
@@ -22,6 +23,7 @@ from fastworker.fpm import (
     FpmPools,
     FpmTimeout,
     FpmUnavailable,
+    encode_shared_params,
 )
 from fastworker.job import Job
 from fastworker.targets import TargetPolicy
@@ -109,6 +111,23 @@ def test_max_requests_churn_loses_nothing_and_runs_once(fpm_factory) -> None:
         hashlib.sha1(d).hexdigest() for d in datas
     )
     assert len({pid for pid, _, _ in records}) >= 200 // 5  # children really were recycled
+
+
+def test_shared_params_reach_php_alongside_the_own_ones(fpm: FpmServer) -> None:
+    shared = encode_shared_params({"SCRIPT_FILENAME": str(PHP / "dump.php"), "SHARED_X": "s"})
+
+    async def main() -> bytes:
+        pool = FpmPool(Endpoint.parse(fpm.address), max_connections=1)
+        own = {"REQUEST_METHOD": "POST", "CONTENT_LENGTH": "0", "OWN_Y": "o"}
+        response = await pool.request(own, b"", 10, shared)
+        await pool.close()
+        return body_of(response.stdout)
+
+    server = json.loads(run(main()))["server"]
+    assert (server["SHARED_X"], server["OWN_Y"]) == ("s", "o")
+    with pytest.raises(ValueError, match="one PARAMS record"):
+        encode_shared_params({"A": "a" * 40_000, "B": "b" * 40_000})
+    assert encode_shared_params({}) == b""
 
 
 def test_nothing_listening_is_unavailable() -> None:

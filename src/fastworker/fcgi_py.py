@@ -85,12 +85,16 @@ def encode_request(
     params: Mapping[str | bytes, str | bytes],
     stdin: bytes = b"",
     keep_conn: bool = True,
+    shared: bytes = b"",
 ) -> bytes:
     """Encodes one RESPONDER request: BEGIN_REQUEST, PARAMS, empty PARAMS, STDIN, empty STDIN.
 
     Name-value pairs never cross a PARAMS record (PHP-FPM parses each record on its own); STDIN
-    goes in 0xFFF8-byte records. Raises ValueError for a pair over 65535 bytes or a request id
-    outside 1..65535, TypeError for names/values that are neither str nor bytes.
+    goes in 0xFFF8-byte records. `shared` is name-value pairs encoded beforehand (the content
+    of a PARAMS record, at most 65535 bytes): they start the first PARAMS record, ahead of
+    `params`, so params many requests share are encoded once and still cost FPM no extra record.
+    Raises ValueError for a pair or `shared` over 65535 bytes or a request id outside 1..65535,
+    TypeError for names/values that are neither str nor bytes.
     """
     if not isinstance(request_id, int):
         raise TypeError(f"request_id must be an int, not {type(request_id).__name__}")
@@ -99,12 +103,15 @@ def encode_request(
     flags = _KEEP_CONN if keep_conn else 0
     d = params if type(params) is dict else dict(params)
     body = stdin if type(stdin) is bytes else memoryview(stdin).cast("B")
+    shared = bytes(shared)
+    if len(shared) > _MAX_CONTENT:
+        raise ValueError(f"shared params of {len(shared)} bytes do not fit in one PARAMS record")
 
-    # pass 1: validate, encode, and group the pairs into records
+    # pass 1: validate, encode, and group the pairs into records (the first starts with shared)
     records: list[list[tuple[bytes, bytes]]] = []
     sizes: list[int] = []
     current: list[tuple[bytes, bytes]] = []
-    cur = 0
+    cur = len(shared)
     for name, value in d.items():
         nb = _utf8(name, "name")
         vb = _utf8(value, "value")
@@ -134,10 +141,13 @@ def encode_request(
     _HEADER.pack_into(buf, 0, _VERSION, _BEGIN_REQUEST, request_id, 8, 0)
     _BEGIN_BODY.pack_into(buf, 8, _RESPONDER, flags)
     pos = 16
-    for pairs, size in zip(records, sizes, strict=True):
+    for index, (pairs, size) in enumerate(zip(records, sizes, strict=True)):
         pad = _pad(size)
         _HEADER.pack_into(buf, pos, _VERSION, _PARAMS, request_id, size, pad)
         pos += 8
+        if index == 0 and shared:
+            buf[pos : pos + len(shared)] = shared
+            pos += len(shared)
         for nb, vb in pairs:
             for n in (len(nb), len(vb)):
                 if n < 128:

@@ -68,24 +68,27 @@ _EMPTY_PARAMS_AND_STDIN_SIZE = 16  # the two empty records that end a request wi
 
 
 def encode_shared_params(params: Mapping[str | bytes, str | bytes]) -> bytes:
-    """PARAMS records for params many requests share, encoded once for `FpmPool.request`.
+    """Name-value pairs many requests share, encoded once for `FpmPool.request` (`shared`).
 
-    PHP-FPM reads any number of PARAMS records and each pair stays within one record, so a
-    request can carry this block followed by its own params.
+    They go at the start of each request's first PARAMS record, so they cost FPM no extra
+    record (each record is two reads for a PHP child). Raises ValueError above 65535 bytes.
     """
     encoded = encode_request(REQUEST_ID, params, b"")
-    return encoded[_BEGIN_REQUEST_SIZE:-_EMPTY_PARAMS_AND_STDIN_SIZE]
+    if len(encoded) == _BEGIN_REQUEST_SIZE + _EMPTY_PARAMS_AND_STDIN_SIZE:
+        return b""
+    start = _BEGIN_REQUEST_SIZE + 8  # past the first PARAMS record's header
+    size = int.from_bytes(encoded[start - 4 : start - 2], "big")
+    padding = encoded[start - 2]
+    if len(encoded) != start + size + padding + _EMPTY_PARAMS_AND_STDIN_SIZE:
+        raise ValueError("shared FastCGI params do not fit in one PARAMS record")
+    return encoded[start : start + size]
 
 
 def _payload(params: Mapping[str | bytes, str | bytes], stdin: bytes, shared: bytes) -> bytes:
     try:
-        payload = encode_request(REQUEST_ID, params, stdin)
+        return encode_request(REQUEST_ID, params, stdin, True, shared)
     except (ValueError, TypeError) as exc:
         raise FpmBadRequest(str(exc)) from None
-    if shared:
-        head = _BEGIN_REQUEST_SIZE
-        payload = b"".join((payload[:head], shared, payload[head:]))
-    return payload
 
 
 class Endpoint(NamedTuple):
