@@ -357,6 +357,9 @@ class FpmPool:
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
         self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
+        # Callback requests waiting for a free connection or a pipeline slot, oldest first: a
+        # new request never overtakes them (their deliveries would hold back the batched acks).
+        self._backlog: deque[tuple[bytes, float, ResponseCallback]] = deque()
         self._closing = False
         self._stopping = False  # stop_starting(): requests not yet written fail as not started
         self.pipelined = 0  # requests ever written behind another, for tests and stats
@@ -404,11 +407,11 @@ class FpmPool:
     ) -> None:
         """`request` without a coroutine: `callback(response, None)` or `callback(None, exc)`.
 
-        On an idle open connection (the common case) the request is written at once and the
-        answer is handed to `callback` from the connection's data_received; without one (a
-        connection must be opened, or the pool is at its limit) it runs as `request` does, in a
-        task. Same limits, deadlines and stale-connection retries as `request`; `callback` is
-        called exactly once, unless the task is cancelled.
+        The request is written at once to an idle connection, else to a new connection (in a
+        task) while the pool is below its limit, else pipelined behind a running request (see
+        `_pipelinable`), else it waits in the backlog for the first of these, after the
+        requests already waiting. The answer is handed to `callback` from the connection's
+        data_received. `callback` is called exactly once.
         """
         if self._stopping:
             callback(None, FpmNotStarted(f"{self.endpoint}: the worker is stopping"))
@@ -418,17 +421,57 @@ class FpmPool:
         except FpmBadRequest as exc:
             callback(None, exc)
             return
+        if self._backlog or not self._place(payload, timeout, callback):
+            self._backlog.append((payload, timeout, callback))
+
+    def _place(self, payload: bytes, timeout: float, callback: ResponseCallback) -> bool:
+        """Writes a request wherever it can start now; False if it has to wait."""
         conn = self._take_idle()
         if conn is not None:
             conn.send_cb(payload, timeout, callback)
-            return
-        if self.pipeline > 1 and self._open >= self.max_connections:
+            return True
+        if self._open < self.max_connections:
+            self._open += 1  # reserved now, so the requests right behind do not open more
+            self._spawn(self._open_and_send(payload, timeout, callback))
+            return True
+        if self.pipeline > 1:
             conn = self._pipelinable()
             if conn is not None:
                 self.pipelined += 1
                 conn.pipeline(payload, timeout, callback)
+                return True
+        return False
+
+    def _serve_backlog(self) -> None:
+        """Starts waiting requests, oldest first, on whatever has become free."""
+        backlog = self._backlog
+        while backlog:
+            if self._closing or self._stopping:
+                self._fail_backlog()
                 return
-        self._spawn(self._run_cb(payload, timeout, _STALE_RETRIES + 1, callback))
+            payload, timeout, callback = backlog[0]
+            if not self._place(payload, timeout, callback):
+                return
+            backlog.popleft()
+
+    def _fail_backlog(self) -> None:
+        backlog, self._backlog = self._backlog, deque()
+        for _, _, callback in backlog:
+            if self._closing:
+                callback(None, FpmUnavailable(f"{self.endpoint}: pool is closed"))
+            else:
+                callback(None, FpmNotStarted(f"{self.endpoint}: the worker is stopping"))
+
+    async def _open_and_send(
+        self, payload: bytes, timeout: float, callback: ResponseCallback
+    ) -> None:
+        """Opens a connection (its slot already counted in `_open`) and writes the request."""
+        try:
+            conn = await self._connect(reserved=True)
+        except FpmError as exc:
+            callback(None, exc)
+            return
+        conn.send_cb(payload, timeout, callback)
 
     def _pipelinable(self) -> _Connection | None:
         """The busy connection best placed to take a pipelined request, if any may.
@@ -475,6 +518,8 @@ class FpmPool:
     def _answered(self, conn: _Connection, callback: ResponseCallback, done: tuple) -> None:
         """A callback request's response is complete (called from data_received)."""
         self._release(conn)
+        if self._backlog:  # the connection may take a pipelined request now
+            self._serve_backlog()
         self.completed += 1
         _, stdout, stderr, app_status, protocol_status = done
         callback(FpmResponse(stdout, stderr, app_status, protocol_status), None)
@@ -569,8 +614,9 @@ class FpmPool:
                 return conn
             # None: a connection closed, so there is room to open one; loop and try
 
-    async def _connect(self) -> _Connection:
-        self._open += 1
+    async def _connect(self, reserved: bool = False) -> _Connection:
+        if not reserved:
+            self._open += 1
         self.opened += 1
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -583,13 +629,11 @@ class FpmPool:
                         lambda: _Connection(self), self.endpoint.host, self.endpoint.port
                     )
         except (OSError, TimeoutError) as exc:
-            self._open -= 1
-            self._wake_one(None)
+            self._slot_freed()
             reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
             raise FpmUnavailable(f"{self.endpoint}: cannot connect: {reason}") from None
         except BaseException:
-            self._open -= 1
-            self._wake_one(None)
+            self._slot_freed()
             raise
         self._busy.add(conn)
         return conn
@@ -604,8 +648,11 @@ class FpmPool:
             conn.close()
             return
         conn.last_used = self.loop.time()
-        if not self._wake_one(conn):
-            self._idle.append(conn)
+        if self._wake_one(conn):
+            return
+        self._idle.append(conn)
+        if self._backlog:
+            self._serve_backlog()
 
     def _wake_one(self, conn: _Connection | None) -> bool:
         while self._waiters:
@@ -616,9 +663,15 @@ class FpmPool:
         return False
 
     def _on_closed(self, conn: _Connection) -> None:
-        self._open -= 1
         self._busy.discard(conn)
+        self._slot_freed()
+
+    def _slot_freed(self) -> None:
+        """A connection (or one being opened) is gone: room for another."""
+        self._open -= 1
         self._wake_one(None)
+        if self._backlog:
+            self._serve_backlog()
 
     def sweep(self) -> None:
         """Closes connections idle too long and reports requests stuck in FPM's backlog."""
@@ -657,6 +710,7 @@ class FpmPool:
         """From now on requests not yet written to FPM fail with FpmNotStarted (shutdown):
         jobs waiting for a connection go back to their queue instead of running late."""
         self._stopping = True
+        self._fail_backlog()
         while self._waiters:
             self._wake_one(None)  # each waiter loops in _acquire and sees _stopping
 
@@ -666,6 +720,7 @@ class FpmPool:
         if self._watchdog is not None:
             self._watchdog.cancel()
             self._watchdog = None
+        self._fail_backlog()
         for conn in [*self._idle, *self._busy]:
             conn.close()
         self._idle.clear()
