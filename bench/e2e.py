@@ -1153,8 +1153,8 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--pipeline",
         type=int,
-        default=2,
-        help="the worker's --pipeline: requests per FPM connection at once (default: 2)",
+        default=4,
+        help="the worker's --pipeline: requests per FPM connection at once (default: 4)",
     )
     p.add_argument(
         "--worker-arg",

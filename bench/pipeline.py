@@ -6,7 +6,7 @@ and FPM's CPU per job. Compare with `bench/e2e.py`: the difference is what the b
 consume/ack path cost. It runs the callback path the fast consumer uses (`JobPipeline.start`)
 and, with `--coroutine`, the coroutine path the aiormq consumer uses.
 
-    python bench/pipeline.py [-n 30000] [--children 4] [--pipeline 2] [--script PATH] [--coroutine]
+    python bench/pipeline.py [-n 30000] [--children 4] [--pipeline 4] [--script PATH] [--coroutine]
 """
 
 from __future__ import annotations
@@ -105,7 +105,7 @@ def main() -> int:
     parser.add_argument("--children", type=int, default=4)
     parser.add_argument("--concurrency", type=int, default=0, help="default: --children")
     parser.add_argument(
-        "--pipeline", type=int, default=2, help="requests per connection (worker's --pipeline)"
+        "--pipeline", type=int, default=4, help="requests per connection (worker's --pipeline)"
     )
     parser.add_argument("--script", default=str(ROOT / "examples" / "php" / "dispatch.php"))
     parser.add_argument("--coroutine", action="store_true", help="the aiormq consumer's path")

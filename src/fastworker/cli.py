@@ -111,7 +111,7 @@ def worker_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--pipeline",
         type=_positive_int,
-        default=2,
+        default=4,
         metavar="N",
         help="requests written to one FPM connection at once: the next one waits in the "
         "socket, so the PHP child never waits for the worker; jobs in flight = "

@@ -33,7 +33,7 @@ class Settings:
     script: str = "/var/www/bin/dispatch.php"
     allow_script: list[str] = field(default_factory=list)
     concurrency: int = 4  # connections per FPM endpoint, <= pm.max_children
-    pipeline: int = 2  # requests per connection at once; jobs in flight = concurrency x this
+    pipeline: int = 4  # requests per connection at once; jobs in flight = concurrency x this
     prefetch: int = 0  # 0: max(64, 4 x jobs in flight)
     format: str = "bundle"
     job_timeout: float = 300.0
