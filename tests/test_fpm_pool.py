@@ -441,3 +441,31 @@ def test_stop_starting_gives_back_requests_not_yet_written(fpm: FpmServer) -> No
     assert later[0] is None and isinstance(later[1], FpmNotStarted)
     never = hashlib.sha1(b"not-started").hexdigest()
     assert [sha for _, sha, _ in fpm.records() if sha == never] == []
+
+
+def test_a_waiting_request_is_not_overtaken(fpm: FpmServer) -> None:
+    async def main() -> list[str]:
+        pool = FpmPool(Endpoint.parse(fpm.address), max_connections=1, pipeline=2)
+        await warm(pool)
+        order: list[str] = []
+        futures: list[asyncio.Future] = []
+
+        def tracked(name: str, params_: dict) -> None:
+            future = request_cb(pool, params_, 10)
+            future.add_done_callback(lambda _: order.append(name))
+            futures.append(future)
+
+        tracked("head", params("sleep.php", DEFERRED_DATA="0.2"))
+        tracked("pipelined", params("pid.php"))  # the one pipeline slot is taken
+        tracked("waiting", params("pid.php"))  # no slot: it waits
+        # The moment the head is answered, its slot frees and a new request arrives: the one
+        # that was waiting gets the slot, the newcomer queues behind it.
+        futures[0].add_done_callback(lambda _: tracked("newcomer", params("pid.php")))
+        await futures[0]
+        await asyncio.sleep(0)
+        outcomes = await asyncio.gather(*futures)
+        await pool.close()
+        assert [exc for _, exc in outcomes] == [None] * 4
+        return order
+
+    assert run(main()) == ["head", "pipelined", "waiting", "newcomer"]

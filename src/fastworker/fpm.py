@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
@@ -148,6 +148,12 @@ class _ClosedBeforeResponse(Exception):
     """Internal: the connection closed before a single response byte arrived."""
 
 
+# A request on its way to FPM: (payload, job timeout, callback, stale_left). `stale_left` is how
+# many more times it may move to another connection when a reused one turns out closed before
+# answering (FPM recycled its child); it bounds the retries if FPM keeps doing that.
+_Request = tuple[bytes, float, ResponseCallback, int]
+
+
 class _Connection(asyncio.Protocol):
     """One FastCGI connection: the request FPM is running, and any pipelined behind it.
 
@@ -161,11 +167,11 @@ class _Connection(asyncio.Protocol):
         "pool",
         "transport",
         "parser",
-        "waiter",
         "callback",
         "queued",
         "payload",
         "timeout",
+        "stale_left",
         "reused",
         "deadline",
         "served",
@@ -180,15 +186,13 @@ class _Connection(asyncio.Protocol):
         self.pool = pool
         self.transport: asyncio.Transport | None = None
         self.parser = ResponseParser()
-        # The request in flight is awaited through `waiter` (FpmPool.request) or answered
-        # through `callback` (FpmPool.request_cb); `payload`, `timeout` and `reused` are kept
-        # for the callback's stale-connection retry.
-        self.waiter: asyncio.Future[FpmResponse] | None = None
+        # The head, answered through `callback`; `payload`, `timeout`, `stale_left` and
+        # `reused` are kept to move it elsewhere if the connection turns out stale.
         self.callback: ResponseCallback | None = None
-        # Written after the head, not yet started: (payload, timeout, callback), in order.
-        self.queued: deque[tuple[bytes, float, ResponseCallback]] = deque()
+        self.queued: deque[_Request] = deque()  # written after the head, not yet started
         self.payload = b""
         self.timeout = 0.0
+        self.stale_left = 0
         self.reused = False
         self.served = 0
         self.closed = False
@@ -211,24 +215,25 @@ class _Connection(asyncio.Protocol):
             return
         for response in done:  # more than one only when requests were pipelined
             callback = self.callback
-            if callback is not None:
-                self.callback = None
-                self.payload = b""
-                self.served += 1
-                if self.queued:
-                    self._promote()
-                self.pool._answered(self, callback, response)
-                continue
-            waiter = self._settle()
-            if waiter is not None:
-                _, stdout, stderr, app_status, protocol_status = response
-                waiter.set_result(FpmResponse(stdout, stderr, app_status, protocol_status))
+            if callback is None:
+                return  # an answer nobody asked for; the parser would have objected
+            self.callback = None
+            self.payload = b""
+            self.served += 1
+            if self.queued:
+                self._promote()
+            self.pool._answered(self, callback, response)
 
     def eof_received(self) -> bool:
         return False  # FPM closing its side ends the connection
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
+        # Requests pipelined behind the head never started: FPM reads a request only after it
+        # has finished the one before. They go back to the front of the pool's backlog (the
+        # head, if it may move too, goes in front of them).
+        queued, self.queued = self.queued, deque()
+        self.pool._put_back(queued)
         if self.parser.bytes_received == 0:
             self._fail(_ClosedBeforeResponse(str(exc) if exc else "closed by FPM"))
         else:
@@ -236,42 +241,19 @@ class _Connection(asyncio.Protocol):
             self._fail(
                 FpmConnectionLost(f"{self.pool.endpoint}: connection lost mid-response{reason}")
             )
-        # Requests pipelined behind the head never started: FPM reads a request only after it
-        # has finished the one before. They move to other connections like stale-connection
-        # retries.
-        queued, self.queued = self.queued, deque()
-        for payload, timeout, callback in queued:
-            self.pool._spawn(self.pool._run_cb(payload, timeout, _STALE_RETRIES, callback))
         self.pool._on_closed(self)
 
     # used by the pool
-    def _settle(self) -> asyncio.Future[FpmResponse] | None:
-        """Ends the request in flight and releases the connection (here, exactly once: the
-        awaiting task may be cancelled or resume late); returns the waiter if still awaited."""
-        waiter = self.waiter
-        if waiter is None:
-            return None
-        self.waiter = None
-        self.served += 1
-        if self.queued and not self.closed:
-            self._promote()
-        self.pool._release(self)
-        return None if waiter.done() else waiter
-
     def _fail(self, exc: Exception) -> None:
         callback = self.callback
         if callback is not None:
             self.callback = None
             self.served += 1
             self.pool._failed(self, callback, exc)
-            return
-        waiter = self._settle()
-        if waiter is not None:
-            waiter.set_exception(exc)
 
     @property
     def in_flight(self) -> bool:
-        return self.waiter is not None or self.callback is not None
+        return self.callback is not None
 
     def _on_timeout(self) -> None:
         self.close()
@@ -285,22 +267,15 @@ class _Connection(asyncio.Protocol):
             # this connection from the idle list or put it back there.
             self.closed = True
 
-    def send(self, payload: bytes, timeout: float) -> asyncio.Future[FpmResponse]:
-        """Writes one request; the future resolves with its response or an FpmError."""
-        waiter: asyncio.Future[FpmResponse] = self.pool.loop.create_future()
-        self.waiter = waiter
-        self._write(payload, timeout)
-        return waiter
-
-    def send_cb(self, payload: bytes, timeout: float, callback: ResponseCallback) -> None:
-        """Writes one request; `callback` gets its response or an FpmError, via the pool."""
+    def send(
+        self, payload: bytes, timeout: float, callback: ResponseCallback, stale_left: int
+    ) -> None:
+        """Writes one request as the head; `callback` gets its answer, via the pool."""
         self.callback = callback
         self.payload = payload
         self.timeout = timeout
+        self.stale_left = stale_left
         self.reused = self.served > 0
-        self._write(payload, timeout)
-
-    def _write(self, payload: bytes, timeout: float) -> None:
         self._start(timeout)
         self.transport.write(payload)  # type: ignore[union-attr]
 
@@ -312,19 +287,18 @@ class _Connection(asyncio.Protocol):
         self.stall_reported = False
         self.pool._watch(self.deadline)
 
-    def pipeline(self, payload: bytes, timeout: float, callback: ResponseCallback) -> None:
+    def pipeline(
+        self, payload: bytes, timeout: float, callback: ResponseCallback, stale_left: int
+    ) -> None:
         """Writes a request behind the head; it starts (and its timeout runs) when it is next."""
-        self.queued.append((payload, timeout, callback))
+        self.queued.append((payload, timeout, callback, stale_left))
         self.transport.write(payload)  # type: ignore[union-attr]
 
     def _promote(self) -> None:
         """The head completed: the first pipelined request is now the one FPM runs."""
-        payload, timeout, callback = self.queued.popleft()
-        self.callback = callback
-        self.payload = payload
-        self.timeout = timeout
+        self.payload, self.timeout, self.callback, self.stale_left = self.queued.popleft()
         self.reused = True
-        self._start(timeout)
+        self._start(self.timeout)
 
 
 class FpmPool:
@@ -353,20 +327,19 @@ class FpmPool:
         self.loop = asyncio.get_running_loop()
         self.completed = 0  # requests answered, for the stall check
         self.opened = 0  # connections ever opened, for tests and stats
-        self._open = 0  # connections open or opening
+        self.pipelined = 0  # requests ever written behind another, for tests and stats
+        self._open = 0  # connections open or being opened
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
-        self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
-        # Callback requests waiting for a free connection or a pipeline slot, oldest first: a
-        # new request never overtakes them (their deliveries would hold back the batched acks).
-        self._backlog: deque[tuple[bytes, float, ResponseCallback]] = deque()
+        # Requests waiting for a free connection or a pipeline slot, oldest first. A new
+        # request never overtakes them (their deliveries would hold back the batched acks).
+        self._backlog: deque[_Request] = deque()
         self._closing = False
         self._stopping = False  # stop_starting(): requests not yet written fail as not started
-        self.pipelined = 0  # requests ever written behind another, for tests and stats
         # One timer per pool, armed at the earliest job deadline, instead of one per job.
         self._watchdog: asyncio.TimerHandle | None = None
         self._watchdog_at = 0.0
-        self._tasks: set[asyncio.Task[None]] = set()  # request_cb's slow paths
+        self._tasks: set[asyncio.Task[None]] = set()  # connections being opened
 
     @property
     def open_connections(self) -> int:
@@ -416,29 +389,38 @@ class FpmPool:
         if self._stopping:
             callback(None, FpmNotStarted(f"{self.endpoint}: the worker is stopping"))
             return
+        if self._closing:
+            callback(None, FpmUnavailable(f"{self.endpoint}: pool is closed"))
+            return
         try:
             payload = _payload(params, stdin, shared)
         except FpmBadRequest as exc:
             callback(None, exc)
             return
-        if self._backlog or not self._place(payload, timeout, callback):
-            self._backlog.append((payload, timeout, callback))
+        if self._backlog or not self._place(payload, timeout, callback, _STALE_RETRIES):
+            self._backlog.append((payload, timeout, callback, _STALE_RETRIES))
 
-    def _place(self, payload: bytes, timeout: float, callback: ResponseCallback) -> bool:
+    def _place(
+        self, payload: bytes, timeout: float, callback: ResponseCallback, stale_left: int
+    ) -> bool:
         """Writes a request wherever it can start now; False if it has to wait."""
         conn = self._take_idle()
         if conn is not None:
-            conn.send_cb(payload, timeout, callback)
+            conn.send(payload, timeout, callback, stale_left)
             return True
         if self._open < self.max_connections:
             self._open += 1  # reserved now, so the requests right behind do not open more
-            self._spawn(self._open_and_send(payload, timeout, callback))
+            task = self.loop.create_task(
+                self._open_and_send(payload, timeout, callback, stale_left)
+            )
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
             return True
         if self.pipeline > 1:
             conn = self._pipelinable()
             if conn is not None:
                 self.pipelined += 1
-                conn.pipeline(payload, timeout, callback)
+                conn.pipeline(payload, timeout, callback, stale_left)
                 return True
         return False
 
@@ -449,29 +431,40 @@ class FpmPool:
             if self._closing or self._stopping:
                 self._fail_backlog()
                 return
-            payload, timeout, callback = backlog[0]
-            if not self._place(payload, timeout, callback):
+            if not self._place(*backlog[0]):
                 return
             backlog.popleft()
 
+    def _put_back(self, requests: deque[_Request]) -> None:
+        """Requests that never started go back to the front of the backlog, in order."""
+        self._backlog.extendleft(reversed(requests))
+
     def _fail_backlog(self) -> None:
         backlog, self._backlog = self._backlog, deque()
-        for _, _, callback in backlog:
+        for _, _, callback, _ in backlog:
             if self._closing:
                 callback(None, FpmUnavailable(f"{self.endpoint}: pool is closed"))
             else:
                 callback(None, FpmNotStarted(f"{self.endpoint}: the worker is stopping"))
 
     async def _open_and_send(
-        self, payload: bytes, timeout: float, callback: ResponseCallback
+        self, payload: bytes, timeout: float, callback: ResponseCallback, stale_left: int
     ) -> None:
         """Opens a connection (its slot already counted in `_open`) and writes the request."""
         try:
-            conn = await self._connect(reserved=True)
+            conn = await self._connect()
         except FpmError as exc:
             callback(None, exc)
             return
-        conn.send_cb(payload, timeout, callback)
+        except BaseException:
+            callback(None, FpmUnavailable(f"{self.endpoint}: connecting was cancelled"))
+            raise
+        if self._closing or self._stopping:  # while we connected: this one never started
+            self._release(conn)
+            self._backlog.appendleft((payload, timeout, callback, stale_left))
+            self._fail_backlog()
+            return
+        conn.send(payload, timeout, callback, stale_left)
 
     def _pipelinable(self) -> _Connection | None:
         """The busy connection best placed to take a pipelined request, if any may.
@@ -495,28 +488,13 @@ class FpmPool:
                 continue
             if queued == best_queued and sent_at <= best_sent:
                 continue
-            if conn.closed or not conn.served or (conn.callback is None and conn.waiter is None):
+            if conn.closed or not conn.served or conn.callback is None:
                 continue
             best, best_queued, best_sent = conn, queued, sent_at
         return best
 
-    def _spawn(self, coro: Coroutine[Any, Any, None]) -> None:
-        task = self.loop.create_task(coro)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-
-    async def _run_cb(
-        self, payload: bytes, timeout: float, attempts: int, callback: ResponseCallback
-    ) -> None:
-        try:
-            response = await self._run(payload, timeout, attempts)
-        except Exception as exc:
-            callback(None, exc)
-        else:
-            callback(response, None)
-
     def _answered(self, conn: _Connection, callback: ResponseCallback, done: tuple) -> None:
-        """A callback request's response is complete (called from data_received)."""
+        """A request's response is complete (called from data_received)."""
         self._release(conn)
         if self._backlog:  # the connection may take a pipelined request now
             self._serve_backlog()
@@ -525,14 +503,20 @@ class FpmPool:
         callback(FpmResponse(stdout, stderr, app_status, protocol_status), None)
 
     def _failed(self, conn: _Connection, callback: ResponseCallback, exc: Exception) -> None:
-        """A callback request failed: what `request` would raise, or a stale-connection retry."""
+        """A request failed: the FpmError for its callback, or a move to another connection."""
         payload, conn.payload = conn.payload, b""
         self._release(conn)
         if isinstance(exc, _ClosedBeforeResponse):
-            if conn.reused:  # as in `request`: nothing ran; try other connections
-                self._spawn(self._run_cb(payload, conn.timeout, _STALE_RETRIES, callback))
-                return
-            exc = self._crashed(exc)
+            if conn.reused:  # FPM recycled or dropped the connection; nothing ran
+                if conn.stale_left > 0:
+                    self._backlog.appendleft((payload, conn.timeout, callback, conn.stale_left - 1))
+                    self._serve_backlog()
+                    return
+                exc = FpmUnavailable(
+                    f"{self.endpoint}: reused connections kept closing before a response"
+                )
+            else:
+                exc = self._crashed(exc)
         callback(None, exc)
 
     def _crashed(self, exc: _ClosedBeforeResponse) -> FpmConnectionLost:
@@ -543,20 +527,6 @@ class FpmPool:
             f"{self.endpoint}: connection closed before any response; the PHP process "
             f"may have crashed ({exc})"
         )
-
-    async def _run(self, payload: bytes, timeout: float, attempts: int) -> FpmResponse:
-        for _ in range(attempts):
-            conn = self._take_idle() or await self._acquire()
-            reused = conn.served > 0
-            try:
-                response = await conn.send(payload, timeout)  # the connection releases itself
-            except _ClosedBeforeResponse as exc:
-                if reused:
-                    continue  # FPM recycled or dropped an idle connection; nothing ran
-                raise self._crashed(exc) from None
-            self.completed += 1
-            return response
-        raise FpmUnavailable(f"{self.endpoint}: reused connections kept closing before a response")
 
     def _watch(self, deadline: float) -> None:
         if self._watchdog is None or deadline < self._watchdog_at:
@@ -590,33 +560,8 @@ class FpmPool:
                 return conn
         return None
 
-    async def _acquire(self) -> _Connection:
-        while True:
-            conn = self._take_idle()
-            if conn is not None:
-                return conn
-            if self._closing:
-                raise FpmUnavailable(f"{self.endpoint}: pool is closed")
-            if self._stopping:
-                raise FpmNotStarted(f"{self.endpoint}: the worker is stopping")
-            if self._open < self.max_connections:
-                return await self._connect()
-            waiter: asyncio.Future[_Connection | None] = self.loop.create_future()
-            self._waiters.append(waiter)
-            try:
-                conn = await waiter
-            except asyncio.CancelledError:
-                if waiter.done() and not waiter.cancelled() and waiter.result() is not None:
-                    self._release(waiter.result())  # handed over just as we were cancelled
-                raise
-            if conn is not None:
-                self._busy.add(conn)
-                return conn
-            # None: a connection closed, so there is room to open one; loop and try
-
-    async def _connect(self, reserved: bool = False) -> _Connection:
-        if not reserved:
-            self._open += 1
+    async def _connect(self) -> _Connection:
+        """A new connection, busy; its slot must already be counted in `_open`."""
         self.opened += 1
         try:
             async with asyncio.timeout(self.connect_timeout):
@@ -643,24 +588,14 @@ class FpmPool:
             return  # a pipelined request became the head; the connection stays busy
         self._busy.discard(conn)
         if conn.closed:
-            return  # _on_closed already freed its slot
+            return  # _on_closed frees its slot
         if self._closing:
             conn.close()
             return
         conn.last_used = self.loop.time()
-        if self._wake_one(conn):
-            return
         self._idle.append(conn)
         if self._backlog:
             self._serve_backlog()
-
-    def _wake_one(self, conn: _Connection | None) -> bool:
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(conn)
-                return True
-        return False
 
     def _on_closed(self, conn: _Connection) -> None:
         self._busy.discard(conn)
@@ -669,7 +604,6 @@ class FpmPool:
     def _slot_freed(self) -> None:
         """A connection (or one being opened) is gone: room for another."""
         self._open -= 1
-        self._wake_one(None)
         if self._backlog:
             self._serve_backlog()
 
@@ -711,8 +645,6 @@ class FpmPool:
         jobs waiting for a connection go back to their queue instead of running late."""
         self._stopping = True
         self._fail_backlog()
-        while self._waiters:
-            self._wake_one(None)  # each waiter loops in _acquire and sees _stopping
 
     async def close(self) -> None:
         """Closes every connection; busy ones are aborted."""
@@ -724,11 +656,6 @@ class FpmPool:
         for conn in [*self._idle, *self._busy]:
             conn.close()
         self._idle.clear()
-        self._wake_one(None)
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_exception(FpmUnavailable(f"{self.endpoint}: pool is closed"))
         await asyncio.sleep(0)
 
 
