@@ -47,8 +47,8 @@ def test_finished_behind_a_slow_delivery_is_acked_alone() -> None:
     assert tracker.take() == [(4, True)]
 
 
-@given(st.integers(1, 60), st.randoms(use_true_random=False), st.booleans())
-def test_random_completion_acks_each_tag_once(count: int, rnd: random.Random, hold: bool) -> None:
+@given(st.integers(1, 60), st.randoms(use_true_random=False), st.sampled_from([0.0, 1.0, 3.0]))
+def test_random_completion_acks_each_tag_once(count: int, rnd: random.Random, hold: float) -> None:
     tracker = AckTracker()
     outstanding = list(range(1, count + 1))
     for tag in outstanding:
@@ -57,12 +57,14 @@ def test_random_completion_acks_each_tag_once(count: int, rnd: random.Random, ho
     rnd.shuffle(order)
     broker = outstanding[:]
     acked: list[int] = []
+    now = 0.0
     for tag in order:
         tracker.finished(tag)
         if rnd.random() < 0.3:
-            acked += acked_tags(tracker.take(hold), broker)
-    acked += acked_tags(tracker.take(hold), broker)
-    acked += acked_tags(tracker.take(hold), broker)  # held ones go within two rounds
+            now += rnd.random()
+            acked += acked_tags(tracker.take(now, hold), broker)
+    acked += acked_tags(tracker.take(now, hold), broker)
+    acked += acked_tags(tracker.take(now + hold, hold), broker)  # held ones are due by then
     assert sorted(acked) == list(range(1, count + 1))
     assert broker == []
 
@@ -78,18 +80,19 @@ def test_discard_keeps_a_rejected_tag_out_of_multiple_acks() -> None:
     assert sorted(acked_tags(tracker.take(), broker)) == [1, 3]
 
 
-def test_hold_waits_one_round_before_acking_behind_a_gap() -> None:
+def test_hold_waits_before_acking_behind_a_gap() -> None:
     tracker = AckTracker()
     for tag in range(1, 7):
         tracker.delivered(tag)
     for tag in (1, 3, 4):
         tracker.finished(tag)
-    assert tracker.take(hold=True) == [(1, True)]  # 3 and 4 wait: the gap at 2 may close
+    assert tracker.take(0.0, 0.01) == [(1, True)]  # 3 and 4 wait: the gap at 2 may close
+    assert tracker.pending == 0 and tracker.unacked == 2
     tracker.finished(2)
     tracker.finished(6)
-    assert tracker.take(hold=True) == [(4, True)]  # it did: one multiple ack; 6 now waits
-    assert tracker.pending == 1
-    assert tracker.take(hold=True) == [(6, False)]  # still behind 5 a round later: alone
+    assert tracker.take(0.004, 0.01) == [(4, True)]  # it did: one multiple ack; 6 now waits
+    assert tracker.take(0.012, 0.01) == []  # 6 has waited 8 ms of 10
+    assert tracker.take(0.02, 0.01) == [(6, False)]  # still behind 5 after 10 ms: alone
     tracker.finished(5)
-    assert tracker.take(hold=True) == [(5, True)]
-    assert tracker.pending == 0
+    assert tracker.take(0.021, 0.01) == [(5, True)]
+    assert tracker.unacked == 0

@@ -33,7 +33,7 @@ if str(ROOT / "src") not in sys.path:
 
 from fastworker import amqp_py, fast_consumer  # noqa: E402
 from fastworker.consumer import AmqpConsumer  # noqa: E402
-from fastworker.fast_consumer import FastAmqpConsumer  # noqa: E402
+from fastworker.fast_consumer import ACK_HOLD, FastAmqpConsumer  # noqa: E402
 from fastworker.message import Message  # noqa: E402
 from helpers import (  # noqa: E402
     TcpProxy,
@@ -617,9 +617,9 @@ def test_link_acks_in_batches_and_at_half_the_prefetch() -> None:
         for tag in range(4, 9):
             link._acks.delivered(tag)
         for tag in (5, 6, 7, 8):
-            link.finished(tag)  # 4 is still running: held one round, the gap may close
+            link.finished(tag)  # 4 is still running: held for ACK_HOLD, the gap may close
         assert transport.written == b""
-        await asyncio.sleep(0.02)  # a round later they are still behind 4: acked one by one
+        await asyncio.sleep(ACK_HOLD + 0.03)  # still behind 4 after ACK_HOLD: acked one by one
         acks = _frames(bytes(transport.written))
         assert [(a.delivery_tag, a.multiple) for a in acks] == [(5, 0), (6, 0), (7, 0), (8, 0)]
         link.requeue(4)

@@ -3,10 +3,11 @@
 A multiple ack covers every outstanding tag up to the one it names, so it is only safe over a run
 of finished deliveries at the front of the channel's outstanding list; a finished delivery behind a
 slow one is acked on its own instead. With many jobs in flight they finish out of order all the
-time, and most of those gaps close within moments: `take(hold=True)` keeps such a delivery for one
-more round and acks it alone only if it is still behind a gap then, so single acks (each one work
-for the broker) stay rare. Every tag is acked exactly once (a second ack of a tag is a channel
-error in RabbitMQ). Sans-IO: the consumer sends what `take()` returns.
+time, and most of those gaps close soon (a PHP child that was not scheduled for a few ms gets its
+turn): `take(now, hold)` keeps such a delivery pending for up to `hold` seconds and acks it alone
+only if it is still behind a gap then, so single acks (each one work for the broker) stay rare.
+Every tag is acked exactly once (a second ack of a tag is a channel error in RabbitMQ). Sans-IO:
+the consumer sends what `take()` returns.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ class AckTracker:
     def __init__(self) -> None:
         self._outstanding: deque[int] = deque()  # delivered, not yet acked, in delivery order
         self._finished: set[int] = set()  # finished, ack not yet sent
-        self._held: set[int] = set()  # finished behind a gap at the last take(hold=True)
+        self._held: dict[int, float] = {}  # finished behind a gap: since when (a subset)
 
     def delivered(self, tag: int) -> None:
         self._outstanding.append(tag)
@@ -31,7 +32,7 @@ class AckTracker:
     def discard(self, tag: int) -> None:
         """Forgets a delivery that is being rejected instead of acked."""
         self._finished.discard(tag)
-        self._held.discard(tag)
+        self._held.pop(tag, None)
         try:
             self._outstanding.remove(tag)
         except ValueError:
@@ -39,16 +40,21 @@ class AckTracker:
 
     @property
     def pending(self) -> int:
+        """Finished deliveries not yet acked nor held behind a gap: what a flush would send."""
+        return len(self._finished) - len(self._held)
+
+    @property
+    def unacked(self) -> int:
+        """Finished deliveries whose ack has not been sent, held ones included."""
         return len(self._finished)
 
-    def take(self, hold: bool = False) -> list[tuple[int, bool]]:
+    def take(self, now: float = 0.0, hold: float = 0.0) -> list[tuple[int, bool]]:
         """The acks to send now, as (delivery_tag, multiple).
 
-        With `hold`, a finished delivery behind an unfinished one is acked alone only if it
-        was already held at the previous `take(hold=True)`; until then it stays pending.
+        A finished delivery behind an unfinished one is acked alone once it has been held
+        behind it for `hold` seconds (0: at once; `now` is the caller's clock).
         """
         if not self._finished:
-            self._held = set()
             return []
         outstanding, finished = self._outstanding, self._finished
         acks: list[tuple[int, bool]] = []
@@ -58,16 +64,16 @@ class AckTracker:
             finished.discard(last)
         if last:
             acks.append((last, True))
+        held = self._held
         if finished:
-            if hold:
-                due = finished & self._held
-                self._held = finished - due
-            else:
-                due, self._held = set(finished), set()
+            due = set()
+            for tag in finished:
+                if now - held.setdefault(tag, now) >= hold:
+                    due.add(tag)
             if due:
                 acks.extend((tag, False) for tag in sorted(due))
                 finished -= due
                 self._outstanding = deque(tag for tag in outstanding if tag not in due)
-        else:
-            self._held = set()
+        if held and len(held) != len(finished):
+            self._held = {tag: since for tag, since in held.items() if tag in finished}
         return acks
