@@ -3,7 +3,10 @@
 PHP-FPM serves one request at a time per connection, and a kept-alive connection pins one FPM
 child while it stays open. So a pool opens connections only when a job needs one, never holds more
 than `max_connections`, hands idle connections to the next job (LIFO, so few stay warm), and closes
-connections that sat idle too long. It knows FastCGI and sockets, nothing of queues or messages.
+connections that sat idle too long. When every connection is busy, up to `pipeline` - 1 more
+requests are written behind a running one, which FPM reads as soon as its child is free; requests
+that still find no room wait in one FIFO backlog. It knows FastCGI and sockets, nothing of queues
+or messages.
 """
 
 from __future__ import annotations
