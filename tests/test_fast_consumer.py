@@ -606,6 +606,8 @@ def test_link_acks_in_batches_and_at_half_the_prefetch() -> None:
 
     async def main() -> None:
         link, transport = _link()  # prefetch 8: a flush once 4 acks are due
+        waiting = link.consumer._pending
+        waiting.append((None, 99, None))  # a delivery waits to start: acks may be batched
         for tag in range(1, 4):
             link._acks.delivered(tag)
             link.finished(tag)
@@ -633,5 +635,14 @@ def test_link_acks_in_batches_and_at_half_the_prefetch() -> None:
         await asyncio.sleep(0.02)
         [ack] = _frames(bytes(transport.written))
         assert (ack.delivery_tag, ack.multiple) == (12, True)
+        transport.written.clear()
+        # Nothing waits to start any more: the prefetch window is what limits the consumer,
+        # so each finished delivery is acked at once, even behind a gap.
+        waiting.clear()
+        for tag in (13, 14):
+            link._acks.delivered(tag)
+        link.finished(14)
+        [ack] = _frames(bytes(transport.written))
+        assert (ack.delivery_tag, ack.multiple) == (14, False)
 
     arun(main)

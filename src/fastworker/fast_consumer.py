@@ -438,7 +438,11 @@ class _Link(asyncio.Protocol):
             return  # the broker requeues it when this connection goes away
         acks = self._acks
         acks.finished(tag)
-        if acks.pending >= self._flush_at:
+        if not self.consumer._pending:
+            # Nothing received is waiting to start: the prefetch window is the limit, so an
+            # ack now (gaps or not) is what lets the broker send the next delivery.
+            self.flush()
+        elif acks.pending >= self._flush_at:
             self.flush(hold=True)
         if not self._flush_scheduled and acks.unacked:
             self._flush_scheduled = True
@@ -446,7 +450,7 @@ class _Link(asyncio.Protocol):
 
     def _flush_timer(self) -> None:
         self._flush_scheduled = False
-        self.flush(hold=True)
+        self.flush(hold=bool(self.consumer._pending))
         if self._acks.unacked and not self._flush_scheduled and self.alive:
             self._flush_scheduled = True  # held ones: ack them next round at the latest
             self._loop.call_later(ACK_INTERVAL, self._flush_timer)

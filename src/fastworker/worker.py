@@ -58,6 +58,16 @@ class Settings:
 
 def build(settings: Settings) -> tuple[Consumer, FpmPools, FailureHandler]:
     """Everything the worker runs, wired together; must be called inside the event loop."""
+    if settings.effective_prefetch < 2 * settings.jobs_in_flight:
+        log.warning(
+            "--prefetch %d is less than twice the jobs in flight (%d = --concurrency %d x "
+            "--pipeline %d): FPM will wait for deliveries; the default is max(64, 4 x %d)",
+            settings.effective_prefetch,
+            settings.jobs_in_flight,
+            settings.concurrency,
+            settings.pipeline,
+            settings.jobs_in_flight,
+        )
     endpoints = [Endpoint.parse(text) for text in settings.fpm]
     policy = TargetPolicy(endpoints, settings.allow_script or [settings.script])
     pools = FpmPools(
