@@ -66,10 +66,10 @@ class AckTracker:
             acks.append((last, True))
         held = self._held
         if finished:
-            due = set()
-            for tag in finished:
-                if now - held.setdefault(tag, now) >= hold:
-                    due.add(tag)
+            if hold > 0:
+                due = {tag for tag in finished if now - held.setdefault(tag, now) >= hold}
+            else:
+                due = set(finished)
             if due:
                 acks.extend((tag, False) for tag in sorted(due))
                 finished -= due

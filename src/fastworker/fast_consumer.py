@@ -444,16 +444,18 @@ class _Link(asyncio.Protocol):
             self.flush()
         elif acks.pending >= self._flush_at:
             self.flush(hold=True)
-        if not self._flush_scheduled and acks.unacked:
+        self._flush_later()
+
+    def _flush_later(self) -> None:
+        """Arms the ~ACK_INTERVAL flush while acks (sent later or held) are outstanding."""
+        if not self._flush_scheduled and self._acks.unacked and self.alive:
             self._flush_scheduled = True
             self._loop.call_later(ACK_INTERVAL, self._flush_timer)
 
     def _flush_timer(self) -> None:
         self._flush_scheduled = False
         self.flush(hold=bool(self.consumer._pending))
-        if self._acks.unacked and not self._flush_scheduled and self.alive:
-            self._flush_scheduled = True  # held ones: ack them next round at the latest
-            self._loop.call_later(ACK_INTERVAL, self._flush_timer)
+        self._flush_later()  # held ones: ack them next round at the latest
 
     def flush(self, hold: bool = False) -> None:
         """Writes the acks that are due, in one write; all of them unless `hold`, which keeps

@@ -389,11 +389,8 @@ class FpmPool:
         requests already waiting. The answer is handed to `callback` from the connection's
         data_received. `callback` is called exactly once.
         """
-        if self._stopping:
-            callback(None, FpmNotStarted(f"{self.endpoint}: the worker is stopping"))
-            return
-        if self._closing:
-            callback(None, FpmUnavailable(f"{self.endpoint}: pool is closed"))
+        if self._stopping or self._closing:
+            callback(None, self._refusal())
             return
         try:
             payload = _payload(params, stdin, shared)
@@ -442,13 +439,16 @@ class FpmPool:
         """Requests that never started go back to the front of the backlog, in order."""
         self._backlog.extendleft(reversed(requests))
 
+    def _refusal(self) -> FpmError:
+        """Why a request can no longer start (only once stopping or closing)."""
+        if self._stopping:
+            return FpmNotStarted(f"{self.endpoint}: the worker is stopping")
+        return FpmUnavailable(f"{self.endpoint}: pool is closed")
+
     def _fail_backlog(self) -> None:
         backlog, self._backlog = self._backlog, deque()
         for _, _, callback, _ in backlog:
-            if self._closing:
-                callback(None, FpmUnavailable(f"{self.endpoint}: pool is closed"))
-            else:
-                callback(None, FpmNotStarted(f"{self.endpoint}: the worker is stopping"))
+            callback(None, self._refusal())
 
     async def _open_and_send(
         self, payload: bytes, timeout: float, callback: ResponseCallback, stale_left: int
@@ -464,8 +464,7 @@ class FpmPool:
             raise
         if self._closing or self._stopping:  # while we connected: this one never started
             self._release(conn)
-            self._backlog.appendleft((payload, timeout, callback, stale_left))
-            self._fail_backlog()
+            callback(None, self._refusal())
             return
         conn.send(payload, timeout, callback, stale_left)
 
