@@ -2,19 +2,30 @@
 """Sans-IO AMQP 0-9-1 frame codec, compiled: deliveries out of a byte stream, acks into bytes.
 
 Why compiled: aiormq spends 62-89 us of CPU per message on consume + ack (pamqp objects for
-every frame, a task per delivery), while the whole per-job budget is ~60 us (see DESIGN.md).
-Here the Basic.Deliver method, the content header and the body frames of a delivery are walked
-with C ints and turned into one tuple; consumer tags, exchanges and routing keys repeat, so the
-last str of each is reused instead of decoded again; a body that fits one frame is copied once
-from the input; acks are written straight into one bytes object. Everything else (handshake,
-qos, consume-ok, cancel, close, heartbeats) is returned raw for the Python side and pamqp.
+every frame, a task per delivery), while the whole per-job budget is ~60 us. Here the
+Basic.Deliver method, the content header and the body frames of a delivery are walked with C
+ints and turned into one tuple; consumer tags, exchanges, routing keys and property blocks
+repeat, so the last object of each is reused instead of built again; a body that fits one frame
+is copied once from the input; acks are written straight into one bytes object. Everything else
+(handshake, qos, consume-ok, cancel, close, heartbeats) is returned raw for the Python side.
 
 The pure-Python twin `fastworker.amqp_py` has the same API, the same error messages and the
-same results; tests/test_amqp_codec.py runs every vector through both. Keep them in step.
+same results; tests/test_amqp_codec.py and tests/test_amqp_fuzz.py run every vector through both.
+Keep them in step.
 
-`FrameReader().feed(data)` returns, in stream order, a 9-tuple
-`(channel, delivery_tag, redelivered, exchange, routing_key, consumer_tag, properties, headers,
-body)` per completed delivery and a 3-tuple `(frame_type, channel, payload)` per other frame.
+`FrameReader(frame_max, max_body_size).feed(data)` returns, in stream order, a 9-tuple
+`(channel, delivery_tag, redelivered, exchange, routing_key, consumer_tag, properties_raw, body,
+body_size)` per completed delivery and a 3-tuple `(frame_type, channel, payload)` per other
+frame. `properties_raw` is the content header from the property-flags word on, undecoded: the
+per-message path decodes no properties; `decode_properties` (the twin's, re-exported) turns it
+into `(properties, headers)` and raises only `PropertyError`, a fault of that one message.
+`body` is None when `body_size > max_body_size`: that body is counted and discarded frame by
+frame, the stream stays usable. A body of several frames is kept as the frames received (joined
+at the end), never reserved ahead of the data; a partial frame buffer grows with the data too.
+
+`feed` raises only `AMQPFrameError` (a ValueError): drop the connection. The reader then stays
+unusable: every later `feed` raises `AMQPFrameError("reader is unusable after an earlier error:
+<first error>")`.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -24,14 +35,14 @@ from cpython.bytes cimport (
     PyBytes_FromStringAndSize,
     PyBytes_GET_SIZE,
 )
+from cpython.list cimport PyList_GET_SIZE
+from cpython.long cimport PyLong_CheckExact
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
-import struct as _struct
-
-from pamqp import decode as _pamqp_decode
+from fastworker.amqp_py import MAX_TABLE_DEPTH, PropertyError, decode_properties
 
 __all__ = [
     "AMQPFrameError",
@@ -43,7 +54,10 @@ __all__ = [
     "FRAME_METHOD",
     "FrameReader",
     "HEARTBEAT",
+    "MAX_TABLE_DEPTH",
     "PROTOCOL_HEADER",
+    "PropertyError",
+    "decode_properties",
     "encode_ack",
     "encode_acks",
     "encode_nack",
@@ -57,8 +71,9 @@ PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
 HEARTBEAT = b"\x08\x00\x00\x00\x00\x00\x00\xce"
 DEFAULT_FRAME_MAX = 131072
 MIN_FRAME_MAX = 4096
-DEFAULT_MAX_BODY_SIZE = 512 * 1024 * 1024
+DEFAULT_MAX_BODY_SIZE = 8 * 1024 * 1024
 MAX_TAG = 0xFFFFFFFFFFFFFFFF
+UNUSABLE = "reader is unusable after an earlier error: "
 
 cdef enum:
     _METHOD = 1
@@ -71,6 +86,7 @@ cdef enum:
     _ACK_METHOD = 80
     _NACK_METHOD = 120
     _ACK_SIZE = 21
+    _MIN_CAP = 4096
 
 cdef enum:  # assembly states
     _IDLE = 0
@@ -78,8 +94,6 @@ cdef enum:  # assembly states
     _WANT_BODY = 2
 
 cdef bytes _EMPTY = b""
-cdef object _timestamp = _pamqp_decode.timestamp
-cdef object _field_table = _pamqp_decode.field_table
 
 
 class AMQPFrameError(ValueError):
@@ -122,20 +136,35 @@ cdef class _StrCache:
         return self.value
 
 
+cdef class _BytesCache:
+    """The last property block: publishers repeat it, so reuse the (immutable) bytes."""
+
+    cdef bytes raw
+
+    def __cinit__(self):
+        self.raw = _EMPTY
+
+    cdef inline bytes get(self, const unsigned char* p, Py_ssize_t n):
+        if n == PyBytes_GET_SIZE(self.raw) and memcmp(PyBytes_AS_STRING(self.raw), p, n) == 0:
+            return self.raw
+        self.raw = PyBytes_FromStringAndSize(<const char*>p, n)
+        return self.raw
+
+
 cdef class _Assembly:
     """A delivery whose content frames are still arriving on one channel."""
 
     cdef int state
     cdef uint64_t delivery_tag
     cdef bint redelivered
+    cdef bint skip  # over max_body_size: body frames are counted, not kept
     cdef str exchange
     cdef str routing_key
     cdef str consumer_tag
-    cdef dict properties
-    cdef dict headers
-    cdef bytes body
-    cdef Py_ssize_t body_size
-    cdef Py_ssize_t received
+    cdef bytes properties
+    cdef list parts  # body frames received so far (only when a body spans several frames)
+    cdef uint64_t body_size
+    cdef uint64_t received
 
 
 cdef _check_header(
@@ -166,14 +195,10 @@ cdef inline Py_ssize_t _short_end(
     return -1 if stop > end else stop
 
 
-cdef dict _headers_table(const unsigned char* p, Py_ssize_t n, int channel):
-    """Decodes the rare headers table with pamqp (shared by both implementations)."""
-    try:
-        return dict(_field_table(PyBytes_FromStringAndSize(<const char*>p, n))[1])
-    except (ValueError, _struct.error, TypeError, IndexError) as exc:
-        raise AMQPFrameError(
-            f"content header on channel {channel} has a bad headers table ({exc})"
-        ) from None
+cdef inline int _check_int(str name, object value) except -1:
+    if not PyLong_CheckExact(value) and (not isinstance(value, int) or isinstance(value, bool)):
+        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
+    return 0
 
 
 cdef class FrameReader:
@@ -183,14 +208,16 @@ cdef class FrameReader:
     cdef Py_ssize_t _len
     cdef Py_ssize_t _cap
     cdef Py_ssize_t _frame_max
-    cdef Py_ssize_t _max_body
+    cdef uint64_t _max_body
     cdef dict _channels
     cdef int _last_channel
     cdef _Assembly _last
     cdef _StrCache _tags
     cdef _StrCache _exchanges
     cdef _StrCache _keys
+    cdef _BytesCache _props
     cdef list _out
+    cdef str _error  # set by the first error: the reader refuses every later feed()
 
     def __cinit__(self):
         self._buf = NULL
@@ -201,12 +228,12 @@ cdef class FrameReader:
         self._tags = _StrCache()
         self._exchanges = _StrCache()
         self._keys = _StrCache()
+        self._props = _BytesCache()
+        self._error = None
 
     def __init__(self, frame_max=DEFAULT_FRAME_MAX, max_body_size=DEFAULT_MAX_BODY_SIZE):
         self.frame_max = frame_max
-        if max_body_size < 0:
-            raise ValueError(f"max_body_size must be >= 0, got {max_body_size}")
-        self._max_body = max_body_size
+        self.max_body_size = max_body_size
 
     def __dealloc__(self):
         if self._buf != NULL:
@@ -219,25 +246,41 @@ cdef class FrameReader:
 
     @frame_max.setter
     def frame_max(self, value):
+        _check_int("frame_max", value)
         if not MIN_FRAME_MAX <= value <= 0xFFFFFFFF:
             raise ValueError(f"frame_max must be in {MIN_FRAME_MAX}..4294967295, got {value}")
         self._frame_max = value
 
     @property
     def max_body_size(self):
+        """Largest body buffered; a larger one is skipped and its delivery has body None."""
         return self._max_body
+
+    @max_body_size.setter
+    def max_body_size(self, value):
+        _check_int("max_body_size", value)
+        if not 0 <= value <= MAX_TAG:
+            raise ValueError(f"max_body_size must be in 0..{MAX_TAG}, got {value}")
+        self._max_body = value
 
     @property
     def buffered(self):
         """Bytes of an incomplete frame held until more data arrives."""
         return self._len
 
-    cdef int _reserve(self, Py_ssize_t need) except -1:
+    cdef int _reserve(self, Py_ssize_t need, Py_ssize_t limit) except -1:
+        """Room for `need` bytes; grows geometrically, but never past `limit` (the frame)."""
         cdef unsigned char* grown
         cdef Py_ssize_t cap
         if need <= self._cap:
             return 0
-        cap = max(need, 4096)
+        cap = self._cap * 2
+        if cap < _MIN_CAP:
+            cap = _MIN_CAP
+        if cap > limit:
+            cap = limit
+        if cap < need:
+            cap = need
         grown = <unsigned char*>PyMem_Realloc(self._buf, <size_t>cap)
         if grown == NULL:
             raise MemoryError()
@@ -250,9 +293,9 @@ cdef class FrameReader:
         cdef Py_buffer view
         cdef bint have_view = False
         cdef const unsigned char* p
-        cdef Py_ssize_t n, pos = 0, total, take
-        cdef uint64_t size
-        cdef list out = []
+        cdef Py_ssize_t n
+        if self._error is not None:
+            raise AMQPFrameError(UNUSABLE + self._error)
         if PyBytes_CheckExact(data):
             p = <const unsigned char*>PyBytes_AS_STRING(data)
             n = PyBytes_GET_SIZE(data)
@@ -261,52 +304,62 @@ cdef class FrameReader:
             have_view = True
             p = <const unsigned char*>view.buf
             n = view.len
-        self._out = out
         try:
-            if self._len:
-                # Complete the carried-over frame first: its header, then the rest.
-                if self._len < 7:
-                    take = min(7 - self._len, n)
-                    self._reserve(7)
-                    memcpy(self._buf + self._len, p, <size_t>take)
-                    self._len += take
-                    pos = take
-                    if self._len < 7:
-                        return out
-                    size = _u32(self._buf + 3)
-                    _check_header(
-                        self._buf, self._buf[0], _u16(self._buf + 1), size, self._frame_max
-                    )
-                else:
-                    size = _u32(self._buf + 3)
-                total = <Py_ssize_t>size + 8
-                self._reserve(total)
-                take = min(total - self._len, n - pos)
-                memcpy(self._buf + self._len, p + pos, <size_t>take)
-                self._len += take
-                pos += take
-                if self._len < total:
-                    return out
-                self._len = 0
-                self._complete(self._buf, size)
-            while n - pos >= 7:
-                size = _u32(p + pos + 3)
-                _check_header(p + pos, p[pos], _u16(p + pos + 1), size, self._frame_max)
-                total = <Py_ssize_t>size + 8
-                if n - pos < total:
-                    break
-                self._complete(p + pos, size)
-                pos += total
-            if pos < n:
-                take = n - pos
-                self._reserve(take if take < 7 else <Py_ssize_t>_u32(p + pos + 3) + 8)
-                memcpy(self._buf, p + pos, <size_t>take)
-                self._len = take
-            return out
+            return self._feed(p, n)
+        except AMQPFrameError as exc:
+            self._error = str(exc)
+            raise
+        except BaseException as exc:  # e.g. MemoryError: the state is no longer trustworthy
+            self._error = f"{type(exc).__name__}: {exc}"
+            raise
         finally:
             self._out = None
             if have_view:
                 PyBuffer_Release(&view)
+
+    cdef list _feed(self, const unsigned char* p, Py_ssize_t n):
+        cdef Py_ssize_t pos = 0, total, take
+        cdef uint64_t size
+        cdef list out = []
+        self._out = out
+        if self._len:
+            # Complete the carried-over frame first: its header, then the rest.
+            if self._len < 7:
+                take = min(7 - self._len, n)
+                self._reserve(7, 7)
+                memcpy(self._buf + self._len, p, <size_t>take)
+                self._len += take
+                pos = take
+                if self._len < 7:
+                    return out
+                size = _u32(self._buf + 3)
+                _check_header(self._buf, self._buf[0], _u16(self._buf + 1), size, self._frame_max)
+            else:
+                size = _u32(self._buf + 3)
+            total = <Py_ssize_t>size + 8
+            take = min(total - self._len, n - pos)
+            self._reserve(self._len + take, total)
+            memcpy(self._buf + self._len, p + pos, <size_t>take)
+            self._len += take
+            pos += take
+            if self._len < total:
+                return out
+            self._len = 0
+            self._complete(self._buf, size)
+        while n - pos >= 7:
+            size = _u32(p + pos + 3)
+            _check_header(p + pos, p[pos], _u16(p + pos + 1), size, self._frame_max)
+            total = <Py_ssize_t>size + 8
+            if n - pos < total:
+                break
+            self._complete(p + pos, size)
+            pos += total
+        if pos < n:
+            take = n - pos  # only what arrived: the rest of the frame may never come
+            self._reserve(take, take if take < 7 else <Py_ssize_t>_u32(p + pos + 3) + 8)
+            memcpy(self._buf, p + pos, <size_t>take)
+            self._len = take
+        return out
 
     cdef int _complete(self, const unsigned char* f, uint64_t size) except -1:
         """Checks the end octet of the whole frame at `f`, then dispatches its payload."""
@@ -403,12 +456,10 @@ cdef class FrameReader:
     cdef int _content_header(
         self, _Assembly a, int channel, const unsigned char* p, Py_ssize_t end
     ) except -1:
-        cdef unsigned int class_id, flags, word
+        # class-id, weight, body-size, then the properties: handed out undecoded.
+        cdef unsigned int class_id
         cdef uint64_t body_size
-        cdef Py_ssize_t off, stop
-        cdef dict properties = {}
-        cdef dict headers = {}
-        if end < 14:
+        if end < 12:
             raise AMQPFrameError(f"content header on channel {channel} is truncated")
         class_id = _u16(p)
         if class_id != _CLASS_BASIC:
@@ -416,93 +467,43 @@ cdef class FrameReader:
                 f"content header of class {class_id} on channel {channel} after Basic.Deliver"
             )
         body_size = _u64(p + 4)
-        flags = word = _u16(p + 12)
-        off = 14
-        while word & 1:  # continuation flag words: no Basic property lives there
-            if off + 2 > end:
-                raise AMQPFrameError(f"content header on channel {channel} is truncated")
-            word = _u16(p + off)
-            off += 2
-        if flags & 0xFFFC:
-            headers = self._properties(channel, p, off, end, flags, properties)
-        if body_size > <uint64_t>self._max_body:
-            raise AMQPFrameError(
-                f"delivery of {body_size} bytes on channel {channel} exceeds max_body_size "
-                f"{self._max_body}"
-            )
-        a.properties = properties
-        a.headers = headers
+        a.properties = self._props.get(p + 12, end - 12)
+        a.body_size = body_size
         if body_size == 0:
             self._emit(a, channel, _EMPTY)
             return 0
-        a.body_size = <Py_ssize_t>body_size
         a.received = 0
-        a.body = None
+        a.parts = None
+        a.skip = body_size > self._max_body
         a.state = _WANT_BODY
         return 0
-
-    cdef dict _properties(
-        self, int channel, const unsigned char* p, Py_ssize_t off, Py_ssize_t end,
-        unsigned int flags, dict props,
-    ):
-        """Fills `props` in wire order; returns the headers table (pamqp decodes it)."""
-        cdef dict headers = {}
-        cdef Py_ssize_t stop
-        cdef int i
-        cdef unsigned int bit
-        for i in range(15, 1, -1):
-            bit = 1u << i
-            if not flags & bit:
-                continue
-            if i == 13:  # headers: a field table
-                if off + 4 > end:
-                    raise AMQPFrameError(f"content header on channel {channel} is truncated")
-                stop = off + 4 + <Py_ssize_t>_u32(p + off)
-                if stop > end:
-                    raise AMQPFrameError(f"content header on channel {channel} is truncated")
-                headers = _headers_table(p + off, stop - off, channel)
-                off = stop
-            elif i == 12 or i == 11:  # delivery_mode, priority: octets
-                if off >= end:
-                    raise AMQPFrameError(f"content header on channel {channel} is truncated")
-                props["delivery_mode" if i == 12 else "priority"] = p[off]
-                off += 1
-            elif i == 6:  # timestamp
-                if off + 8 > end:
-                    raise AMQPFrameError(f"content header on channel {channel} is truncated")
-                props["timestamp"] = _timestamp(
-                    PyBytes_FromStringAndSize(<const char*>(p + off), 8)
-                )[1]
-                off += 8
-            else:  # shortstr
-                stop = _short_end(p, off, end)
-                if stop < 0:
-                    raise AMQPFrameError(f"content header on channel {channel} is truncated")
-                if i != 2:  # cluster_id is read and dropped
-                    props[_SHORTSTR_NAMES[i]] = _utf8(p + off + 1, stop - off - 1)
-                off = stop
-        return headers
 
     cdef int _body(
         self, _Assembly a, int channel, const unsigned char* p, Py_ssize_t size
     ) except -1:
-        cdef char* dst
-        if a.received + size > a.body_size:
+        cdef uint64_t received = a.received + <uint64_t>size
+        cdef bytes body
+        if received > a.body_size:
             raise AMQPFrameError(
                 f"body frames on channel {channel} carry more than the "
                 f"{a.body_size} bytes announced"
             )
-        if a.body is None:
-            if size == a.body_size:  # the usual case: the whole body in one frame, one copy
-                self._emit(a, channel, PyBytes_FromStringAndSize(<const char*>p, size))
-                return 0
-            # Not yet shared with anyone: filled in place, then handed out whole.
-            a.body = PyBytes_FromStringAndSize(NULL, a.body_size)
-        dst = PyBytes_AS_STRING(a.body)
-        memcpy(dst + a.received, p, <size_t>size)
-        a.received += size
-        if a.received == a.body_size:
-            self._emit(a, channel, a.body)
+        a.received = received
+        if a.skip:  # over max_body_size: counted and discarded, the stream stays in sync
+            if received == a.body_size:
+                self._emit(a, channel, None)
+            return 0
+        if received == a.body_size and a.parts is None:
+            # The usual case: the whole body in one frame, one copy.
+            self._emit(a, channel, PyBytes_FromStringAndSize(<const char*>p, size))
+            return 0
+        # Several frames: keep what arrived (never reserve the announced size), join at the end.
+        if a.parts is None:
+            a.parts = []
+        a.parts.append(PyBytes_FromStringAndSize(<const char*>p, size))
+        if received == a.body_size:
+            body = a.parts[0] if PyList_GET_SIZE(a.parts) == 1 else _EMPTY.join(a.parts)
+            self._emit(a, channel, body)
         return 0
 
     cdef inline void _emit(self, _Assembly a, int channel, bytes body):
@@ -515,27 +516,13 @@ cdef class FrameReader:
                 a.routing_key,
                 a.consumer_tag,
                 a.properties,
-                a.headers,
                 body,
+                a.body_size,
             )
         )
         a.state = _IDLE
-        a.body = None
+        a.parts = None
         a.properties = None
-        a.headers = None
-
-
-_SHORTSTR_NAMES = {
-    15: "content_type",
-    14: "content_encoding",
-    10: "correlation_id",
-    9: "reply_to",
-    8: "expiration",
-    7: "message_id",
-    5: "message_type",
-    4: "user_id",
-    3: "app_id",
-}
 
 
 # --------------------------------------------------------------------------------------------
@@ -564,19 +551,21 @@ cdef inline void _put_ack(
 
 
 cdef inline unsigned int _channel(object channel) except? 0:
+    _check_int("channel", channel)
     if not 0 <= channel <= 0xFFFF:
         raise ValueError(f"channel {channel} out of range 0..65535")
     return channel
 
 
 cdef inline uint64_t _tag(object tag) except? 0:
+    _check_int("delivery tag", tag)
     if not 0 <= tag <= MAX_TAG:
         raise ValueError(f"delivery tag {tag} out of range 0..{MAX_TAG}")
     return tag
 
 
 def encode_ack(channel, delivery_tag, multiple=False):
-    """One Basic.Ack frame (21 bytes)."""
+    """One Basic.Ack frame (21 bytes). channel and tag: int (not bool), else TypeError."""
     cdef unsigned int ch = _channel(channel)
     cdef uint64_t tag = _tag(delivery_tag)
     cdef bytes out = PyBytes_FromStringAndSize(NULL, _ACK_SIZE)

@@ -1,14 +1,15 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
-"""Sans-IO FastCGI codec, compiled: one request encoded into one buffer, responses parsed in C.
+"""Sans-IO FastCGI codec, compiled: requests encoded into one buffer, responses parsed in C.
 
-The pure-Python twin `fastworker.fcgi_py` has the same API, the same error messages and
-byte-identical output; tests/test_codec.py runs every vector through both. Keep them in step.
+The pure-Python twin `fastworker.fcgi_py` has the same API, the same results, the same error
+types and messages, and byte-identical output; tests/test_codec.py and tests/test_fcgi_fuzz.py
+run every vector through both. Keep them in step.
 
 Why compiled: the worker encodes one request and parses one response per job, and the whole
-per-job CPU budget is ~60 us (see DESIGN.md). Encoding therefore sizes the output first and
-writes straight into one bytes object; parsing walks records with C ints, copies content
-straight from the input into per-request C buffers (reused from request to request), and
-creates no Python objects per record.
+per-job worker CPU is a few tens of microseconds. Encoding therefore sizes the output first and
+writes straight into one bytes object; parsing walks records with C ints, keeps only the head of
+each output stream in per-request C buffers (reused from request to request), counts the rest,
+and creates no Python objects per record.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -23,7 +24,7 @@ from cpython.mem cimport PyMem_Free, PyMem_Realloc
 from cpython.unicode cimport PyUnicode_AsUTF8AndSize, PyUnicode_Check
 from libc.string cimport memcpy, memset
 
-__all__ = ["ProtocolError", "ResponseParser", "encode_request"]
+__all__ = ["ProtocolError", "ResponseParser", "encode_params", "encode_request"]
 
 cdef enum:
     _VERSION = 1
@@ -41,14 +42,15 @@ cdef enum:
     _STDIN_CHUNK = 0xFFF8
 
 cdef enum:
-    _RETAIN = 4 * 1024 * 1024  # output buffer kept between requests for reuse
+    _RETAIN = 4 * 1024 * 1024  # head buffer kept between requests for reuse
+    _MIN_ALLOC = 256  # smallest head buffer allocated
 
 cdef enum:  # parser states
     _ST_HEADER = 0
     _ST_CONTENT = 1
     _ST_PADDING = 2
 
-_MAX_SIZE_LIMIT = 2**62  # fits a C Py_ssize_t with room to add a record length
+_MAX_HEAD_LIMIT = 2**62  # fits a C Py_ssize_t with room to add a record length
 
 _TYPE_NAMES = {
     1: "BEGIN_REQUEST",
@@ -107,6 +109,18 @@ cdef inline Py_ssize_t _put_len(unsigned char* b, Py_ssize_t n) noexcept nogil:
     return 4
 
 
+cdef inline Py_ssize_t _put_pair(
+    unsigned char* b, const char* np, Py_ssize_t nlen, const char* vp, Py_ssize_t vlen
+) noexcept nogil:
+    """Writes one name-value pair; returns its size."""
+    cdef Py_ssize_t pos = _put_len(b, nlen)
+    pos += _put_len(b + pos, vlen)
+    memcpy(b + pos, np, <size_t>nlen)
+    pos += nlen
+    memcpy(b + pos, vp, <size_t>vlen)
+    return pos + vlen
+
+
 cdef inline Py_ssize_t _close_record(
     unsigned char* b, Py_ssize_t start, int rtype, Py_ssize_t rid, Py_ssize_t clen
 ) noexcept nogil:
@@ -135,15 +149,67 @@ def _pair_too_big(name: object, size: int) -> str:
     )
 
 
+def _params_too_big(size: int) -> str:
+    return f"FastCGI params encode to {size} bytes, more than the 65535 one PARAMS record can carry"
+
+
+def _view(o: object, what: str) -> memoryview:
+    """A flat byte view of a bytes-like argument, or a TypeError naming it."""
+    try:
+        view = memoryview(o)
+    except TypeError:
+        raise TypeError(f"{what} must be a bytes-like object, not {type(o).__name__}") from None
+    return view.cast("B")
+
+
+def encode_params(params):
+    """The name-value pairs of `params`, encoded as the content of one PARAMS record.
+
+    What `encode_request` takes as `shared`: params many requests share, encoded once.
+    Raises ValueError when they take more than the 65535 bytes of one record (after checking
+    every pair, in order, as `encode_request` does), TypeError for names/values that are
+    neither str nor bytes.
+    """
+    cdef Py_ssize_t total = 0, ps, nlen, vlen, pos = 0
+    cdef const char* np
+    cdef const char* vp
+    cdef unsigned char* b
+    cdef dict d = params if type(params) is dict else dict(params)
+    cdef bytes out
+    for name, value in d.items():
+        np = _utf8(name, &nlen, "name")
+        vp = _utf8(value, &vlen, "value")
+        ps = _pair_size(nlen, vlen)
+        if ps > _MAX_CONTENT:
+            raise ValueError(_pair_too_big(name, ps))
+        total += ps
+    if total > _MAX_CONTENT:
+        raise ValueError(_params_too_big(total))
+    out = PyBytes_FromStringAndSize(NULL, total)
+    b = <unsigned char*>PyBytes_AS_STRING(out)
+    for name, value in d.items():
+        np = _utf8(name, &nlen, "name")
+        vp = _utf8(value, &vlen, "value")
+        if pos + _pair_size(nlen, vlen) > total:  # only if the mapping changed under us
+            raise RuntimeError("params changed while being encoded")
+        pos += _put_pair(b + pos, np, nlen, vp, vlen)
+    if pos != total:
+        raise RuntimeError("params changed while being encoded")
+    return out
+
+
 def encode_request(request_id, params, stdin=b"", keep_conn=True, shared=b""):
     """Encodes one RESPONDER request: BEGIN_REQUEST, PARAMS, empty PARAMS, STDIN, empty STDIN.
 
     Name-value pairs never cross a PARAMS record (PHP-FPM parses each record on its own); STDIN
-    goes in 0xFFF8-byte records. `shared` is name-value pairs encoded beforehand (the content
-    of a PARAMS record, at most 65535 bytes): they start the first PARAMS record, ahead of
+    goes in 0xFFF8-byte records. `shared` is name-value pairs encoded beforehand by
+    `encode_params` (at most 65535 bytes): they start the first PARAMS record, ahead of
     `params`, so params many requests share are encoded once and still cost FPM no extra record.
-    Raises ValueError for a pair or `shared` over 65535 bytes or a request id outside 1..65535,
-    TypeError for names/values that are neither str nor bytes.
+
+    Arguments are checked in this order, by both twins: request_id (TypeError, then ValueError
+    outside 1..65535), params (turned into a dict), stdin (TypeError if not bytes-like), shared
+    (TypeError if not bytes-like, ValueError over 65535 bytes), then each pair in order
+    (TypeError for a name/value neither str nor bytes, ValueError for a pair over 65535 bytes).
     """
     cdef Py_ssize_t rid, total, cur, ps, nlen, vlen, pos, start, slen, off, chunk, nfull, rem
     cdef Py_ssize_t shlen
@@ -164,18 +230,19 @@ def encode_request(request_id, params, stdin=b"", keep_conn=True, shared=b""):
     rid = request_id
     flags = _KEEP_CONN if keep_conn else 0
     d = params if type(params) is dict else dict(params)
+    if not PyBytes_CheckExact(stdin):
+        stdin = _view(stdin, "stdin")
     if not PyBytes_CheckExact(shared):
-        shared = bytes(shared)
+        shared = bytes(_view(shared, "shared"))
     shlen = PyBytes_GET_SIZE(shared)
     if shlen > _MAX_CONTENT:
         raise ValueError(f"shared params of {shlen} bytes do not fit in one PARAMS record")
 
-    # stdin first: nothing that can run Python code may happen between the two passes below
+    # nothing that can run Python code may happen between here and the end of pass 2
     if PyBytes_CheckExact(stdin):
         sp = <const unsigned char*>PyBytes_AS_STRING(stdin)
         slen = PyBytes_GET_SIZE(stdin)
     else:
-        stdin = memoryview(stdin).cast("B")
         PyObject_GetBuffer(stdin, &view, PyBUF_SIMPLE)
         have_view = True
         sp = <const unsigned char*>view.buf
@@ -228,12 +295,7 @@ def encode_request(request_id, params, stdin=b"", keep_conn=True, shared=b""):
                 cur = 0
             if pos + ps > total:  # only if the mapping changed under us; never overrun
                 raise RuntimeError("params changed while being encoded")
-            pos += _put_len(b + pos, nlen)
-            pos += _put_len(b + pos, vlen)
-            memcpy(b + pos, np, <size_t>nlen)
-            pos += nlen
-            memcpy(b + pos, vp, <size_t>vlen)
-            pos += vlen
+            pos += _put_pair(b + pos, np, nlen, vp, vlen)
             cur += ps
         if cur:
             pos = _close_record(b, start, _PARAMS, rid, cur)
@@ -263,41 +325,90 @@ def encode_request(request_id, params, stdin=b"", keep_conn=True, shared=b""):
 # parsing
 
 
-cdef int _reserve(char** buf, Py_ssize_t* cap, Py_ssize_t need, Py_ssize_t limit) except -1:
-    """Grows an output buffer to hold `need` bytes: doubling, but never past `limit`."""
-    cdef Py_ssize_t newcap
+def _check_max_head(max_head: object) -> int:
+    if not isinstance(max_head, int):
+        raise TypeError(f"max_head must be an int, not {type(max_head).__name__}")
+    if not 0 <= max_head <= _MAX_HEAD_LIMIT:
+        raise ValueError(f"max_head must be in 0..{_MAX_HEAD_LIMIT}, got {max_head}")
+    return max_head
+
+
+def _check_request_ids(request_ids: object) -> frozenset:
+    try:
+        ids = tuple(request_ids)
+    except TypeError:
+        raise TypeError(
+            f"request_ids must be an iterable of ints, not {type(request_ids).__name__}"
+        ) from None
+    if not ids:
+        raise ValueError("request_ids must name at least one request id")
+    for rid in ids:
+        if not isinstance(rid, int):
+            raise TypeError(f"request ids must be ints, not {type(rid).__name__}")
+        if not 0 < rid < 65536:
+            raise ValueError(f"request ids must be in 1..65535, got {rid}")
+    return frozenset(ids)
+
+
+cdef int _keep(
+    char** buf, Py_ssize_t* length, Py_ssize_t* cap, const unsigned char* src, Py_ssize_t n,
+    Py_ssize_t max_head,
+) except -1:
+    """Appends what fits of `n` bytes under `max_head`; the buffer grows with the data only."""
+    cdef Py_ssize_t room = max_head - length[0], need, newcap
     cdef char* grown
-    if need <= cap[0]:
+    if n > room:
+        n = room
+    if n <= 0:
         return 0
-    newcap = cap[0] * 2
-    if newcap < 4096:
-        newcap = 4096
-    if newcap > limit:
-        newcap = limit
-    if newcap < need:
-        newcap = need
-    grown = <char*>PyMem_Realloc(buf[0], <size_t>newcap)
-    if grown == NULL:
-        raise MemoryError()
-    buf[0] = grown
-    cap[0] = newcap
+    need = length[0] + n
+    if need > cap[0]:
+        newcap = cap[0] * 2
+        if newcap < _MIN_ALLOC:
+            newcap = _MIN_ALLOC
+        if newcap < need:
+            newcap = need
+        if newcap > max_head:
+            newcap = max_head
+        grown = <char*>PyMem_Realloc(buf[0], <size_t>newcap)
+        if grown == NULL:
+            raise MemoryError()
+        buf[0] = grown
+        cap[0] = newcap
+    memcpy(buf[0] + length[0], src, <size_t>n)
+    length[0] = need
     return 0
 
 
 cdef class _Request:
-    """Output accumulated for one request id until its END_REQUEST.
+    """One open request: the heads of its STDOUT and STDERR, and how much of each arrived.
 
-    Plain C buffers, recycled by the parser for the next request: a response of a few MB then
-    costs two memcpys, where fresh allocations per request page-fault new memory every time.
+    Plain C buffers, recycled by the parser for the next request, so a parser that keeps
+    answering small responses allocates nothing after the first one.
     """
 
     cdef char* out
     cdef Py_ssize_t out_len
     cdef Py_ssize_t out_cap
+    cdef Py_ssize_t out_size
     cdef char* err
     cdef Py_ssize_t err_len
     cdef Py_ssize_t err_cap
-    cdef Py_ssize_t size
+    cdef Py_ssize_t err_size
+
+    cdef void reset(self) noexcept:
+        if self.out_cap > _RETAIN:
+            PyMem_Free(self.out)
+            self.out = NULL
+            self.out_cap = 0
+        if self.err_cap > _RETAIN:
+            PyMem_Free(self.err)
+            self.err = NULL
+            self.err_cap = 0
+        self.out_len = 0
+        self.err_len = 0
+        self.out_size = 0
+        self.err_size = 0
 
     def __dealloc__(self):
         PyMem_Free(self.out)
@@ -307,13 +418,19 @@ cdef class _Request:
 cdef class ResponseParser:
     """Incremental FastCGI response parser: feed it bytes as they arrive, get finished requests.
 
-    It buffers at most one record header and one END_REQUEST body; record content goes straight
-    into the request's output, which is bounded by `max_size` (stdout + stderr per request).
-    Between requests it keeps up to 4 MiB of output buffer for reuse. After a ProtocolError it
-    stays broken: the connection is no longer in a known state.
+    `feed` returns one tuple per completed END_REQUEST: (request_id, stdout_head, stderr_head,
+    app_status, protocol_status, stdout_size, stderr_size). The heads are the first `max_head`
+    bytes of the request's STDOUT and STDERR; the sizes count every byte of each stream. The
+    rest of the output is counted and dropped, so a request holds at most 2 * `max_head` bytes
+    however much it prints, and buffers grow only with the data that arrived.
+
+    Only records for `request_ids` (the ids the client sends) are accepted: any other id is a
+    ProtocolError, which also bounds the open requests to len(request_ids). Besides that it
+    buffers one record header and one END_REQUEST body. After a ProtocolError it stays broken:
+    the connection is no longer in a known state.
     """
 
-    cdef readonly Py_ssize_t max_size
+    cdef readonly Py_ssize_t max_head
     cdef Py_ssize_t _received
     cdef unsigned char _hdr[8]
     cdef unsigned char _end[8]
@@ -322,19 +439,20 @@ cdef class ResponseParser:
     cdef int _state
     cdef int _type
     cdef int _rid
+    cdef int _single  # the one accepted request id, or 0 when there are several
+    cdef object _ids
     cdef Py_ssize_t _content_left
     cdef Py_ssize_t _pad_left
-    cdef dict _requests
+    cdef _Request _only  # with a single id: its request, reset in place after each END_REQUEST
+    cdef dict _requests  # with several ids: the open requests by id
     cdef _Request _req
     cdef _Request _spare
     cdef object _error
 
-    def __init__(self, max_size=64 * 1024 * 1024):
-        if not isinstance(max_size, int):
-            raise TypeError(f"max_size must be an int, not {type(max_size).__name__}")
-        if not 0 <= max_size <= _MAX_SIZE_LIMIT:
-            raise ValueError(f"max_size must be in 0..{_MAX_SIZE_LIMIT}, got {max_size}")
-        self.max_size = max_size
+    def __init__(self, max_head=65536, request_ids=(1,)):
+        self.max_head = _check_max_head(max_head)
+        self._ids = _check_request_ids(request_ids)
+        self._single = next(iter(self._ids)) if len(self._ids) == 1 else 0
         self._received = 0
         self._hdr_len = 0
         self._end_len = 0
@@ -343,20 +461,45 @@ cdef class ResponseParser:
         self._rid = 0
         self._content_left = 0
         self._pad_left = 0
+        self._only = None
         self._requests = {}
         self._req = None
         self._spare = None
         self._error = None
 
     @property
+    def request_ids(self):
+        """The request ids whose records are accepted."""
+        return self._ids
+
+    @property
     def bytes_received(self):
         """Bytes fed since construction or since the last completed END_REQUEST."""
         return self._received
 
-    cdef _Request _lookup(self, int rid):
-        cdef _Request req = self._req
-        if req is not None and self._rid == rid:
+    @property
+    def buffered(self):
+        """Head bytes held for requests whose END_REQUEST has not arrived."""
+        cdef _Request req
+        cdef Py_ssize_t total = 0
+        if self._only is not None:
+            total = self._only.out_len + self._only.err_len
+        for req in self._requests.values():
+            total += req.out_len + req.err_len
+        return total
+
+    cdef _Request _lookup(self, int rtype, int rid):
+        cdef _Request req
+        if rid == self._single:
+            req = self._only
+            if req is None:
+                req = self._only = _Request()
             return req
+        if self._single or rid not in self._ids:
+            raise ProtocolError(
+                f"{_TYPE_NAMES[rtype]} record for request id {rid}, which this client did "
+                f"not send"
+            )
         req = self._requests.get(rid)
         if req is None:
             req = self._spare
@@ -374,7 +517,6 @@ cdef class ResponseParser:
         cdef Py_ssize_t clen = (h[4] << 8) | h[5]
         cdef Py_ssize_t plen = h[6]
         cdef _Request req = None
-        cdef Py_ssize_t left
         if version != _VERSION:
             raise ProtocolError(
                 f"unsupported FastCGI version {version} in record header (expected 1)"
@@ -384,24 +526,13 @@ cdef class ResponseParser:
                 raise ProtocolError(
                     f"{_TYPE_NAMES[rtype]} record with request id 0 (reserved for management)"
                 )
-            req = self._lookup(rid)
+            req = self._lookup(rtype, rid)
             if rtype == _END_REQUEST:
                 if clen != 8:
                     raise ProtocolError(
                         f"END_REQUEST record with content length {clen} (expected 8)"
                     )
                 self._end_len = 0
-            elif clen:
-                if req.size + clen > self.max_size:
-                    raise ProtocolError(
-                        f"response exceeds max_size ({self.max_size} bytes) for request {rid}"
-                    )
-                req.size += clen
-                left = self.max_size - req.size  # what this request may still add after this
-                if rtype == _STDOUT:
-                    _reserve(&req.out, &req.out_cap, req.out_len + clen, req.out_len + clen + left)
-                else:
-                    _reserve(&req.err, &req.err_cap, req.err_len + clen, req.err_len + clen + left)
         elif rtype == _GET_VALUES_RESULT or rtype == _UNKNOWN_TYPE:
             if rid != 0:
                 raise ProtocolError(
@@ -435,22 +566,17 @@ cdef class ResponseParser:
             PyBytes_FromStringAndSize(req.err, req.err_len),
             app_status,
             e[4],
+            req.out_size,
+            req.err_size,
         )
-        del self._requests[self._rid]
         self._req = None
-        if self._spare is None:
-            if req.out_cap > _RETAIN:
-                PyMem_Free(req.out)
-                req.out = NULL
-                req.out_cap = 0
-            if req.err_cap > _RETAIN:
-                PyMem_Free(req.err)
-                req.err = NULL
-                req.err_cap = 0
-            req.out_len = 0
-            req.err_len = 0
-            req.size = 0
-            self._spare = req
+        if req is self._only:
+            req.reset()
+        else:
+            del self._requests[self._rid]
+            if self._spare is None:
+                req.reset()
+                self._spare = req
         return result
 
     def feed(self, data):
@@ -496,11 +622,15 @@ cdef class ResponseParser:
                         take = self._content_left
                     req = self._req
                     if self._type == _STDOUT:
-                        memcpy(req.out + req.out_len, p + pos, <size_t>take)
-                        req.out_len += take
+                        req.out_size += take
+                        if req.out_len < self.max_head:
+                            _keep(&req.out, &req.out_len, &req.out_cap, p + pos, take,
+                                  self.max_head)
                     elif self._type == _STDERR:
-                        memcpy(req.err + req.err_len, p + pos, <size_t>take)
-                        req.err_len += take
+                        req.err_size += take
+                        if req.err_len < self.max_head:
+                            _keep(&req.err, &req.err_len, &req.err_cap, p + pos, take,
+                                  self.max_head)
                     elif self._type == _END_REQUEST:
                         memcpy(self._end + self._end_len, p + pos, <size_t>take)
                         self._end_len += <int>take

@@ -212,6 +212,7 @@ def _pool_config(
     env: dict[str, str],
     pid_file: Path,
     error_log: Path,
+    log_limit: int = 0,
 ) -> str:
     lines = [
         "[global]",
@@ -219,6 +220,7 @@ def _pool_config(
         f"error_log = {error_log}",
         "log_level = notice",
         "daemonize = no",
+        *([f"log_limit = {int(log_limit)}"] if log_limit else []),
         "",
         "[fwtest]",
         "user = root",
@@ -255,6 +257,7 @@ def start_fpm(
     listen_backlog: int = 511,
     env: dict[str, str] | None = None,
     unix_socket: bool = False,
+    log_limit: int = 0,
 ) -> FpmServer:
     """Start a private PHP-FPM (pm = static) on a free loopback port and wait until it serves.
 
@@ -301,6 +304,7 @@ def start_fpm(
             env=pool_env,
             pid_file=workdir / "php-fpm.pid",
             error_log=error_log,
+            log_limit=log_limit,
         )
     )
     with open(output_log, "wb") as out:

@@ -4,16 +4,23 @@ Streams are built with pamqp (`pamqp.frame.marshal` of `pamqp.commands` objects)
 aiormq and the broker-facing code already trust, so the expected deliveries come from pamqp's own
 decoding, not from the code under test. Streams are fed whole, split at every byte boundary and
 split at random points; hypothesis also compares the two implementations on garbage: same
-results, or the same error with the same message.
+results, or the same error with the same message. A delivery is
+`(channel, tag, redelivered, exchange, routing_key, consumer_tag, properties_raw, body,
+body_size)`; `decode_properties(properties_raw)` must give what pamqp decodes. The regression
+tests at the end reproduce the findings of the differential fuzz (issue 8); tests/test_amqp_fuzz.py
+fuzzes further.
 """
 
 from __future__ import annotations
 
 import datetime
+import decimal
+import os
 import random
 import string
 import struct
 import sys
+import tracemalloc
 import types
 from pathlib import Path
 from typing import Any
@@ -23,6 +30,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from pamqp import body as pbody
 from pamqp import commands, frame, header
+from pamqp import decode as pamqp_decode
 from pamqp.heartbeat import Heartbeat
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -132,6 +140,7 @@ def expected(frames: bytes) -> list[tuple[Any, ...]]:
             partial[channel] = {"deliver": value, "parts": []}
         elif p is not None and isinstance(value, header.ContentHeader):
             p["header"] = value
+            p["properties_raw"] = raw[12:]
             if value.body_size == 0:
                 out.append(_delivery(channel, p, b""))
                 del partial[channel]
@@ -149,7 +158,7 @@ def expected(frames: bytes) -> list[tuple[Any, ...]]:
 
 
 def _delivery(channel: int, p: dict[str, Any], body: bytes) -> tuple[Any, ...]:
-    d, props = p["deliver"], p["header"].properties
+    d = p["deliver"]
     return (
         channel,
         d.delivery_tag,
@@ -157,10 +166,30 @@ def _delivery(channel: int, p: dict[str, Any], body: bytes) -> tuple[Any, ...]:
         d.exchange,
         d.routing_key,
         d.consumer_tag,
+        p["properties_raw"],
+        body,
+        len(body),
+    )
+
+
+def pamqp_properties(props: commands.Basic.Properties) -> tuple[dict[str, Any], dict[str, Any]]:
+    """What decode_properties must return for these properties, as pamqp decodes them."""
+    return (
         {n: v for n in PROPERTY_NAMES if (v := getattr(props, n, None)) is not None},
         dict(props.headers or {}),
-        body,
     )
+
+
+def header_properties(frames: bytes) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    """pamqp's decoding of the properties of every content header in `frames`, in order."""
+    out = []
+    pos = 0
+    while pos < len(frames):
+        used, _, value = frame.unmarshal(frames[pos:])
+        pos += used
+        if isinstance(value, header.ContentHeader):
+            out.append(pamqp_properties(value.properties))
+    return out
 
 
 def feed_all(reader: Any, data: bytes, cuts: list[int]) -> list[tuple[Any, ...]]:
@@ -240,6 +269,9 @@ def test_compiled_extension_is_built_and_selected() -> None:
     _compiled()
     from fastworker import fast_consumer
 
+    if os.environ.get("FASTWORKER_NO_EXTENSIONS"):  # the twin is forced; both are still tested
+        assert (fast_consumer.COMPILED, fast_consumer.codec) == (False, amqp_py)
+        return
     assert fast_consumer.COMPILED
     assert fast_consumer.codec is amqp_codec
 
@@ -262,6 +294,20 @@ def test_frame_error_is_a_value_error(codec: types.ModuleType) -> None:
     assert issubclass(codec.AMQPFrameError, ValueError)
 
 
+def test_property_error_is_shared_and_not_a_frame_error(codec: types.ModuleType) -> None:
+    """A bad property is one message's fault: it must never look like a corrupt stream."""
+    assert codec.PropertyError is amqp_py.PropertyError
+    assert codec.decode_properties is amqp_py.decode_properties
+    assert issubclass(codec.PropertyError, Exception)
+    assert not issubclass(codec.PropertyError, ValueError)
+    assert not issubclass(codec.PropertyError, codec.AMQPFrameError)
+
+
+def test_default_max_body_size(codec: types.ModuleType) -> None:
+    assert codec.DEFAULT_MAX_BODY_SIZE == 8 * 1024 * 1024
+    assert codec.FrameReader().max_body_size == codec.DEFAULT_MAX_BODY_SIZE
+
+
 def test_constants(codec: types.ModuleType) -> None:
     assert codec.PROTOCOL_HEADER == frame.marshal(header.ProtocolHeader(), 0)
     assert codec.HEARTBEAT == frame.marshal(Heartbeat(), 0)
@@ -276,8 +322,13 @@ def test_constants(codec: types.ModuleType) -> None:
 def test_mixed_stream_whole(codec: types.ModuleType) -> None:
     data = mixed_stream()
     reader = codec.FrameReader()
-    assert reader.feed(data) == expected(data)
+    got = reader.feed(data)
+    assert got == expected(data)
     assert reader.buffered == 0
+    deliveries = [item for item in got if len(item) == 9]
+    want = header_properties(data)
+    del want[-2]  # the GetOk's content header: returned raw, not a delivery
+    assert [codec.decode_properties(item[6]) for item in deliveries] == want
 
 
 def test_mixed_stream_split_at_every_byte(codec: types.ModuleType) -> None:
@@ -302,23 +353,23 @@ def test_every_single_split_point(codec: types.ModuleType) -> None:
 
 
 def test_delivery_fields(codec: types.ModuleType) -> None:
-    data = b"".join(
-        deliver_frames(
-            42,
-            b"body",
-            FULL_PROPERTIES,
-            channel=7,
-            consumer_tag="amq.ctag-1",
-            exchange="ex",
-            routing_key="rk",
-            redelivered=True,
-        )
+    frames = deliver_frames(
+        42,
+        b"body",
+        FULL_PROPERTIES,
+        channel=7,
+        consumer_tag="amq.ctag-1",
+        exchange="ex",
+        routing_key="rk",
+        redelivered=True,
     )
-    [item] = codec.FrameReader().feed(data)
-    channel, tag, redelivered, exchange, routing_key, ctag, props, headers, body = item
-    assert (channel, tag, redelivered, exchange, routing_key, ctag, body) == (
-        7, 42, True, "ex", "rk", "amq.ctag-1", b"body",
+    [item] = codec.FrameReader().feed(b"".join(frames))
+    channel, tag, redelivered, exchange, routing_key, ctag, raw, body, body_size = item
+    assert (channel, tag, redelivered, exchange, routing_key, ctag, body, body_size) == (
+        7, 42, True, "ex", "rk", "amq.ctag-1", b"body", 4,
     )  # fmt: skip
+    assert type(raw) is bytes and raw == frames[1][7 + 12 : -1]  # from the flags word on
+    props, headers = codec.decode_properties(raw)
     assert props == {
         "content_type": "application/json",
         "content_encoding": "utf-8",
@@ -338,11 +389,13 @@ def test_delivery_fields(codec: types.ModuleType) -> None:
     assert headers["text"] == "héllo"
 
 
-def test_each_delivery_gets_fresh_dicts(codec: types.ModuleType) -> None:
+def test_each_decode_gives_fresh_dicts(codec: types.ModuleType) -> None:
     """Message objects own (and the failure handler mutates copies of) these dicts."""
-    data = b"".join(deliver_frames(1, b"a") + deliver_frames(2, b"b"))
+    data = b"".join(deliver_frames(1, b"a", FULL_PROPERTIES) + deliver_frames(2, b"b"))
     first, second = codec.FrameReader().feed(data)
-    assert first[6] is not second[6] and first[7] is not second[7]
+    a, b = codec.decode_properties(first[6]), codec.decode_properties(first[6])
+    assert a == b and a[0] is not b[0] and a[1] is not b[1]
+    assert codec.decode_properties(second[6]) == ({}, {})
 
 
 def test_accepts_bytearray_and_memoryview(codec: types.ModuleType) -> None:
@@ -356,14 +409,14 @@ def test_body_exactly_one_frame_and_one_byte_more(codec: types.ModuleType) -> No
     for size in (4096 - 8, 4096 - 7, 2 * (4096 - 8), 2 * (4096 - 8) + 1):
         data = b"".join(deliver_frames(1, b"z" * size, frame_max=4096))
         [item] = codec.FrameReader(frame_max=4096).feed(data)
-        assert item[8] == b"z" * size
+        assert item[7:] == (b"z" * size, size)
 
 
 def test_empty_body_frames_are_tolerated(codec: types.ModuleType) -> None:
     frames = deliver_frames(1, b"ab")
     empty = frame.marshal(pbody.ContentBody(b""), 1)
     [item] = codec.FrameReader().feed(b"".join([frames[0], frames[1], empty, frames[2]]))
-    assert item[8] == b"ab"
+    assert item[7:] == (b"ab", 2)
 
 
 def test_invalid_utf8_in_names_is_replaced(codec: types.ModuleType) -> None:
@@ -382,7 +435,8 @@ def test_continuation_flag_words_are_skipped(codec: types.ModuleType) -> None:
     hdr = struct.pack(">BHI", 2, 1, len(payload)) + payload + b"\xce"
     frames = deliver_frames(1, b"b")
     [item] = codec.FrameReader().feed(frames[0] + hdr + frames[2])
-    assert item[6] == {"content_type": "text"}
+    assert item[6] == props
+    assert codec.decode_properties(item[6]) == ({"content_type": "text"}, {})
 
 
 def test_frame_max_is_settable_within_limits(codec: types.ModuleType) -> None:
@@ -440,16 +494,44 @@ BAD_STREAMS = [
     (DELIVER + BODY3, r"body frame on channel 1 before the content header"),
     (DELIVER + _hdr(5) + BODY3 + _hdr(5), r"content header on channel 1 while the body is incomp"),
     (DELIVER + _hdr(2) + BODY3, r"body frames on channel 1 carry more than the 2 bytes announced"),
-    (DELIVER + _hdr(2**40), r"delivery of 1099511627776 bytes on channel 1 exceeds max_body_size"),
     (DELIVER + _raw(2, 1, b"\x00\x3c\x00\x00"), r"content header on channel 1 is truncated"),
-    (DELIVER + _hdr(1, b"\x80\x00\x05ab"), r"content header on channel 1 is truncated"),
-    (DELIVER + _hdr(1, b"\x20\x00\x00\x00\x00\x09ab"), r"content header on channel 1 is truncated"),
-    (DELIVER + _hdr(1, b"\x10\x00"), r"content header on channel 1 is truncated"),
-    (DELIVER + _hdr(1, b"\x00\x40\x00\x00"), r"content header on channel 1 is truncated"),
-    (DELIVER + _hdr(1, b"\x00\x01"), r"content header on channel 1 is truncated"),
+    (DELIVER + _raw(2, 1, b"\x00\x3c" + b"\x00" * 9), r"content header on channel 1 is truncated"),
+    (DELIVER + _hdr(2**40) + DELIVER, r"method frame on channel 1 while a delivery's content is"),
     (
-        DELIVER + _hdr(1, b"\x20\x00\x00\x00\x00\x03\x01aZ"),
-        r"content header on channel 1 has a bad headers table",
+        DELIVER + _hdr(2**40) + BODY3 + _hdr(1),
+        r"content header on channel 1 while the body is incomplete",
+    ),
+]
+
+# Property blocks (properties_raw) that decode_properties must refuse with a PropertyError.
+BAD_PROPERTIES = [
+    (b"\x80", r"content header properties are truncated \(property flags\)"),
+    (b"\x00\x01", r"content header properties are truncated \(property flags\)"),
+    (b"\x80\x01\x00", r"truncated \(property flags\)"),
+    (b"\x80\x00\x05ab", r"content header properties are truncated \(content_type\)"),
+    (b"\x80\x00", r"content header properties are truncated \(content_type\)"),
+    (b"\x20\x00\x00\x00\x00\x09ab", r"content header properties are truncated \(headers\)"),
+    (b"\x20\x00\x00\x00", r"content header properties are truncated \(headers\)"),
+    (b"\x10\x00", r"content header properties are truncated \(delivery_mode\)"),
+    (b"\x08\x00", r"content header properties are truncated \(priority\)"),
+    (b"\x00\x40\x00\x00", r"content header properties are truncated \(timestamp\)"),
+    (b"\x00\x04\x03ab", r"content header properties are truncated \(cluster_id\)"),
+    (b"\x00\x40" + struct.pack(">Q", 2**63 - 1), r"timestamp 9223372036854775807 is out of range"),
+    (b"\x00\x40" + struct.pack(">Q", 2**64 - 1), r"timestamp 18446744073709551615 is out of rang"),
+    (b"\x20\x00\x00\x00\x00\x03\x01aZ", r"headers value of unknown type b'Z'"),
+    (b"\x20\x00\x00\x00\x00\x02\x01a", r"headers value of 'a' is missing"),
+    (b"\x20\x00\x00\x00\x00\x02\x05a", r"headers table key runs past its table"),
+    (b"\x20\x00\x00\x00\x00\x03\x01\xffV", r"headers table key is not valid UTF-8"),
+    (b"\x20\x00\x00\x00\x00\x04\x01aI\x00", r"headers value of type 'I' is truncated"),
+    (b"\x20\x00\x00\x00\x00\x05\x01aD\x00\x00", r"headers value of type 'D' is truncated"),
+    (b"\x20\x00\x00\x00\x00\x05\x01aT\x00\x00", r"headers value of type 'T' is truncated"),
+    (b"\x20\x00" + struct.pack(">I", 7) + b"\x01aS\x00\x00\x00\x09", r"type 'S' is truncated"),
+    (b"\x20\x00" + struct.pack(">I", 6) + b"\x01aF\x00\x00\x00", r"type 'F' is truncated"),
+    (b"\x20\x00" + struct.pack(">I", 7) + b"\x01aA\x00\x00\x00\x01", r"type 'A' is truncated"),
+    (b"\x20\x00" + struct.pack(">I", 7) + b"\x01ax\x00\x00\x00\x01", r"type 'x' is truncated"),
+    (
+        b"\x20\x00" + struct.pack(">I", 11) + b"\x01aT" + struct.pack(">Q", 2**63 - 1),
+        r"headers timestamp 9223372036854775807 is out of range",
     ),
 ]
 
@@ -472,11 +554,48 @@ def test_malformed_streams_give_identical_messages(data: bytes, message: str) ->
     assert errors[0] == errors[1]
 
 
+@pytest.mark.parametrize(("raw", "message"), BAD_PROPERTIES)
+def test_bad_properties_raise_property_error(raw: bytes, message: str) -> None:
+    for impl in both():
+        with pytest.raises(impl.PropertyError, match=message):
+            impl.decode_properties(raw)
+        # the delivery itself comes out: the stream is fine, only this message is bad
+        data = DELIVER + _raw(2, 1, struct.pack(">HHQ", 60, 0, 3) + raw) + BODY3
+        [item] = impl.FrameReader().feed(data)
+        assert item[6] == raw and item[7] == b"abc"
+
+
+def test_decode_properties_of_nothing(codec: types.ModuleType) -> None:
+    assert codec.decode_properties(b"") == ({}, {})
+    assert codec.decode_properties(b"\x00\x00") == ({}, {})
+    assert codec.decode_properties(b"\x00\x00trailing") == ({}, {})
+    assert codec.decode_properties(b"\x00\x04\x03abc") == ({}, {})  # cluster_id: dropped
+    assert codec.decode_properties(bytearray(b"\x10\x00\x02")) == ({"delivery_mode": 2}, {})
+    assert codec.decode_properties(memoryview(b"\x10\x00\x02")) == ({"delivery_mode": 2}, {})
+    # a content header without even a flags word: the delivery comes out, no properties
+    [item] = codec.FrameReader().feed(DELIVER + _raw(2, 1, struct.pack(">HHQ", 60, 0, 0)))
+    assert item[6:] == (b"", b"", 0)
+    assert codec.decode_properties(item[6]) == ({}, {})
+
+
 def test_max_body_size(codec: types.ModuleType) -> None:
     data = b"".join(deliver_frames(1, b"x" * 1000))
-    assert codec.FrameReader(max_body_size=1000).feed(data)[0][8] == b"x" * 1000
-    with pytest.raises(codec.AMQPFrameError, match="exceeds max_body_size 999"):
-        codec.FrameReader(max_body_size=999).feed(data)
+    assert codec.FrameReader(max_body_size=1000).feed(data)[0][7:] == (b"x" * 1000, 1000)
+    [item] = codec.FrameReader(max_body_size=999).feed(data)
+    assert item[:6] == (1, 1, False, "", "q", "ctag")
+    assert item[7:] == (None, 1000)
+    reader = codec.FrameReader()
+    reader.max_body_size = 10
+    assert reader.max_body_size == 10
+    assert reader.feed(data)[0][7:] == (None, 1000)
+    for bad in (-1, 2**64):
+        with pytest.raises(ValueError, match="max_body_size"):
+            codec.FrameReader(max_body_size=bad)
+    for bad_type in (1.5, "10", True, None):
+        with pytest.raises(TypeError, match="max_body_size must be an int"):
+            codec.FrameReader(max_body_size=bad_type)
+        with pytest.raises(TypeError, match="frame_max must be an int"):
+            codec.FrameReader(frame_max=bad_type)
 
 
 # --------------------------------------------------------------------------------------------
@@ -489,7 +608,7 @@ def test_delivery_tag_is_unsigned_64_bit(codec: types.ModuleType) -> None:
         struct.pack(">HH", 60, 60) + b"\x01c" + struct.pack(">QB", 2**64 - 1, 1) + b"\x00\x01q"
     )
     [item] = codec.FrameReader().feed(_raw(1, 1, payload) + _hdr(0))
-    assert item[:6] == (1, 2**64 - 1, True, "", "q", "c")
+    assert item == (1, 2**64 - 1, True, "", "q", "c", b"\x00\x00", b"", 0)
     data = codec.encode_ack(1, 2**64 - 1, True)
     assert data[11:20] == b"\xff" * 8 + b"\x01"
 
@@ -533,6 +652,34 @@ def test_encode_rejects_bad_channel(codec: types.ModuleType, channel: int) -> No
     ):
         with pytest.raises(ValueError, match="channel .* out of range"):
             call()
+
+
+@pytest.mark.parametrize("bad", [2.9, 1.0, decimal.Decimal(2), "2", True, None])
+def test_encode_rejects_non_int(codec: types.ModuleType, bad: object) -> None:
+    """Fuzz finding: the compiled encode_ack(1, 2.9) acked tag 2; now a TypeError in both."""
+    for call in (
+        lambda: codec.encode_ack(1, bad),
+        lambda: codec.encode_nack(1, bad),
+        lambda: codec.encode_acks(1, [(1, False), (bad, False)]),
+    ):
+        with pytest.raises(TypeError, match="delivery tag must be an int"):
+            call()
+    for call in (
+        lambda: codec.encode_ack(bad, 1),
+        lambda: codec.encode_nack(bad, 1),
+        lambda: codec.encode_acks(bad, [(1, False)]),
+    ):
+        with pytest.raises(TypeError, match="channel must be an int"):
+            call()
+
+
+def test_encode_accepts_int_subclasses(codec: types.ModuleType) -> None:
+    import enum
+
+    class Tag(enum.IntEnum):
+        FIVE = 5
+
+    assert codec.encode_ack(Tag.FIVE, Tag.FIVE) == codec.encode_ack(5, 5)
 
 
 @pytest.mark.parametrize("tag", [-1, 2**64])
@@ -618,9 +765,12 @@ def test_round_trip_random_splits(
     assert sum(len(item) == 9 for item in want) == len(deliveries)
     rng = random.Random(seed)
     cuts = sorted(rng.randrange(len(data) + 1) for _ in range(rng.randrange(0, 12)))
+    props = header_properties(data)
     for impl in both():
-        assert feed_all(impl.FrameReader(frame_max=frame_max), data, cuts) == want
+        got = feed_all(impl.FrameReader(frame_max=frame_max), data, cuts)
+        assert got == want
         assert impl.FrameReader(frame_max=frame_max).feed(data) == want
+        assert [impl.decode_properties(i[6]) for i in got if len(i) == 9] == props
 
 
 _GARBAGE_FRAME = st.tuples(
@@ -650,3 +800,211 @@ def test_twins_agree_on_garbage(frames: list[tuple[int, int, bytes, bytes]], see
         except impl.AMQPFrameError as exc:
             results.append(("error", str(exc)))
     assert results[0] == results[1]
+
+
+# --------------------------------------------------------------------------------------------
+# regressions: the findings of the differential fuzz (issue 8), each failed before the fix
+
+
+def _nested_headers(depth: int, kind: bytes = b"F") -> bytes:
+    """A property block whose headers table (level 1) nests tables or arrays `depth` levels."""
+    content = b""
+    for _ in range(depth - 2):
+        content = (
+            (b"\x01k" if kind == b"F" else b"") + kind + struct.pack(">I", len(content)) + content
+        )
+    if depth >= 2:
+        content = b"\x01k" + kind + struct.pack(">I", len(content)) + content
+    return b"\x20\x00" + struct.pack(">I", len(content)) + content
+
+
+def _delivery_with(raw_properties: bytes, body: bytes = b"abc", channel: int = 1) -> bytes:
+    hdr = struct.pack(">HHQ", 60, 0, len(body)) + raw_properties
+    return (
+        _raw(1, channel, DELIVER[7:-1])
+        + _raw(2, channel, hdr)
+        + (_raw(3, channel, body) if body else b"")
+    )
+
+
+def test_timestamp_out_of_range_is_a_bad_message_not_a_bad_stream(codec: types.ModuleType) -> None:
+    """Was: a bare ValueError out of feed(), taken for a corrupt stream: reconnect, forever."""
+    raw = b"\x00\x40" + struct.pack(">Q", 2**63 - 1)
+    data = _delivery_with(raw) + b"".join(deliver_frames(2, b"next"))
+    for chunks in ([data], [data[i : i + 1] for i in range(len(data))]):
+        reader = codec.FrameReader()
+        first, second = [item for chunk in chunks for item in reader.feed(chunk)]
+        assert first[6] == raw and first[7:] == (b"abc", 3)
+        assert second[1] == 2 and second[7] == b"next"
+    with pytest.raises(
+        codec.PropertyError, match="^timestamp 9223372036854775807 is out of range$"
+    ):
+        codec.decode_properties(raw)
+    # pamqp's millisecond heuristic still applies within range
+    ms = int(datetime.datetime(2024, 1, 2, tzinfo=datetime.UTC).timestamp()) * 1000
+    got = codec.decode_properties(b"\x00\x40" + struct.pack(">Q", ms))[0]["timestamp"]
+    assert got == datetime.datetime(2024, 1, 2, tzinfo=datetime.UTC)
+
+
+@pytest.mark.parametrize("kind", [b"F", b"A"])
+def test_deeply_nested_headers_are_a_bad_message(codec: types.ModuleType, kind: bytes) -> None:
+    """Was: RecursionError out of feed() at ~500 levels (at a different depth in each twin)."""
+    for depth in (495, 497, 499, 600):
+        raw = _nested_headers(depth, kind)
+        [item] = codec.FrameReader(frame_max=8192).feed(_delivery_with(raw))
+        assert item[6] == raw and item[7] == b"abc"
+        with pytest.raises(
+            codec.PropertyError, match="^headers table nested deeper than 32 levels$"
+        ):
+            codec.decode_properties(raw)
+    limit = codec.MAX_TABLE_DEPTH
+    assert limit == 32
+    ok = codec.decode_properties(_nested_headers(limit, kind))[1]  # as deep as allowed
+    assert ok == pamqp_decode.field_table(_nested_headers(limit, kind)[2:])[1]
+    with pytest.raises(codec.PropertyError, match="nested deeper than 32 levels"):
+        codec.decode_properties(_nested_headers(limit + 1, kind))
+
+
+def test_decode_properties_is_linear_in_the_table_size(codec: types.ModuleType) -> None:
+    """pamqp slices the rest of the table per value (quadratic): 64K voids would take seconds."""
+    import time
+
+    items = b"V" * 120_000
+    raw = (
+        b"\x20\x00" + struct.pack(">I", 7 + len(items)) + b"\x01aA" + struct.pack(">I", len(items))
+    )
+    raw += items
+    started = time.perf_counter()
+    headers = codec.decode_properties(raw)[1]
+    assert headers == {"a": [None] * 120_000}
+    assert time.perf_counter() - started < 2.0
+
+
+POST_ERROR_CASES = [
+    # (chunks fed one by one: the last one raises), then what must raise again
+    ([b"\x01\x00", b"\x00\xff\xff\xff\xff"], "frame of 4294967303 bytes on channel 0 exceeds"),
+    ([b"\x01\x00\x00\x00\x00\x00\x04\x00\x0a\x00\x0b\x00"], "frame end octet is 0x00, not 0xce"),
+    ([b"\x41\x00", b"\x01\x00\x00\x00\x00"], "unknown frame type 65 on channel 1"),
+    ([DELIVER + DELIVER], "method frame on channel 1 while a delivery's content is incomplete"),
+]
+
+
+@pytest.mark.parametrize(("chunks", "message"), POST_ERROR_CASES)
+def test_reader_is_unusable_after_an_error(
+    codec: types.ModuleType, chunks: list[bytes], message: str
+) -> None:
+    """Was: the compiled reader went on after an error (reserving 4 GiB, passing bad frames)."""
+    reader = codec.FrameReader()
+    for chunk in chunks[:-1]:
+        assert reader.feed(chunk) == []
+    with pytest.raises(codec.AMQPFrameError, match=message) as first:
+        reader.feed(chunks[-1])
+    for later in (b"x", codec.HEARTBEAT, b"\xce", b"", bytearray(codec.HEARTBEAT), DELIVER):
+        with pytest.raises(codec.AMQPFrameError) as again:
+            reader.feed(later)
+        assert str(again.value) == f"reader is unusable after an earlier error: {first.value}"
+    assert reader.buffered < 4096
+
+
+@pytest.mark.parametrize(("data", "message"), BAD_STREAMS)
+def test_every_malformed_stream_breaks_the_reader_in_both_twins(data: bytes, message: str) -> None:
+    errors = []
+    for impl in both():
+        reader = impl.FrameReader()
+        with pytest.raises(impl.AMQPFrameError, match=message):
+            feed_bytewise(reader, data)
+        with pytest.raises(impl.AMQPFrameError) as info:
+            reader.feed(impl.HEARTBEAT)
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
+    assert errors[0].startswith("reader is unusable after an earlier error: ")
+
+
+def _traced_peak(call: Any) -> int:
+    tracemalloc.start()
+    try:
+        call()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_no_allocation_ahead_of_the_body(codec: types.ModuleType) -> None:
+    """Was: the compiled reader reserved the announced body on its first partial frame:
+    236 input bytes over 4 channels asked for 2 GiB."""
+    data = b"".join(
+        _raw(1, ch, DELIVER[7:-1])
+        + _raw(2, ch, struct.pack(">HHQ", 60, 0, 512 * 1024 * 1024) + b"\x00\x00")
+        + _raw(3, ch, b"x")
+        for ch in range(1, 5)
+    )
+    assert len(data) < 300
+    reader = codec.FrameReader(max_body_size=1024**3)  # buffered, not skipped
+    peak = _traced_peak(lambda: reader.feed(data))
+    assert peak < 256 * 1024, peak
+    # many frames of a multi-frame body: memory follows what arrived
+    reader = codec.FrameReader(frame_max=4096, max_body_size=1024**3)
+    reader.feed(data[: len(data) // 4 - len(_raw(3, 1, b"x"))])
+    chunk = _raw(3, 1, b"y" * 4088)
+    peak = _traced_peak(lambda: [reader.feed(chunk) for _ in range(64)])
+    assert peak < 64 * 4096 * 2 + 256 * 1024, peak
+
+
+def test_no_allocation_ahead_of_a_partial_frame(codec: types.ModuleType) -> None:
+    """A frame header announcing ~4 GiB (allowed by frame_max) reserves only what arrived."""
+    reader = codec.FrameReader(frame_max=0xFFFFFFFF)
+    head = struct.pack(">BHI", 3, 1, 0xFFFFFFFF - 8) + b"z" * 100
+    peak = _traced_peak(lambda: (reader.feed(head[:3]), reader.feed(head[3:])))
+    assert reader.buffered == len(head)
+    assert peak < 64 * 1024, peak
+    peak = _traced_peak(lambda: reader.feed(b"z" * 100_000))
+    assert reader.buffered == len(head) + 100_000
+    assert peak < 1024 * 1024, peak
+
+
+def test_oversize_body_is_skipped_and_the_stream_stays_usable(codec: types.ModuleType) -> None:
+    """Was: body_size over the limit was an AMQPFrameError: the connection dropped, and the
+    message came back on the next connection, forever. Now: emitted with body None."""
+    big = deliver_frames(1, b"B" * 10_000, FULL_PROPERTIES, frame_max=4096)
+    small = deliver_frames(2, b"small", frame_max=4096)
+    data = b"".join(big + [codec.HEARTBEAT] + small)
+    for cuts in ([], list(range(1, len(data))), [5, 4100, 4200, 9000]):
+        reader = codec.FrameReader(frame_max=4096, max_body_size=9_999)
+        got = feed_all(reader, data, cuts)
+        assert len(got) == 3
+        assert got[0][:7] == (1, 1, False, "", "q", "ctag", big[1][7 + 12 : -1])
+        assert got[0][7:] == (None, 10_000)
+        assert got[1] == (8, 0, b"")
+        assert got[2][1] == 2 and got[2][7:] == (b"small", 5)
+        assert reader.buffered == 0
+    # the limit is inclusive, and the skipped body is never buffered
+    assert codec.FrameReader(frame_max=4096, max_body_size=10_000).feed(data)[0][7] == b"B" * 10_000
+    reader = codec.FrameReader(frame_max=131072, max_body_size=1000)
+    frames = deliver_frames(3, b"", frame_max=131072)[:1] + [
+        frame.marshal(header.ContentHeader(0, 64 * (131072 - 8), commands.Basic.Properties()), 1)
+    ]
+    assert reader.feed(b"".join(frames)) == []
+    chunk = frame.marshal(pbody.ContentBody(b"c" * (131072 - 8)), 1)
+    out: list[Any] = []
+    peak = _traced_peak(lambda: [out.extend(reader.feed(chunk)) for _ in range(64)])
+    assert peak < 1024 * 1024, peak  # 64 frames: 8 MiB if they were kept
+    assert [item[7:] for item in out] == [(None, 64 * (131072 - 8))]
+
+
+def test_oversize_body_may_not_overrun_its_announced_size(codec: types.ModuleType) -> None:
+    errors = []
+    for impl in both():
+        with pytest.raises(impl.AMQPFrameError) as info:
+            impl.FrameReader(max_body_size=0).feed(DELIVER + _hdr(2) + BODY3)
+        errors.append(str(info.value))
+    assert (
+        errors[0] == errors[1] == "body frames on channel 1 carry more than the 2 bytes announced"
+    )
+
+
+def test_body_size_beyond_63_bits(codec: types.ModuleType) -> None:
+    """An absurd announced size is just skipped: it never completes, but nothing is reserved."""
+    reader = codec.FrameReader()
+    assert reader.feed(DELIVER + _hdr(2**64 - 1) + BODY3) == []
+    with pytest.raises(codec.AMQPFrameError, match="while a delivery's content is incomplete"):
+        reader.feed(DELIVER)

@@ -14,6 +14,7 @@ import random
 import struct
 import subprocess
 import sys
+import time
 import tracemalloc
 import types
 from collections.abc import Iterator, Mapping
@@ -185,8 +186,8 @@ def php_response(rid: int, stdout: bytes, stderr: bytes = b"", app_status: int =
     out = b""
     for off in range(0, len(stdout), 65535):
         out += rec(STDOUT, rid, stdout[off : off + 65535])
-    if stderr:
-        out += rec(STDERR, rid, stderr)
+    for off in range(0, len(stderr), 65535):
+        out += rec(STDERR, rid, stderr[off : off + 65535])
     return out + rec(STDOUT, rid) + end(rid, app_status)
 
 
@@ -433,6 +434,106 @@ def test_encode_keep_conn_flag(codec: types.ModuleType) -> None:
     assert decode_request(codec.encode_request(1, {}, keep_conn=0))["flags"] == 0
 
 
+def _sliced_shared_params(codec: types.ModuleType, params: dict[Any, Any]) -> bytes:
+    """How fpm.encode_shared_params got the pairs before encode_params: by slicing a request."""
+    encoded = codec.encode_request(1, params, b"")
+    if len(encoded) == 32:  # BEGIN_REQUEST, empty PARAMS, empty STDIN
+        return b""
+    start = 24  # past BEGIN_REQUEST and the first PARAMS record's header
+    size = int.from_bytes(encoded[start - 4 : start - 2], "big")
+    padding = encoded[start - 2]
+    assert len(encoded) == start + size + padding + 16, "more than one PARAMS record"
+    return encoded[start : start + size]
+
+
+SHARED_PARAM_SETS = [
+    {},
+    {"A": "b"},
+    {
+        "GATEWAY_INTERFACE": "CGI/1.1",
+        "SERVER_SOFTWARE": "fastworker/0.1.0",
+        "REQUEST_METHOD": "POST",
+        "PHP_VALUE": "display_errors=0",
+        "SCRIPT_FILENAME": "/srv/app/vendor/fervo/deferred-event-bundle/Resources/bin/dispatch.php",
+        "DOCUMENT_ROOT": "/srv/app/vendor/fervo/deferred-event-bundle/Resources/bin",
+    },
+    {"é": "naïve ✓", b"RAW\xff": b"\x00\x01", "L" * 128: "v" * 300, "E": ""},
+    {"N": "v" * (65535 - 6)},  # one pair filling the record exactly
+]
+
+
+@pytest.mark.parametrize("params", SHARED_PARAM_SETS)
+def test_encode_params_equals_the_old_slicing(
+    codec: types.ModuleType, params: dict[Any, Any]
+) -> None:
+    shared = codec.encode_params(params)
+    assert type(shared) is bytes
+    assert shared == _sliced_shared_params(codec, params)
+    assert codec.encode_params(types.MappingProxyType(params)) == shared
+    own = {"X": "y"}
+    if len(shared) + 3 <= 65535:
+        assert codec.encode_request(3, own, b"", True, shared) == (
+            codec.encode_request(3, {**params, **own})
+        )
+
+
+@pytest.mark.parametrize(
+    "params, exc, message",
+    [
+        ({"A": "a" * 40_000, "B": "b" * 40_000}, ValueError, "encode to 80012 bytes, more than"),
+        ({"N": "v" * (65535 - 5)}, ValueError, "FastCGI param 'N' encodes to 65536 bytes"),
+        ({"A": "a", "B": 1}, TypeError, "param values must be str or bytes, not int"),
+        ({1: "a"}, TypeError, "param names must be str or bytes, not int"),
+        # every pair is checked before the total
+        ({"A": "a" * 40_000, "B": "b" * 40_000, "C": None}, TypeError, "not NoneType"),
+    ],
+)
+def test_encode_params_refuses(
+    codec: types.ModuleType, params: dict[Any, Any], exc: type, message: str
+) -> None:
+    with pytest.raises(exc, match=message) as info:
+        codec.encode_params(params)
+    if exc is ValueError:
+        assert "one PARAMS record" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    "kwargs, exc, message",
+    [
+        ({"request_id": "1", "stdin": "x", "shared": "y"}, TypeError, "request_id must be an int"),
+        ({"request_id": 0, "stdin": "x", "shared": "y"}, ValueError, "got 0"),
+        ({"params": 5, "stdin": "x", "shared": "y"}, TypeError, "not iterable"),
+        ({"stdin": "x", "shared": b"\0" * 65536}, TypeError, "stdin must be a bytes-like object"),
+        ({"stdin": "x", "shared": "y"}, TypeError, "stdin must be a bytes-like object, not str"),
+        ({"stdin": 3, "shared": -1}, TypeError, "stdin must be a bytes-like object, not int"),
+        ({"shared": "y"}, TypeError, "shared must be a bytes-like object, not str"),
+        ({"shared": -1}, TypeError, "shared must be a bytes-like object, not int"),
+        ({"shared": [1, 2]}, TypeError, "shared must be a bytes-like object, not list"),
+        ({"stdin": bytearray(), "shared": b"\0" * 65536}, ValueError, "shared params of 65536"),
+        ({"params": {"A": 1, "B": "x" * 70_000}}, TypeError, "param values must be str or bytes"),
+        ({"params": {"B": "x" * 70_000, "A": 1}}, ValueError, "encodes to 70006 bytes"),
+    ],
+)
+def test_encode_checks_arguments_in_the_same_order(
+    kwargs: dict[str, Any], exc: type, message: str
+) -> None:
+    """Fuzz finding 6: with a bad stdin and a bad shared the twins raised different errors."""
+    args = {"request_id": 1, "params": {"A": 1}, **kwargs}
+    outcomes = []
+    for impl in both():
+        with pytest.raises(exc, match=message) as info:
+            impl.encode_request(**args)
+        outcomes.append((type(info.value), str(info.value)))
+    assert outcomes[0] == outcomes[1]
+
+
+def test_encode_shared_accepts_buffers(codec: types.ModuleType) -> None:
+    shared = codec.encode_params({"S": "s"})
+    expected = codec.encode_request(1, {"A": "b"}, b"", True, shared)
+    assert codec.encode_request(1, {"A": "b"}, b"", True, bytearray(shared)) == expected
+    assert codec.encode_request(1, {"A": "b"}, b"", True, memoryview(shared)) == expected
+
+
 # --------------------------------------------------------------------------------------------
 # encoding: property-based round trip and differential
 
@@ -499,19 +600,41 @@ _ANY_KEY = st.one_of(_NAME_OR_VALUE, st.integers(), st.none(), st.floats(allow_n
 _ANY_VALUE = st.one_of(_NAME_OR_VALUE, st.integers(), st.none(), st.lists(st.integers()))
 
 
+_SHARED = st.one_of(
+    st.just(b""),
+    st.binary(max_size=20),
+    st.just(bytearray(b"\x01\x01Ab")),
+    st.just(b"\0" * 65536),
+    st.text(max_size=2),
+    st.integers(-1, 2),
+)
+
+
 @SETTINGS
 @given(
     request_id=st.one_of(st.integers(-5, 70_000), st.floats(), st.text(max_size=3)),
     params=st.dictionaries(_ANY_KEY, _ANY_VALUE, max_size=6),
     stdin=st.one_of(_BODIES, st.just(bytearray(b"abc")), st.integers(0, 3), st.text(max_size=3)),
+    shared=_SHARED,
 )
-def test_encode_differential(request_id: Any, params: dict[Any, Any], stdin: Any) -> None:
+def test_encode_differential(
+    request_id: Any, params: dict[Any, Any], stdin: Any, shared: Any
+) -> None:
+    """Same bytes, or the same exception type and message, whatever the arguments."""
     compiled, twin = both()
-    a = _outcome(compiled.encode_request, request_id, params, stdin)
-    b = _outcome(twin.encode_request, request_id, params, stdin)
-    if a[0] == "error" and a[1] is TypeError and b[0] == "error" and b[1] is TypeError:
-        return  # both refuse; CPython's own TypeError wording may differ per call site
+    a = _outcome(compiled.encode_request, request_id, params, stdin, True, shared)
+    b = _outcome(twin.encode_request, request_id, params, stdin, True, shared)
     assert a == b
+
+
+@SETTINGS
+@given(params=st.dictionaries(_ANY_KEY, _ANY_VALUE, max_size=6))
+def test_encode_params_differential(params: dict[Any, Any]) -> None:
+    compiled, twin = both()
+    a = _outcome(compiled.encode_params, params)
+    assert a == _outcome(twin.encode_params, params)
+    if a[0] == "ok":  # the pairs as one PARAMS record's content, in order
+        assert compiled.encode_request(1, {}, b"", True, a[1]) == compiled.encode_request(1, params)
 
 
 # --------------------------------------------------------------------------------------------
@@ -519,19 +642,33 @@ def test_encode_differential(request_id: Any, params: dict[Any, Any], stdin: Any
 
 
 OK_BODY = b"Content-type: text/html\r\n\r\nok"
+HEAD = 65536  # the parser's default max_head
+
+
+def done(
+    rid: int,
+    out: bytes = b"",
+    err: bytes = b"",
+    app: int = 0,
+    proto: int = 0,
+    max_head: int = HEAD,
+) -> tuple[int, bytes, bytes, int, int, int, int]:
+    """What `feed` returns for a request whose whole STDOUT/STDERR were `out`/`err`."""
+    return (rid, out[:max_head], err[:max_head], app, proto, len(out), len(err))
 
 
 def test_parse_simple_response(codec: types.ModuleType) -> None:
     data = rec(STDOUT, 1, OK_BODY) + rec(STDERR, 1) + end(1)
     parser = codec.ResponseParser()
     assert parser.bytes_received == 0
-    assert parser.feed(data) == [(1, OK_BODY, b"", 0, 0)]
+    assert parser.feed(data) == [(1, OK_BODY, b"", 0, 0, len(OK_BODY), 0)]
     assert parser.bytes_received == 0
+    assert parser.max_head == 65536 and parser.request_ids == frozenset({1})
 
 
 def test_parse_byte_by_byte(codec: types.ModuleType) -> None:
     data = php_response(5, OK_BODY + b"x" * 100, b"PHP message: warning", app_status=3)
-    parser = codec.ResponseParser()
+    parser = codec.ResponseParser(request_ids=[5])
     out = []
     for i in range(len(data)):
         got = parser.feed(data[i : i + 1])
@@ -539,20 +676,21 @@ def test_parse_byte_by_byte(codec: types.ModuleType) -> None:
             assert got == []
             assert parser.bytes_received == i + 1
         out += got
-    assert out == [(5, OK_BODY + b"x" * 100, b"PHP message: warning", 3, 0)]
+    assert out == [done(5, OK_BODY + b"x" * 100, b"PHP message: warning", 3)]
     assert parser.bytes_received == 0
 
 
 def test_parse_accepts_buffers(codec: types.ModuleType) -> None:
     data = php_response(2, b"body", b"err")
-    assert codec.ResponseParser().feed(bytearray(data)) == [(2, b"body", b"err", 0, 0)]
-    assert codec.ResponseParser().feed(memoryview(data)) == [(2, b"body", b"err", 0, 0)]
+    expected = [done(2, b"body", b"err")]
+    assert codec.ResponseParser(request_ids=(2,)).feed(bytearray(data)) == expected
+    assert codec.ResponseParser(request_ids=(2,)).feed(memoryview(data)) == expected
     assert codec.ResponseParser().feed(b"") == []
 
 
 def test_parse_status_fields(codec: types.ModuleType) -> None:
     data = end(9, app_status=0xFFFFFFFF, protocol_status=3)
-    assert codec.ResponseParser().feed(data) == [(9, b"", b"", 0xFFFFFFFF, 3)]
+    assert codec.ResponseParser(request_ids=(9,)).feed(data) == [done(9, app=0xFFFFFFFF, proto=3)]
 
 
 def test_parse_padding_of_any_length_and_content_is_skipped(codec: types.ModuleType) -> None:
@@ -562,30 +700,64 @@ def test_parse_padding_of_any_length_and_content_is_skipped(codec: types.ModuleT
         + rec(STDOUT, 1, b"", pad=3, pad_byte=b"\x01")
         + end(1, pad=12)
     )
-    assert codec.ResponseParser().feed(data) == [(1, b"abc", b"e", 0, 0)]
+    assert codec.ResponseParser().feed(data) == [done(1, b"abc", b"e")]
     parser = codec.ResponseParser()
-    assert feed_all(parser, data, list(range(0, len(data), 3))) == [(1, b"abc", b"e", 0, 0)]
+    assert feed_all(parser, data, list(range(0, len(data), 3))) == [done(1, b"abc", b"e")]
 
 
-def test_parse_large_output_in_socket_chunks(codec: types.ModuleType) -> None:
+def test_parse_large_output_keeps_the_heads_and_counts_the_rest(codec: types.ModuleType) -> None:
     body = random.Random(1).randbytes(1024 * 1024)
-    data = php_response(1, body, b"warn" * 3000)
+    errors = b"warn" * 30000
+    data = php_response(1, body, errors)
     parser = codec.ResponseParser()
     out = feed_all(parser, data, list(range(65536, len(data), 65536)))
-    assert out == [(1, body, b"warn" * 3000, 0, 0)]
+    assert out == [(1, body[:65536], errors[:65536], 0, 0, len(body), len(errors))]
+    whole = codec.ResponseParser(max_head=len(body))
+    assert feed_all(whole, data, list(range(1000, len(data), 7777))) == [
+        (1, body, errors, 0, 0, len(body), len(errors))
+    ]
+
+
+@pytest.mark.parametrize("max_head", [0, 1, 7, 8, 100, 255, 256, 257, 1000])
+def test_parse_max_head(codec: types.ModuleType, max_head: int) -> None:
+    out = bytes(range(256)) * 4
+    err = b"E" * 300
+    data = (
+        rec(STDOUT, 1, out[:3])
+        + rec(STDERR, 1, err[:250])
+        + rec(STDOUT, 1, out[3:])
+        + rec(STDERR, 1, err[250:])
+        + end(1)
+    )
+    for cuts in ([], list(range(1, len(data))), list(range(5, len(data), 13))):
+        parser = codec.ResponseParser(max_head=max_head)
+        assert feed_all(parser, data, cuts) == [done(1, out, err, max_head=max_head)]
+        assert parser.buffered == 0
+        # the parser is reusable: the next response starts from an empty head again
+        assert parser.feed(php_response(1, b"next", b"e")) == [
+            done(1, b"next", b"e", max_head=max_head)
+        ]
+
+
+def test_parse_buffered_counts_open_heads(codec: types.ModuleType) -> None:
+    parser = codec.ResponseParser(max_head=10, request_ids=(1, 2))
+    assert parser.buffered == 0
+    parser.feed(rec(STDOUT, 1, b"x" * 4) + rec(STDERR, 1, b"y" * 40) + rec(STDOUT, 2, b"z"))
+    assert parser.buffered == 4 + 10 + 1
+    assert parser.feed(end(1)) == [(1, b"xxxx", b"y" * 10, 0, 0, 4, 40)]
+    assert parser.buffered == 1
+    parser.feed(end(2))
+    assert parser.buffered == 0
 
 
 def test_parse_two_requests_in_one_feed_and_leftover(codec: types.ModuleType) -> None:
     first = php_response(1, b"one")
     second = php_response(2, b"two", b"e2")
     third = rec(STDOUT, 3, b"partial")
-    parser = codec.ResponseParser()
-    assert parser.feed(first + second + third[:5]) == [
-        (1, b"one", b"", 0, 0),
-        (2, b"two", b"e2", 0, 0),
-    ]
+    parser = codec.ResponseParser(request_ids=(1, 2, 3))
+    assert parser.feed(first + second + third[:5]) == [done(1, b"one"), done(2, b"two", b"e2")]
     assert parser.bytes_received == 5  # bytes since the last END_REQUEST
-    assert parser.feed(third[5:] + end(3)) == [(3, b"partial", b"", 0, 0)]
+    assert parser.feed(third[5:] + end(3)) == [done(3, b"partial")]
     assert parser.bytes_received == 0
 
 
@@ -599,13 +771,14 @@ def test_parse_interleaved_request_ids(codec: types.ModuleType) -> None:
         + rec(STDOUT, 1, b"a3")
         + end(1, 1)
     )
-    assert codec.ResponseParser().feed(data) == [(2, b"b1", b"be", 2, 0), (1, b"a1a2a3", b"", 1, 0)]
+    parser = codec.ResponseParser(request_ids=[2, 1])
+    assert parser.feed(data) == [done(2, b"b1", b"be", 2), done(1, b"a1a2a3", b"", 1)]
 
 
 def test_parse_same_id_reused_after_end(codec: types.ModuleType) -> None:
     parser = codec.ResponseParser()
-    assert parser.feed(php_response(1, b"first")) == [(1, b"first", b"", 0, 0)]
-    assert parser.feed(php_response(1, b"second")) == [(1, b"second", b"", 0, 0)]
+    assert parser.feed(php_response(1, b"first")) == [done(1, b"first")]
+    assert parser.feed(php_response(1, b"second")) == [done(1, b"second")]
 
 
 def test_parse_ignores_management_records(codec: types.ModuleType) -> None:
@@ -614,7 +787,7 @@ def test_parse_ignores_management_records(codec: types.ModuleType) -> None:
     assert parser.feed(mgmt) == []
     assert parser.bytes_received == len(mgmt)
     data = rec(STDOUT, 1, b"x") + mgmt + end(1)
-    assert parser.feed(data) == [(1, b"x", b"", 0, 0)]
+    assert parser.feed(data) == [done(1, b"x")]
     assert parser.bytes_received == 0
 
 
@@ -623,7 +796,7 @@ def test_bytes_received_tracks_the_unfinished_response(codec: types.ModuleType) 
     parser = codec.ResponseParser()
     assert parser.feed(data[:3]) == [] and parser.bytes_received == 3
     assert parser.feed(data[3:-1]) == [] and parser.bytes_received == len(data) - 1
-    assert parser.feed(data[-1:] + b"\x01\x06") == [(1, b"hello", b"", 0, 0)]
+    assert parser.feed(data[-1:] + b"\x01\x06") == [done(1, b"hello")]
     assert parser.bytes_received == 2
 
 
@@ -648,6 +821,10 @@ def test_bytes_received_tracks_the_unfinished_response(codec: types.ModuleType) 
         (rec(STDOUT, 0, b"x"), "STDOUT record with request id 0"),
         (end(0), "END_REQUEST record with request id 0"),
         (rec(UNKNOWN_TYPE, 1, bytes(8)), "UNKNOWN_TYPE with request id 1"),
+        (rec(STDOUT, 2, b"x"), "STDOUT record for request id 2, which this client did not send"),
+        (rec(STDERR, 65535), "STDERR record for request id 65535, which this client did not"),
+        (end(7), "END_REQUEST record for request id 7, which this client did not send"),
+        (rec(END, 3, bytes(7)), "END_REQUEST record for request id 3"),  # the id is checked first
     ],
 )
 def test_parse_rejects_malformed(codec: types.ModuleType, data: bytes, message: str) -> None:
@@ -661,6 +838,16 @@ def test_parse_rejects_malformed(codec: types.ModuleType, data: bytes, message: 
         parser.feed(b"")
 
 
+def test_parse_rejects_ids_outside_the_set_of_several(codec: types.ModuleType) -> None:
+    parser = codec.ResponseParser(request_ids=range(10, 20))
+    assert parser.feed(php_response(10, b"a") + php_response(19, b"b")) == [
+        done(10, b"a"),
+        done(19, b"b"),
+    ]
+    with pytest.raises(codec.ProtocolError, match="STDOUT record for request id 20, which"):
+        parser.feed(rec(STDOUT, 15, b"open") + rec(STDOUT, 20, b"x"))
+
+
 def test_parse_rejects_malformed_header_split(codec: types.ModuleType) -> None:
     data = rec(STDOUT, 1, b"ok") + rec(PARAMS, 1, b"zz")[:8]  # raised as the header completes
     parser = codec.ResponseParser()
@@ -670,71 +857,145 @@ def test_parse_rejects_malformed_header_split(codec: types.ModuleType) -> None:
         parser.feed(data[-1:])
 
 
-def test_parse_max_size(codec: types.ModuleType) -> None:
-    def ok(rid: int) -> bytes:
-        return rec(STDOUT, rid, b"x" * 60) + rec(STDERR, rid, b"e" * 40) + end(rid)
-
-    expected = (1, b"x" * 60, b"e" * 40, 0, 0)
-    assert codec.ResponseParser(max_size=100).feed(ok(1)) == [expected]
-    parser = codec.ResponseParser(max_size=99)
-    with pytest.raises(codec.ProtocolError, match=r"response exceeds max_size \(99 bytes\)"):
-        parser.feed(ok(1))
-    with pytest.raises(codec.ProtocolError, match="max_size"):
-        parser.feed(ok(1))
-    # the limit is per request: two responses of 100 bytes each fit a parser of 100
-    parser = codec.ResponseParser(max_size=100)
-    assert parser.feed(ok(1) + ok(2) + ok(1)) == [expected, (2, *expected[1:]), expected]
-    empty_ok = php_response(1, b"")
-    assert codec.ResponseParser(max_size=0).feed(empty_ok) == [(1, b"", b"", 0, 0)]
-
-
-def test_parse_max_size_is_checked_before_the_content_arrives(codec: types.ModuleType) -> None:
-    parser = codec.ResponseParser(max_size=1000)
-    with pytest.raises(codec.ProtocolError, match="max_size"):
-        parser.feed(HEADER.pack(1, STDOUT, 1, 1001, 0))
-
-
 @pytest.mark.parametrize(
-    "bad, exc", [(-1, ValueError), (2**62 + 1, ValueError), ("1", TypeError), (1.5, TypeError)]
+    "kwargs, exc, message",
+    [
+        ({"max_head": -1}, ValueError, "max_head must be in 0..4611686018427387904, got -1"),
+        ({"max_head": 2**62 + 1}, ValueError, "max_head must be in 0.."),
+        ({"max_head": "1"}, TypeError, "max_head must be an int, not str"),
+        ({"max_head": 1.5}, TypeError, "max_head must be an int, not float"),
+        ({"request_ids": ()}, ValueError, "request_ids must name at least one request id"),
+        ({"request_ids": 1}, TypeError, "request_ids must be an iterable of ints, not int"),
+        ({"request_ids": [1, "2"]}, TypeError, "request ids must be ints, not str"),
+        ({"request_ids": [1, 0]}, ValueError, r"request ids must be in 1\.\.65535, got 0"),
+        ({"request_ids": [65536]}, ValueError, r"request ids must be in 1\.\.65535, got 65536"),
+    ],
 )
-def test_parser_rejects_bad_max_size(codec: types.ModuleType, bad: Any, exc: type) -> None:
-    with pytest.raises(exc, match="max_size"):
-        codec.ResponseParser(max_size=bad)
+def test_parser_rejects_bad_arguments(
+    codec: types.ModuleType, kwargs: dict[str, Any], exc: type, message: str
+) -> None:
+    with pytest.raises(exc, match=message):
+        codec.ResponseParser(**kwargs)
 
 
-def test_parser_max_size_is_read_only(codec: types.ModuleType) -> None:
-    parser = codec.ResponseParser(max_size=2**62)
-    assert parser.max_size == 2**62
+def test_parser_settings_are_read_only(codec: types.ModuleType) -> None:
+    parser = codec.ResponseParser(max_head=2**62, request_ids=iter([3, 1, 3]))
+    assert parser.max_head == 2**62
+    assert parser.request_ids == frozenset({1, 3})
     with pytest.raises(AttributeError):
-        parser.max_size = 5
+        parser.max_head = 5
+    with pytest.raises(AttributeError):
+        parser.request_ids = frozenset({2})
 
 
-def test_parse_reused_buffers_do_not_leak_between_requests(codec: types.ModuleType) -> None:
-    """The parser recycles output buffers: a short response after a long one must stay short."""
-    parser = codec.ResponseParser()
+@pytest.mark.parametrize("ids", [(1,), (1, 2, 3)])
+def test_parse_reused_buffers_do_not_leak_between_requests(
+    codec: types.ModuleType, ids: tuple[int, ...]
+) -> None:
+    """The parser recycles head buffers: a short response after a long one must stay short."""
+    big_head = 10 << 20
+    parser = codec.ResponseParser(max_head=big_head, request_ids=ids)
+    rid2, rid3 = ids[-2:] if len(ids) > 1 else (1, 1)
     big = random.Random(3).randbytes(300_000)
-    assert parser.feed(php_response(1, big, b"E" * 60_000)) == [(1, big, b"E" * 60_000, 0, 0)]
-    assert parser.feed(php_response(2, b"s", b"e")) == [(2, b"s", b"e", 0, 0)]
-    assert parser.feed(php_response(1, b"")) == [(1, b"", b"", 0, 0)]
+    assert parser.feed(php_response(1, big, b"E" * 60_000)) == [
+        done(1, big, b"E" * 60_000, max_head=big_head)
+    ]
+    assert parser.feed(php_response(rid2, b"s", b"e")) == [done(rid2, b"s", b"e")]
+    assert parser.feed(php_response(1, b"")) == [done(1)]
     huge = b"h" * (5 << 20)  # over what is kept between requests
-    assert parser.feed(php_response(3, huge)) == [(3, huge, b"", 0, 0)]
-    assert parser.feed(php_response(3, b"t")) == [(3, b"t", b"", 0, 0)]
+    assert parser.feed(php_response(rid3, huge)) == [done(rid3, huge, max_head=big_head)]
+    assert parser.feed(php_response(rid3, b"t")) == [done(rid3, b"t")]
+
+
+def test_parse_allocates_nothing_ahead_of_the_data(codec: types.ModuleType) -> None:
+    """A record header announcing 65535 bytes reserves nothing: memory follows what arrived."""
+    parser = codec.ResponseParser(max_head=1 << 20, request_ids=range(1, 101))
+    tracemalloc.start()
+    try:
+        parser.feed(HEADER.pack(1, STDOUT, 1, 65535, 0) + b"x")  # announces 64 KiB, sends 1 byte
+        first = tracemalloc.get_traced_memory()[1]
+        parser.feed(b"y" * 65534)
+        for rid in range(2, 101):  # 99 more open requests with a byte of each stream
+            parser.feed(rec(STDOUT, rid, b"z") + rec(STDERR, rid, b"e"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert first < 8 * 1024
+    assert parser.buffered == 65535 + 99 * 2
+    assert peak < 320 * 1024  # 64 KiB, its growth, and about 2 x 256 bytes per open request
 
 
 def test_parse_memory_stays_bounded(codec: types.ModuleType) -> None:
-    """Ignored and oversized content is never buffered: peak memory stays far below the input."""
+    """Ignored content and output past the head are never buffered."""
     junk = rec(UNKNOWN_TYPE, 0, b"j" * 65535) * 128  # 8 MiB of management records
-    flood = rec(STDOUT, 1, b"o" * 65535) * 128  # 8 MiB of output, max_size 1 MiB
-    parser = codec.ResponseParser(max_size=1 << 20)
+    flood = rec(STDOUT, 1, b"o" * 65535) * 128  # 8 MiB of output, max_head 1 MiB
+    expected = [(1, b"o" * (1 << 20), b"", 0, 0, 128 * 65535, 0)]
+    parser = codec.ResponseParser(max_head=1 << 20)
     tracemalloc.start()
     try:
         assert parser.feed(junk) == []
         assert tracemalloc.get_traced_memory()[1] < 256 * 1024
-        with pytest.raises(codec.ProtocolError, match="max_size"):
-            parser.feed(flood)
+        assert parser.feed(flood) == []
+        assert parser.buffered == 1 << 20
+        assert tracemalloc.get_traced_memory()[1] < (1 << 20) + 256 * 1024
+        assert parser.feed(end(1)) == expected
         assert tracemalloc.get_traced_memory()[1] < 2 * (1 << 20) + 256 * 1024
     finally:
         tracemalloc.stop()
+
+
+def test_regression_many_request_ids_fail_fast_in_little_memory(codec: types.ModuleType) -> None:
+    """Fuzz finding 5: one byte of STDOUT and STDERR for each id 1..65535 (1.2 MB, none sent)
+    grew RSS by ~520 MiB. Ids the client never sent are now a ProtocolError at once."""
+    data = b"".join(
+        HEADER.pack(1, STDOUT, rid, 1, 0) + b"x" + HEADER.pack(1, STDERR, rid, 1, 0) + b"y"
+        for rid in range(1, 65536)
+    )
+    parser = codec.ResponseParser()
+    tracemalloc.start()
+    started = time.perf_counter()
+    try:
+        with pytest.raises(codec.ProtocolError, match="request id 2, which this client did not"):
+            parser.feed(data)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert time.perf_counter() - started < 1.0
+    assert peak < 64 * 1024
+    assert parser.bytes_received == len(data)  # the whole feed was taken (and is now void)
+
+
+def _periodic_chunks(record: bytes, count: int, size: int) -> Iterator[bytes]:
+    """`record` repeated `count` times, cut into `size`-byte chunks, never built whole."""
+    period = len(record)
+    assert size <= period
+    double = record * 2
+    total = period * count
+    for off in range(0, total, size):
+        start = off % period
+        yield double[start : start + min(size, total - off)]
+
+
+def test_regression_100_mb_of_stdout_keeps_a_small_head(codec: types.ModuleType) -> None:
+    """A job that prints 100 MB succeeds like any other: 64 KiB kept, the rest only counted."""
+    content = random.Random(5).randbytes(65535)
+    record = rec(STDOUT, 1, content)  # 65544 bytes: feed boundaries drift across records
+    count = 1600  # 104,856,000 bytes of STDOUT
+    parser = codec.ResponseParser()
+    results = []
+    tracemalloc.start()
+    try:
+        for chunk in _periodic_chunks(record, count, 65536):
+            results += parser.feed(chunk)
+        assert parser.buffered == 65536
+        results += parser.feed(rec(STDERR, 1, b"PHP Notice: x") + rec(STDOUT, 1) + end(1))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    head = (content * 2)[:65536]
+    assert results == [(1, head, b"PHP Notice: x", 0, 0, count * 65535, 13)]
+    assert count * 65535 > 100_000_000
+    assert peak < 1 << 20  # the head, one chunk and the result; nothing grows with the output
 
 
 # --------------------------------------------------------------------------------------------
@@ -742,10 +1003,13 @@ def test_parse_memory_stays_bounded(codec: types.ModuleType) -> None:
 
 
 @st.composite
-def response_streams(draw: st.DrawFn) -> tuple[bytes, list[tuple[Any, ...]], list[int]]:
+def response_streams(
+    draw: st.DrawFn,
+) -> tuple[bytes, list[tuple[Any, ...]], list[int], list[int]]:
     """A server stream: interleaved requests, any padding, management records in between.
 
-    Returns (stream, expected results in order, offset just past each END_REQUEST record).
+    Returns (stream, (rid, stdout, stderr, app, proto) of each request in order of completion,
+    offset just past each END_REQUEST record, the request ids).
     """
     rids = draw(st.lists(st.integers(1, 65535), min_size=1, max_size=4, unique=True))
     queues: dict[int, list[tuple[bytes, Any]]] = {}
@@ -781,7 +1045,7 @@ def response_streams(draw: st.DrawFn) -> tuple[bytes, list[tuple[Any, ...]], lis
         if result is not None:
             expected.append(result)
             ends.append(len(stream))
-    return stream, expected, ends
+    return stream, expected, ends, rids
 
 
 def _cuts(data: st.DataObject, length: int) -> list[int]:
@@ -791,14 +1055,21 @@ def _cuts(data: st.DataObject, length: int) -> list[int]:
 
 
 @SETTINGS
-@given(stream=response_streams(), data=st.data())
+@given(
+    stream=response_streams(),
+    max_head=st.sampled_from([HEAD, 0, 1, 5, 300]),
+    data=st.data(),
+)
 def test_parse_round_trip_any_split(
-    stream: tuple[bytes, list[tuple[Any, ...]], list[int]], data: st.DataObject
+    stream: tuple[bytes, list[tuple[Any, ...]], list[int], list[int]],
+    max_head: int,
+    data: st.DataObject,
 ) -> None:
-    raw, expected, ends = stream
+    raw, whole, ends, rids = stream
+    expected = [done(*r, max_head=max_head) for r in whole]
     cuts = _cuts(data, len(raw))
     for impl in both():
-        parser = impl.ResponseParser()
+        parser = impl.ResponseParser(max_head, rids)
         got = []
         prev = 0
         for cut in [*cuts, len(raw)]:
@@ -846,14 +1117,17 @@ def _mutate(data: st.DataObject, raw: bytes) -> bytes:
     raw=st.one_of(
         response_streams().map(lambda s: s[0]), hostile_streams(), st.binary(max_size=64)
     ),
-    max_size=st.sampled_from([64 * 1024 * 1024, 0, 10, 300]),
+    max_head=st.sampled_from([HEAD, 0, 10, 300]),
+    request_ids=st.sampled_from([(1,), (2,), (1, 2, 65535), (65535,)]),
     data=st.data(),
 )
-def test_parse_differential(raw: bytes, max_size: int, data: st.DataObject) -> None:
+def test_parse_differential(
+    raw: bytes, max_head: int, request_ids: tuple[int, ...], data: st.DataObject
+) -> None:
     """Both parsers agree feed by feed: same results, same errors and messages, same counters."""
     raw = _mutate(data, raw)
     cuts = _cuts(data, len(raw))
-    parsers = [impl.ResponseParser(max_size=max_size) for impl in both()]
+    parsers = [impl.ResponseParser(max_head, request_ids) for impl in both()]
     prev = 0
     for cut in [*cuts, len(raw), len(raw)]:  # one extra feed: a broken parser must stay broken
         outcomes = []
@@ -863,7 +1137,7 @@ def test_parse_differential(raw: bytes, max_size: int, data: st.DataObject) -> N
             except ValueError as exc:
                 assert type(exc).__name__ == "ProtocolError"
                 outcomes.append(("error", str(exc)))
-            outcomes.append(parser.bytes_received)
+            outcomes.append((parser.bytes_received, parser.buffered))
         assert outcomes[:2] == outcomes[2:]
         prev = cut
 

@@ -27,6 +27,7 @@ from fastworker.fpm import (
 )
 from fastworker.job import Job
 from fastworker.targets import TargetPolicy
+from helpers import read_records
 
 PHP = Path(__file__).parent / "php"
 
@@ -469,3 +470,66 @@ def test_a_waiting_request_is_not_overtaken(fpm: FpmServer) -> None:
         return order
 
     assert run(main()) == ["head", "pipelined", "waiting", "newcomer"]
+
+
+# A child that dies while it has our request must cost an attempt every time; a child that ends
+# under pm.max_requests never costs one. FPM closes a connection before answering in both cases:
+# the pool tells them apart by whether the child still reads after closing its side.
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sequential", "pipelined"])
+@pytest.mark.parametrize("unix_socket", [False, True], ids=["tcp", "unix"])
+def test_child_dying_on_a_reused_connection_is_lost_every_time(
+    fpm_factory, pipelined: bool, unix_socket: bool
+) -> None:
+    server = fpm_factory(children=1, unix_socket=unix_socket)
+    data = "early-reused"
+
+    async def main() -> list[Any]:
+        pool = FpmPool(Endpoint.parse(server.address), max_connections=1, pipeline=2)
+        outcomes = []
+        for _ in range(3):
+            await warm(pool)  # the crash always lands on a connection that has served
+            if pipelined:
+                head = request_cb(pool, params("sleep.php", DEFERRED_DATA="0.01"), 10)
+                crash = request_cb(pool, params("crash.php", DEFERRED_DATA=data), 10)
+                await head
+            else:
+                crash = request_cb(pool, params("crash.php", DEFERRED_DATA=data), 10)
+            outcomes.append(await crash)
+        stats = (pool.pipelined, pool.opened)
+        await pool.close()
+        return [outcomes, stats]
+
+    outcomes, (pipelined_count, opened) = run(main())
+    for response, exc in outcomes:
+        assert response is None and isinstance(exc, FpmConnectionLost), exc
+        assert "the PHP process died before answering" in str(exc)
+    if pipelined:
+        assert pipelined_count == 3
+    # Each crash ran once and was reported once: never moved and run again unseen.
+    runs = read_records(f"{server.record_file}.fail")
+    assert [sha for _, sha, _ in runs] == [hashlib.sha1(data.encode()).hexdigest()] * 3
+    assert opened == 3  # one connection per crash: warmed up, then ended by the crash
+
+
+@pytest.mark.parametrize("pipeline", [1, 4])
+def test_recycled_children_never_fail_a_request(fpm_factory, pipeline: int) -> None:
+    # pm.max_requests = 2: a child ends after every second request, always on a kept-alive
+    # connection with requests written (pipelined, or right after the answer) behind its last.
+    server = fpm_factory(children=2, max_requests=2)
+    datas = [f"recycle-{pipeline}-{i}" for i in range(120)]
+
+    async def main() -> tuple[list, int]:
+        pool = FpmPool(Endpoint.parse(server.address), max_connections=2, pipeline=pipeline)
+        jobs = [params("record.php", DEFERRED_DATA=d) for d in datas]
+        outcomes = await drive(pool, jobs, in_flight=2 * pipeline)
+        await pool.close()
+        return outcomes, pool.opened
+
+    outcomes, opened = run(main())
+    assert [exc for _, exc in outcomes] == [None] * len(datas)
+    assert all(body_of(response.stdout) == b"ok\n" for response, _ in outcomes)
+    assert opened >= len(datas) // 2  # every child really ended after two requests
+    expected = sorted(hashlib.sha1(d.encode()).hexdigest() for d in datas)
+    assert sorted(sha for _, sha, _ in server.records()) == expected  # each ran exactly once

@@ -231,7 +231,10 @@ def test_json_and_raw_formats(
     envelope = orjson.dumps({"script": script, "params": {"TENANT": "t7"}, "body": '{"a":1}'})
     amqp_publish(rabbitmq_url, queue_name, [envelope])
     worker = WorkerProcess(
-        worker_args(rabbitmq_url, queue_name, fpm.address, "--format", "json"), tmp_path / "j.log"
+        worker_args(
+            rabbitmq_url, queue_name, fpm.address, "--format", "json", "--allow-param", "TENANT"
+        ),
+        tmp_path / "j.log",
     )
     try:
         wait_for(lambda: len(fpm.records()) == 1, 30, what="the json job")
@@ -338,7 +341,10 @@ def test_unencodable_request_is_dead_lettered_not_retried_forever(
     fine = orjson.dumps({"script": script, "params": {"TENANT": "t"}, "body": "f"})
     amqp_publish(rabbitmq_url, queue_name, [huge, fine])
     worker = WorkerProcess(
-        worker_args(rabbitmq_url, queue_name, fpm.address, "--format", "json"), tmp_path / "w.log"
+        worker_args(
+            rabbitmq_url, queue_name, fpm.address, "--format", "json", "--allow-param", "TENANT"
+        ),
+        tmp_path / "w.log",
     )
     try:
         wait_for(lambda: len(fpm.records()) == 1, 30, what="the good job")

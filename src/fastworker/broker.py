@@ -5,6 +5,7 @@ RabbitMQ closes a channel on a failed declare, so each probe gets a channel of i
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from typing import Any
 
@@ -13,6 +14,11 @@ from aiormq.abc import AbstractChannel, AbstractConnection
 from pamqp.commands import Basic
 
 log = logging.getLogger("fastworker.broker")
+
+# Seconds a publish may wait for the broker's confirm. A broker short of memory or disk blocks
+# publishers (connection.blocked) indefinitely; the job's slot must not wait with it: the
+# message is then not acked, and comes back when the broker delivers it again.
+PUBLISH_TIMEOUT = 30.0
 
 
 class PublishFailed(Exception):
@@ -53,8 +59,9 @@ async def ensure_queue(
 class Publisher:
     """Publishes with publisher confirms and `mandatory`, one confirmed message at a time."""
 
-    def __init__(self, channel: AbstractChannel) -> None:
+    def __init__(self, channel: AbstractChannel, timeout: float = PUBLISH_TIMEOUT) -> None:
         self.channel = channel
+        self.timeout = timeout
 
     @classmethod
     async def open(cls, connection: AbstractConnection) -> Publisher:
@@ -63,9 +70,15 @@ class Publisher:
     async def publish(self, queue: str, body: bytes, properties: Basic.Properties) -> None:
         """Returns once the broker has the message in `queue`; raises PublishFailed if not."""
         try:
-            confirm = await self.channel.basic_publish(
-                body, exchange="", routing_key=queue, properties=properties, mandatory=True
-            )
+            async with asyncio.timeout(self.timeout):
+                confirm = await self.channel.basic_publish(
+                    body, exchange="", routing_key=queue, properties=properties, mandatory=True
+                )
+        except TimeoutError:
+            raise PublishFailed(
+                f"queue {queue}: no confirm from the broker within {self.timeout:g} s "
+                "(is it blocking publishers for lack of memory or disk?)"
+            ) from None
         except aiormq.exceptions.PublishError as exc:
             raise PublishFailed(f"queue {queue}: message returned by the broker ({exc})") from None
         except (aiormq.exceptions.AMQPError, aiormq.exceptions.ChannelInvalidStateError) as exc:

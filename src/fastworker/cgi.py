@@ -45,10 +45,6 @@ def response_status(stdout: bytes) -> int:
     return 200
 
 
-def is_success(status: int) -> bool:
-    return 200 <= status < 300
-
-
 def error_message(stderr: bytes, stdout_body: bytes, status: int) -> str:
     """A one-line reason: PHP's own error text when it wrote one, else the status."""
     for line in stderr.splitlines():

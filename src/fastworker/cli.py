@@ -50,6 +50,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _response_head(text: str) -> int:
+    value = int(text)
+    if value < 1024:
+        raise argparse.ArgumentTypeError(f"must be at least 1024, got {value}")
+    return value
+
+
 def worker_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="fastworker",
@@ -132,6 +139,15 @@ def worker_parser() -> argparse.ArgumentParser:
         '"body", "fpm"}; raw: body to STDIN, AMQP properties as AMQP_* params',
     )
     p.add_argument(
+        "--allow-param",
+        action="append",
+        metavar="GLOB",
+        default=[],
+        help="json format: glob of param names a message may set besides JOB_PARAM_*; "
+        "repeat for several; case-sensitive; names CGI, FPM or PHP interpret (PHP_VALUE, "
+        "SCRIPT_FILENAME, HTTP_*, ...) stay refused (default: only JOB_PARAM_*)",
+    )
+    p.add_argument(
         "--job-timeout",
         type=_positive_float,
         default=300.0,
@@ -167,6 +183,15 @@ def worker_parser() -> argparse.ArgumentParser:
         default=8 * 1024 * 1024,
         metavar="BYTES",
         help="larger messages are dead-lettered as bad_message (default: %(default)s)",
+    )
+    p.add_argument(
+        "--max-response-head",
+        type=_response_head,
+        default=65536,
+        metavar="BYTES",
+        help="head of PHP's STDOUT and of its STDERR kept per job, for the Status header and "
+        "the error text; the rest is counted and discarded (default: %(default)s, "
+        "at least 1024)",
     )
     p.add_argument(
         "--max-attempts",
@@ -224,6 +249,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         connect_timeout=args.connect_timeout,
         idle_timeout=args.idle_timeout,
         max_message_size=args.max_message_size,
+        max_response_head=args.max_response_head,
+        allow_param=args.allow_param,
         max_attempts=args.max_attempts,
         retry_delay=args.retry_delay,
         retry_max_delay=args.retry_max_delay,

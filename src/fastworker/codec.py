@@ -22,8 +22,9 @@ if not os.environ.get("FASTWORKER_NO_EXTENSIONS"):
 else:
     _impl = fcgi_py
 
+encode_params = _impl.encode_params
 encode_request = _impl.encode_request
 ResponseParser = _impl.ResponseParser
 ProtocolError = _impl.ProtocolError
 
-__all__ = ["COMPILED", "ProtocolError", "ResponseParser", "encode_request"]
+__all__ = ["COMPILED", "ProtocolError", "ResponseParser", "encode_params", "encode_request"]

@@ -13,13 +13,16 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 
 import aiormq
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
+from pamqp.header import ContentHeader
 
 from fastworker.acks import AckTracker
+from fastworker.amqp_py import PropertyError, decode_properties
 from fastworker.broker import Publisher, ensure_queue
 from fastworker.message import PROPERTY_NAMES, Message, NotStarted
 
@@ -31,6 +34,35 @@ Prepare = Callable[[AbstractConnection, str], Awaitable[None]]
 
 ACK_INTERVAL = 0.002  # seconds finished deliveries may wait to share one ack
 REQUEUE_DELAY = 1.0  # seconds before a delivery whose handler failed goes back to the queue
+
+
+_PROBLEM = "fastworker_problem"
+
+
+def _decode_properties_per_message() -> None:
+    """Makes a delivery whose properties cannot be decoded the message's problem alone.
+
+    pamqp raises while aiormq reads the content header (a timestamp out of range, tables nested
+    too deep), aiormq then drops the connection, and the broker delivers the same message again:
+    one message would stall the worker forever. The content header is decoded by fastworker's
+    own property decoder first (the fast consumer's): if it refuses, the header keeps no
+    properties and says why in `fastworker_problem`; the message is then dead-lettered.
+    """
+    original = ContentHeader.unmarshal
+    if getattr(original, "__fastworker__", False):
+        return
+
+    def unmarshal(self: ContentHeader, data: bytes) -> None:
+        try:
+            decode_properties(data[12:])
+        except PropertyError as exc:
+            original(self, data[:12] + b"\x00\x00")  # class, weight, body size: no properties
+            setattr(self, _PROBLEM, f"AMQP properties cannot be decoded: {exc}")
+            return
+        original(self, data)
+
+    unmarshal.__fastworker__ = True  # type: ignore[attr-defined]
+    ContentHeader.unmarshal = unmarshal  # type: ignore[method-assign]
 
 
 @dataclass(slots=True)
@@ -48,6 +80,7 @@ class _Session:
         self.publisher = publisher
         self.acks = AckTracker()
         self.consumer_tags: list[str] = []
+        self.requeues: deque[int] = deque()  # nacks not yet sent, sent before any later ack
         self.flush_scheduled = False
         self.flushing: set[asyncio.Task[None]] = set()
         self.flush_lock = asyncio.Lock()
@@ -66,13 +99,11 @@ class _Session:
         if not self.alive:
             return
         self.acks.discard(tag)
-        asyncio.get_running_loop().create_task(self._nack(tag))
-
-    async def _nack(self, tag: int) -> None:
-        try:
-            await self.channel.basic_nack(tag, requeue=True, wait=False)
-        except aiormq.exceptions.AMQPError as exc:
-            log.warning("requeue of delivery %d failed (%r)", tag, exc)
+        # Through the flush, not a task of its own: once discarded, the tag may lie inside a
+        # multiple=True ack taken later, which must reach the broker after this nack (else it
+        # would ack the message meant to be requeued).
+        self.requeues.append(tag)
+        self._flush_soon()
 
     def _flush_soon(self) -> None:
         self.flush_scheduled = False
@@ -83,8 +114,18 @@ class _Session:
     async def flush(self, wait: bool = False) -> None:
         # One flush at a time, taking its acks inside the lock: a later multiple=True ack must
         # never overtake an earlier single ack of a tag it covers (RabbitMQ would close the
-        # channel with "unknown delivery tag" and redeliver everything unacked).
+        # channel with "unknown delivery tag" and redeliver everything unacked). Requeues go
+        # first, for the same reason.
         async with self.flush_lock:
+            while self.requeues:
+                tag = self.requeues.popleft()
+                if not self.alive or self.channel.is_closed:
+                    return
+                try:
+                    await self.channel.basic_nack(tag, requeue=True, wait=wait)
+                except (aiormq.exceptions.AMQPError, RuntimeError) as exc:
+                    log.warning("requeue of delivery %d failed (%r)", tag, exc)
+                    return
             for tag, multiple in self.acks.take():
                 if not self.alive or self.channel.is_closed:
                     return
@@ -115,7 +156,9 @@ class AmqpConsumer:
         prepare: Prepare | None = None,
         shutdown_timeout: float = 30.0,
         max_backoff: float = 30.0,
+        max_message_size: int = 0,  # aiormq reads every body whole; the pipeline refuses it
     ) -> None:
+        _decode_properties_per_message()
         self.url = url
         self.queues = list(queues)
         self.handler = handler
@@ -266,6 +309,7 @@ class AmqpConsumer:
             tag = delivered.delivery_tag
             assert tag is not None
             props = delivered.header.properties
+            problem = getattr(delivered.header, _PROBLEM, "")
             message = Message(
                 body=delivered.body,
                 queue=queue,
@@ -276,6 +320,7 @@ class AmqpConsumer:
                     if (value := getattr(props, name, None)) is not None
                 },
                 redelivered=bool(delivered.redelivered),
+                problem=problem,
             )
             session.acks.delivered(tag)
             self._pending.put_nowait(_Delivery(session, tag, message))

@@ -9,7 +9,8 @@ The outcome kinds (`Result.kind`):
 - unavailable: no connection to FPM could be made (refused, timed out), or FastCGI OVERLOADED;
   the job did not run.
 - bad_message / not_allowed: refused before FPM was called (bad_message also for a request that
-  cannot be encoded, e.g. a json param too large for one FastCGI record).
+  cannot be encoded, e.g. a json param or a script path too large for one FastCGI record).
+- internal: an exception of fastworker's own while handling the job (made by the pipeline).
 A job the pool no longer starts because the worker is stopping is no outcome: `NotStarted` is
 raised (or passed to `start`'s callback) so the consumer returns the message to its queue.
 """
@@ -63,6 +64,7 @@ class Result:
     stderr: bytes = b""
     stdout_head: bytes = b""
     endpoint: str = ""
+    traceback: str = ""  # internal: where fastworker failed
 
     @property
     def ok(self) -> bool:
@@ -139,7 +141,10 @@ class Executor:
                 endpoint, script = self.policy.resolve(job)
             except JobRefused as exc:
                 return Result(exc.kind, message=str(exc))
-            shared = encode_shared_params(self._script_params(script))
+            try:
+                shared = encode_shared_params(self._script_params(script))
+            except ValueError as exc:  # e.g. a script path longer than a record can carry
+                return Result("bad_message", message=f"cannot send to PHP-FPM: {exc}")
             target = (self.pools.get(endpoint), str(endpoint), shared)
             if len(self._targets) < 1024:
                 self._targets[key] = target
@@ -198,7 +203,7 @@ class Executor:
         raise exc
 
     def _classify(self, response: FpmResponse, where: str) -> Result:
-        stdout = response.stdout
+        stdout = response.stdout  # the head: the CGI headers are at its start
         if response.protocol_status != REQUEST_COMPLETE:
             if response.protocol_status == OVERLOADED:
                 return Result("unavailable", message=f"{where}: FPM is overloaded", endpoint=where)
@@ -211,10 +216,23 @@ class Executor:
         if 200 <= status < 300:  # cgi.is_success
             return OK
         _, body_out = cgi.header_block(stdout)
+        message = cgi.error_message(response.stderr, body_out, status)
+        # The pool keeps only the head of each stream: say so when the text above may be
+        # missing what PHP wrote later.
+        cut = [
+            f"{name} {len(head)} of {size} bytes"
+            for name, head, size in (
+                ("stderr", response.stderr, response.stderr_size),
+                ("stdout", stdout, response.stdout_size),
+            )
+            if size > len(head)
+        ]
+        if cut:
+            message = f"{message} (output cut, kept {', '.join(cut)})"
         return Result(
             "php_error",
             status=status,
-            message=cgi.error_message(response.stderr, body_out, status),
+            message=message,
             stderr=response.stderr[:STDERR_EXCERPT],
             stdout_head=stdout[:STDOUT_HEAD],
             endpoint=where,

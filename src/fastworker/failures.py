@@ -39,8 +39,14 @@ ORIGINAL_QUEUE = "x-fastworker-queue"
 INTERNAL_HEADERS = (ATTEMPTS, INFRA_RETRIES, FIRST_FAILURE, ERROR, ERROR_KIND, ORIGINAL_QUEUE)
 
 JITTER = 0.2  # a retry waits between (1 - JITTER) and 1 times its level's delay
-STDERR_LIMIT = 8 * 1024
-STDOUT_LIMIT = 2 * 1024
+# What a dead letter's error may carry, in characters of JSON text. Headers travel in one AMQP
+# frame; past the broker's frame_max it closes the connection, and the job would loop. So the
+# whole x-fastworker-error header stays under about 8 KB, each excerpt within its own share.
+MESSAGE_LIMIT = 1024
+STDERR_LIMIT = 4 * 1024
+STDOUT_LIMIT = 1024
+TRACEBACK_LIMIT = 4 * 1024
+ERROR_LIMIT = 8 * 1024 + 1024  # bytes of the whole header, room for the fields beside them
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,8 +102,18 @@ def _time_header(headers: dict[str, Any], name: str) -> float | None:
         return None
 
 
-def _text(data: bytes) -> str:
-    return data.decode("utf-8", "replace")
+def excerpt(text: str | bytes, limit: int) -> str:
+    """At most about `limit` characters of `text`: its start and its end, saying how much was
+    cut between them (a PHP error names its cause first, a traceback its place last)."""
+    size = len(text)
+    if size > limit:
+        unit = "bytes" if isinstance(text, bytes) else "characters"
+        keep = max(0, limit - 48)
+        head, tail = keep * 3 // 4, keep - keep * 3 // 4
+        parts = [text[:head], f" [... {size - keep} {unit} cut ...] ", text[size - tail :]]
+    else:
+        parts = [text]
+    return "".join(p.decode("utf-8", "replace") if isinstance(p, bytes) else p for p in parts)
 
 
 class FailureHandler:
@@ -171,21 +187,7 @@ class FailureHandler:
                 )
                 return
         headers[ERROR_KIND] = result.kind
-        headers[ERROR] = orjson.dumps(
-            {
-                "kind": result.kind,
-                "message": result.message,
-                "status": result.status or None,
-                "stderr": _text(result.stderr[:STDERR_LIMIT]),
-                "stdout_head": _text(result.stdout_head[:STDOUT_LIMIT]),
-                "endpoint": result.endpoint or None,
-                "attempts": attempts,
-                "queue": message.queue,
-                "first_failure": first_failure,
-                "last_failure": now,
-                "worker": self.worker,
-            }
-        ).decode()
+        headers[ERROR] = self._error_json(result, attempts, message.queue, first_failure, now)
         dead_letters = self.policy.dead_letter_queue_for(message.queue)
         await publisher.publish(dead_letters, message.body, self._properties(message, headers))
         self.counts[f"{result.kind} dead-lettered"] += 1
@@ -197,6 +199,61 @@ class FailureHandler:
             f" {result.status}" if result.status else "",
             result.message,
             attempts,
+        )
+
+    def _error_json(
+        self, result: Result, attempts: int, queue: str, first_failure: float, now: float
+    ) -> str:
+        """The x-fastworker-error header: at most ERROR_LIMIT bytes, whatever PHP printed."""
+        share = 1.0
+        while True:
+            error = {
+                "kind": result.kind,
+                "message": excerpt(result.message, int(MESSAGE_LIMIT * share)),
+                "status": result.status or None,
+                "stderr": excerpt(result.stderr, int(STDERR_LIMIT * share)),
+                "stdout_head": excerpt(result.stdout_head, int(STDOUT_LIMIT * share)),
+                "endpoint": result.endpoint or None,
+                "attempts": attempts,
+                "queue": queue,
+                "first_failure": first_failure,
+                "last_failure": now,
+                "worker": self.worker,
+            }
+            if result.traceback:
+                error["traceback"] = excerpt(result.traceback, int(TRACEBACK_LIMIT * share))
+            encoded = orjson.dumps(error)
+            # Multi-byte characters and escaped control characters can make the JSON longer
+            # than the excerpts' character counts: cut deeper until it fits.
+            if len(encoded) <= ERROR_LIMIT or share < 0.01:
+                return encoded.decode()
+            share /= 2
+
+    async def dead_letter_internal(
+        self, message: Message, result: Result, publisher: Publisher
+    ) -> None:
+        """Dead-letters `message` when handling its failure went wrong in fastworker itself.
+
+        The plainest path: the original body, and headers of our own only (the message's own
+        headers and properties may be what broke the normal path).
+        """
+        now = time.time()
+        headers: dict[str, Any] = {
+            ERROR_KIND: result.kind,
+            ORIGINAL_QUEUE: message.queue,
+            ERROR: self._error_json(result, 0, message.queue, now, now),
+        }
+        dead_letters = self.policy.dead_letter_queue_for(message.queue)
+        await publisher.publish(
+            dead_letters, message.body, Basic.Properties(headers=headers, delivery_mode=2)
+        )
+        self.counts[f"{result.kind} dead-lettered"] += 1
+        log.error(
+            "job from %s dead-lettered to %s (%s): %s",
+            message.queue,
+            dead_letters,
+            result.kind,
+            result.message,
         )
 
     async def _retry(

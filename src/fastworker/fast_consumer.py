@@ -40,6 +40,7 @@ from pamqp.base import Frame
 
 from fastworker import __version__, amqp_py
 from fastworker.acks import AckTracker
+from fastworker.amqp_py import PropertyError, decode_properties
 from fastworker.broker import Publisher, ensure_queue
 from fastworker.consumer import ACK_INTERVAL, REQUEUE_DELAY, Handler, Prepare
 from fastworker.message import Message, NotStarted
@@ -73,6 +74,7 @@ ACK_HOLD = 0.02
 _WANTED_FRAME_MAX = 131072
 _WANTED_HEARTBEAT = 60
 _FRAME_HEADER = struct.Struct(">BHI")
+_NO_PROPERTIES = b"\x00\x00"  # a content header's property flags when none is set
 
 
 class AmqpProtocolError(ConnectionError):
@@ -170,7 +172,7 @@ class _Link(asyncio.Protocol):
         self.closed: asyncio.Future[BaseException] = self._loop.create_future()
         self.lost: asyncio.Future[None] = self._loop.create_future()  # the socket is gone
         self.consumer_tags: list[str] = []
-        self._reader = codec.FrameReader()
+        self._reader = codec.FrameReader(max_body_size=consumer.max_message_size)
         self._feed = self._reader.feed
         self._encode_acks = codec.encode_acks
         self._encode_nack = codec.encode_nack
@@ -217,13 +219,15 @@ class _Link(asyncio.Protocol):
         try:
             for item in items:
                 if len(item) == 9:
-                    # (channel, tag, redelivered, exchange, routing_key, consumer_tag, properties,
-                    # headers, body) -> Message(body, queue, headers, properties, redelivered)
+                    # (channel, tag, redelivered, exchange, routing_key, consumer_tag,
+                    # properties_raw, body, body_size)
                     tag = item[1]
                     delivered(tag)
-                    pending.append(
-                        (self, tag, Message(item[8], queues[item[5]], item[7], item[6], item[2]))
-                    )
+                    if item[6] == _NO_PROPERTIES and item[7] is not None:  # the bundle's case
+                        message = Message(item[7], queues[item[5]], {}, {}, item[2])
+                    else:
+                        message = self._message(item, queues[item[5]])
+                    pending.append((self, tag, message))
                     got = True
                 else:
                     self._on_frame(item)
@@ -234,6 +238,24 @@ class _Link(asyncio.Protocol):
                 self.transport.abort()
         if got:
             consumer._dispatch()
+
+    def _message(self, item: tuple, queue: str) -> Message:
+        """A delivery with properties or with a body too large to keep: whatever is wrong
+        with it is the message's problem (a bad_message), never the connection's."""
+        problem = ""
+        try:
+            properties, headers = decode_properties(item[6])
+        except PropertyError as exc:
+            properties, headers = {}, {}
+            problem = f"AMQP properties cannot be decoded: {exc}"
+        body = item[7]
+        if body is None:
+            body = b""
+            problem = (
+                f"message of {item[8]} bytes exceeds --max-message-size "
+                f"{self.consumer.max_message_size}; its body was not read"
+            )
+        return Message(body, queue, headers, properties, item[2], problem)
 
     # ---------------------------------------------------------------- rare frames
 
@@ -488,9 +510,11 @@ class FastAmqpConsumer:
         prepare: Prepare | None = None,
         shutdown_timeout: float = 30.0,
         max_backoff: float = 30.0,
+        max_message_size: int = amqp_py.DEFAULT_MAX_BODY_SIZE,
     ) -> None:
         self.url = url
         self.params = ConnectionParams.from_url(url)
+        self.max_message_size = max_message_size  # larger bodies are skipped, not buffered
         self.queues = list(queues)
         self.handler = handler
         self.concurrency = concurrency

@@ -1,17 +1,18 @@
 """Sans-IO FastCGI codec in pure Python: the reference twin of the compiled `fcgi_codec`.
 
-Same API, same error messages, byte-identical output (tests/test_codec.py checks both against
-every vector and against each other). It is the fallback when the extension is not built or
-FASTWORKER_NO_EXTENSIONS is set; keep it in step with src/fcgi_codec.pyx.
+Same API, same results, same error types and messages, byte-identical output
+(tests/test_codec.py and tests/test_fcgi_fuzz.py check both against every vector and against
+each other). It is the fallback when the extension is not built or FASTWORKER_NO_EXTENSIONS is
+set; keep it in step with src/fcgi_codec.pyx.
 """
 
 from __future__ import annotations
 
 import struct
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["ProtocolError", "ResponseParser", "encode_request"]
+__all__ = ["ProtocolError", "ResponseParser", "encode_params", "encode_request"]
 
 _VERSION = 1
 _BEGIN_REQUEST = 1
@@ -26,13 +27,12 @@ _RESPONDER = 1
 _KEEP_CONN = 1
 _MAX_CONTENT = 65535
 _STDIN_CHUNK = 0xFFF8
-_RETAIN = 4 * 1024 * 1024  # output buffer kept between requests for reuse
 
 _ST_HEADER = 0
 _ST_CONTENT = 1
 _ST_PADDING = 2
 
-_MAX_SIZE_LIMIT = 2**62  # the compiled twin keeps it in a C Py_ssize_t
+_MAX_HEAD_LIMIT = 2**62  # the compiled twin keeps it in a C Py_ssize_t
 
 _TYPE_NAMES = {
     1: "BEGIN_REQUEST",
@@ -52,11 +52,17 @@ _HEADER = struct.Struct("!BBHHBx")
 _BEGIN_BODY = struct.Struct("!HB5x")
 _END_BODY = struct.Struct("!IB3x")
 _LEN4 = struct.Struct("!I")
-_ZEROS = bytes(8)
+
+# (request_id, stdout_head, stderr_head, app_status, protocol_status, stdout_size, stderr_size)
+Response = tuple[int, bytes, bytes, int, int, int, int]
 
 
 class ProtocolError(ValueError):
     """The FastCGI peer sent a stream this client cannot trust; the connection must be dropped."""
+
+
+# --------------------------------------------------------------------------------------------
+# encoding
 
 
 def _pad(n: int) -> int:
@@ -80,6 +86,70 @@ def _pair_too_big(name: object, size: int) -> str:
     )
 
 
+def _params_too_big(size: int) -> str:
+    return f"FastCGI params encode to {size} bytes, more than the 65535 one PARAMS record can carry"
+
+
+def _view(o: object, what: str) -> memoryview:
+    """A flat byte view of a bytes-like argument, or a TypeError naming it."""
+    try:
+        view = memoryview(o)  # type: ignore[arg-type]
+    except TypeError:
+        raise TypeError(f"{what} must be a bytes-like object, not {type(o).__name__}") from None
+    return view.cast("B")
+
+
+def _pairs(d: dict[Any, Any]) -> tuple[list[tuple[bytes, bytes, int]], int]:
+    """Every pair checked and encoded to (name, value, encoded size), in order; and the total."""
+    pairs = []
+    total = 0
+    for name, value in d.items():
+        nb = _utf8(name, "name")
+        vb = _utf8(value, "value")
+        nlen = len(nb)
+        vlen = len(vb)
+        ps = (1 if nlen < 128 else 4) + (1 if vlen < 128 else 4) + nlen + vlen
+        if ps > _MAX_CONTENT:
+            raise ValueError(_pair_too_big(name, ps))
+        pairs.append((nb, vb, ps))
+        total += ps
+    return pairs, total
+
+
+def _put_pair(buf: bytearray, pos: int, nb: bytes, vb: bytes) -> int:
+    """Writes one name-value pair at `pos`; returns the position after it."""
+    for n in (len(nb), len(vb)):
+        if n < 128:
+            buf[pos] = n
+            pos += 1
+        else:
+            _LEN4.pack_into(buf, pos, n | 0x80000000)
+            pos += 4
+    buf[pos : pos + len(nb)] = nb
+    pos += len(nb)
+    buf[pos : pos + len(vb)] = vb
+    return pos + len(vb)
+
+
+def encode_params(params: Mapping[str | bytes, str | bytes]) -> bytes:
+    """The name-value pairs of `params`, encoded as the content of one PARAMS record.
+
+    What `encode_request` takes as `shared`: params many requests share, encoded once.
+    Raises ValueError when they take more than the 65535 bytes of one record (after checking
+    every pair, in order, as `encode_request` does), TypeError for names/values that are
+    neither str nor bytes.
+    """
+    d = params if type(params) is dict else dict(params)
+    pairs, total = _pairs(d)
+    if total > _MAX_CONTENT:
+        raise ValueError(_params_too_big(total))
+    buf = bytearray(total)
+    pos = 0
+    for nb, vb, _ in pairs:
+        pos = _put_pair(buf, pos, nb, vb)
+    return bytes(buf)
+
+
 def encode_request(
     request_id: int,
     params: Mapping[str | bytes, str | bytes],
@@ -90,11 +160,14 @@ def encode_request(
     """Encodes one RESPONDER request: BEGIN_REQUEST, PARAMS, empty PARAMS, STDIN, empty STDIN.
 
     Name-value pairs never cross a PARAMS record (PHP-FPM parses each record on its own); STDIN
-    goes in 0xFFF8-byte records. `shared` is name-value pairs encoded beforehand (the content
-    of a PARAMS record, at most 65535 bytes): they start the first PARAMS record, ahead of
+    goes in 0xFFF8-byte records. `shared` is name-value pairs encoded beforehand by
+    `encode_params` (at most 65535 bytes): they start the first PARAMS record, ahead of
     `params`, so params many requests share are encoded once and still cost FPM no extra record.
-    Raises ValueError for a pair or `shared` over 65535 bytes or a request id outside 1..65535,
-    TypeError for names/values that are neither str nor bytes.
+
+    Arguments are checked in this order, by both twins: request_id (TypeError, then ValueError
+    outside 1..65535), params (turned into a dict), stdin (TypeError if not bytes-like), shared
+    (TypeError if not bytes-like, ValueError over 65535 bytes), then each pair in order
+    (TypeError for a name/value neither str nor bytes, ValueError for a pair over 65535 bytes).
     """
     if not isinstance(request_id, int):
         raise TypeError(f"request_id must be an int, not {type(request_id).__name__}")
@@ -102,30 +175,25 @@ def encode_request(
         raise ValueError(f"request_id must be in 1..65535, got {request_id}")
     flags = _KEEP_CONN if keep_conn else 0
     d = params if type(params) is dict else dict(params)
-    body = stdin if type(stdin) is bytes else memoryview(stdin).cast("B")
-    shared = bytes(shared)
+    body = stdin if type(stdin) is bytes else _view(stdin, "stdin")
+    if type(shared) is not bytes:
+        shared = bytes(_view(shared, "shared"))
     if len(shared) > _MAX_CONTENT:
         raise ValueError(f"shared params of {len(shared)} bytes do not fit in one PARAMS record")
 
     # pass 1: validate, encode, and group the pairs into records (the first starts with shared)
-    records: list[list[tuple[bytes, bytes]]] = []
+    records: list[list[tuple[bytes, bytes, int]]] = []
     sizes: list[int] = []
-    current: list[tuple[bytes, bytes]] = []
+    current: list[tuple[bytes, bytes, int]] = []
     cur = len(shared)
-    for name, value in d.items():
-        nb = _utf8(name, "name")
-        vb = _utf8(value, "value")
-        nlen = len(nb)
-        vlen = len(vb)
-        ps = (1 if nlen < 128 else 4) + (1 if vlen < 128 else 4) + nlen + vlen
-        if ps > _MAX_CONTENT:
-            raise ValueError(_pair_too_big(name, ps))
+    for pair in _pairs(d)[0]:
+        ps = pair[2]
         if cur + ps > _MAX_CONTENT:
             records.append(current)
             sizes.append(cur)
             current = []
             cur = 0
-        current.append((nb, vb))
+        current.append(pair)
         cur += ps
     if cur:
         records.append(current)
@@ -148,18 +216,8 @@ def encode_request(
         if index == 0 and shared:
             buf[pos : pos + len(shared)] = shared
             pos += len(shared)
-        for nb, vb in pairs:
-            for n in (len(nb), len(vb)):
-                if n < 128:
-                    buf[pos] = n
-                    pos += 1
-                else:
-                    _LEN4.pack_into(buf, pos, n | 0x80000000)
-                    pos += 4
-            buf[pos : pos + len(nb)] = nb
-            pos += len(nb)
-            buf[pos : pos + len(vb)] = vb
-            pos += len(vb)
+        for nb, vb, _ in pairs:
+            pos = _put_pair(buf, pos, nb, vb)
         pos += pad
     _HEADER.pack_into(buf, pos, _VERSION, _PARAMS, request_id, 0, 0)
     pos += 8
@@ -175,51 +233,65 @@ def encode_request(
     return bytes(buf)
 
 
+# --------------------------------------------------------------------------------------------
+# parsing
+
+
+def _check_max_head(max_head: object) -> int:
+    if not isinstance(max_head, int):
+        raise TypeError(f"max_head must be an int, not {type(max_head).__name__}")
+    if not 0 <= max_head <= _MAX_HEAD_LIMIT:
+        raise ValueError(f"max_head must be in 0..{_MAX_HEAD_LIMIT}, got {max_head}")
+    return max_head
+
+
+def _check_request_ids(request_ids: object) -> frozenset[int]:
+    try:
+        ids = tuple(request_ids)  # type: ignore[call-overload]
+    except TypeError:
+        raise TypeError(
+            f"request_ids must be an iterable of ints, not {type(request_ids).__name__}"
+        ) from None
+    if not ids:
+        raise ValueError("request_ids must name at least one request id")
+    for rid in ids:
+        if not isinstance(rid, int):
+            raise TypeError(f"request ids must be ints, not {type(rid).__name__}")
+        if not 0 < rid < 65536:
+            raise ValueError(f"request ids must be in 1..65535, got {rid}")
+    return frozenset(ids)
+
+
 class _Request:
-    """Output accumulated for one request id until its END_REQUEST.
+    """One open request: the heads of its STDOUT and STDERR, and how much of each arrived."""
 
-    Buffers that only grow (`*_len` says how much is used), recycled by the parser for the next
-    request: a response of a few MB then costs two copies, where fresh allocations per request
-    page-fault new memory every time.
-    """
-
-    __slots__ = ("out", "out_len", "err", "err_len", "size")
+    __slots__ = ("out", "out_size", "err", "err_size")
 
     def __init__(self) -> None:
         self.out = bytearray()
-        self.out_len = 0
+        self.out_size = 0
         self.err = bytearray()
-        self.err_len = 0
-        self.size = 0
-
-
-def _reserve(buf: bytearray, need: int, limit: int) -> None:
-    """Grows an output buffer to hold `need` bytes: doubling, but never past `limit`."""
-    cap = len(buf)
-    if need > cap:
-        buf += bytes(max(need, min(max(cap * 2, 4096), limit)) - cap)
-
-
-def _used(buf: bytearray, n: int) -> bytes:
-    with memoryview(buf) as view:
-        return bytes(view[:n])
+        self.err_size = 0
 
 
 class ResponseParser:
     """Incremental FastCGI response parser: feed it bytes as they arrive, get finished requests.
 
-    It buffers at most one record header and one END_REQUEST body; record content goes straight
-    into the request's output, which is bounded by `max_size` (stdout + stderr per request).
-    Between requests it keeps up to 4 MiB of output buffer for reuse. After a ProtocolError it
-    stays broken: the connection is no longer in a known state.
+    `feed` returns one tuple per completed END_REQUEST: (request_id, stdout_head, stderr_head,
+    app_status, protocol_status, stdout_size, stderr_size). The heads are the first `max_head`
+    bytes of the request's STDOUT and STDERR; the sizes count every byte of each stream. The
+    rest of the output is counted and dropped, so a request holds at most 2 * `max_head` bytes
+    however much it prints, and buffers grow only with the data that arrived.
+
+    Only records for `request_ids` (the ids the client sends) are accepted: any other id is a
+    ProtocolError, which also bounds the open requests to len(request_ids). Besides that it
+    buffers one record header and one END_REQUEST body. After a ProtocolError it stays broken:
+    the connection is no longer in a known state.
     """
 
-    def __init__(self, max_size: int = 64 * 1024 * 1024) -> None:
-        if not isinstance(max_size, int):
-            raise TypeError(f"max_size must be an int, not {type(max_size).__name__}")
-        if not 0 <= max_size <= _MAX_SIZE_LIMIT:
-            raise ValueError(f"max_size must be in 0..{_MAX_SIZE_LIMIT}, got {max_size}")
-        self._max_size = max_size
+    def __init__(self, max_head: int = 65536, request_ids: Iterable[int] = (1,)) -> None:
+        self._max_head = _check_max_head(max_head)
+        self._ids = _check_request_ids(request_ids)
         self._received = 0
         self._hdr = bytearray()
         self._end = bytearray()
@@ -230,18 +302,27 @@ class ResponseParser:
         self._pad_left = 0
         self._requests: dict[int, _Request] = {}
         self._req: _Request | None = None
-        self._spare: _Request | None = None
         self._error: str | None = None
 
     @property
-    def max_size(self) -> int:
-        """Most stdout + stderr bytes one request may accumulate."""
-        return self._max_size
+    def max_head(self) -> int:
+        """Bytes kept from the start of each request's STDOUT, and of its STDERR."""
+        return self._max_head
+
+    @property
+    def request_ids(self) -> frozenset[int]:
+        """The request ids whose records are accepted."""
+        return self._ids
 
     @property
     def bytes_received(self) -> int:
         """Bytes fed since construction or since the last completed END_REQUEST."""
         return self._received
+
+    @property
+    def buffered(self) -> int:
+        """Head bytes held for requests whose END_REQUEST has not arrived."""
+        return sum(len(req.out) + len(req.err) for req in self._requests.values())
 
     def _on_header(self, version: int, rtype: int, rid: int, clen: int, plen: int) -> None:
         req = None
@@ -254,28 +335,20 @@ class ResponseParser:
                 raise ProtocolError(
                     f"{_TYPE_NAMES[rtype]} record with request id 0 (reserved for management)"
                 )
+            if rid not in self._ids:
+                raise ProtocolError(
+                    f"{_TYPE_NAMES[rtype]} record for request id {rid}, which this client did "
+                    f"not send"
+                )
             req = self._requests.get(rid)
             if req is None:
-                req = self._spare or _Request()
-                self._spare = None
-                self._requests[rid] = req
+                req = self._requests[rid] = _Request()
             if rtype == _END_REQUEST:
                 if clen != 8:
                     raise ProtocolError(
                         f"END_REQUEST record with content length {clen} (expected 8)"
                     )
                 self._end.clear()
-            elif clen:
-                if req.size + clen > self._max_size:
-                    raise ProtocolError(
-                        f"response exceeds max_size ({self._max_size} bytes) for request {rid}"
-                    )
-                req.size += clen
-                left = self._max_size - req.size  # what this request may still add after this
-                if rtype == _STDOUT:
-                    _reserve(req.out, req.out_len + clen, req.out_len + clen + left)
-                else:
-                    _reserve(req.err, req.err_len + clen, req.err_len + clen + left)
         elif rtype in (_GET_VALUES_RESULT, _UNKNOWN_TYPE):
             if rid != 0:
                 raise ProtocolError(
@@ -294,30 +367,22 @@ class ResponseParser:
         self._pad_left = plen
         self._state = _ST_CONTENT if clen else _ST_PADDING
 
-    def _finish(self) -> tuple[int, bytes, bytes, int, int]:
-        """Turns the completed END_REQUEST into a result tuple; recycles the request's buffers."""
-        req = self._req
-        assert req is not None
+    def _finish(self) -> Response:
+        """Turns the completed END_REQUEST into a result tuple; forgets the request."""
+        req = self._requests.pop(self._rid)
+        self._req = None
         app_status, protocol_status = _END_BODY.unpack(self._end)
-        result = (
+        return (
             self._rid,
-            _used(req.out, req.out_len),
-            _used(req.err, req.err_len),
+            bytes(req.out),
+            bytes(req.err),
             app_status,
             protocol_status,
+            req.out_size,
+            req.err_size,
         )
-        del self._requests[self._rid]
-        self._req = None
-        if self._spare is None:
-            if len(req.out) > _RETAIN:
-                req.out = bytearray()
-            if len(req.err) > _RETAIN:
-                req.err = bytearray()
-            req.out_len = req.err_len = req.size = 0
-            self._spare = req
-        return result
 
-    def feed(self, data: bytes) -> list[tuple[int, bytes, bytes, int, int]]:
+    def feed(self, data: bytes | bytearray | memoryview) -> list[Response]:
         """Consumes bytes (any split); returns requests whose END_REQUEST completed in them."""
         if self._error is not None:
             raise ProtocolError(f"parser is unusable after an earlier error: {self._error}")
@@ -326,7 +391,8 @@ class ResponseParser:
         pos = 0
         mark = 0
         recv = self._received
-        results: list[tuple[int, bytes, bytes, int, int]] = []
+        max_head = self._max_head
+        results: list[Response] = []
         try:
             while pos < n:
                 state = self._state
@@ -348,13 +414,15 @@ class ResponseParser:
                     rtype = self._type
                     req: Any = self._req  # set by _on_header for STDOUT/STDERR/END_REQUEST
                     if rtype == _STDOUT:
-                        used = req.out_len
-                        req.out[used : used + take] = mv[pos : pos + take]
-                        req.out_len = used + take
+                        req.out_size += take
+                        room = max_head - len(req.out)
+                        if room > 0:
+                            req.out += mv[pos : pos + min(take, room)]
                     elif rtype == _STDERR:
-                        used = req.err_len
-                        req.err[used : used + take] = mv[pos : pos + take]
-                        req.err_len = used + take
+                        req.err_size += take
+                        room = max_head - len(req.err)
+                        if room > 0:
+                            req.err += mv[pos : pos + min(take, room)]
                     elif rtype == _END_REQUEST:
                         self._end += mv[pos : pos + take]
                     pos += take

@@ -2,13 +2,18 @@
 
 Message content may choose values, never FastCGI param names that PHP-FPM or PHP interpret
 (PHP_VALUE sets ini values; SCRIPT_FILENAME picks the script): the worker owns those.
+
+Every parser has the `Parser` signature `(body, default_script, properties, headers)`: the
+message body, `--script`, the AMQP basic properties and the AMQP headers table.
 """
 
 from __future__ import annotations
 
-import functools
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from datetime import datetime
+from decimal import Decimal
+from fnmatch import fnmatchcase
 from typing import Any
 
 import orjson
@@ -18,7 +23,8 @@ from fastworker.job import BadMessage, Job
 
 FORMATS = ("bundle", "json", "raw")
 
-# Names the worker sets or that PHP-FPM/PHP give meaning to; a message may not set them.
+# Names the worker sets or that PHP-FPM/PHP give meaning to. A message may never set them, not
+# even through an --allow-param glob: this is the floor under the allow-list below.
 _RESERVED_PREFIXES = (
     "PHP_",
     "SCRIPT_",
@@ -41,14 +47,48 @@ _RESERVED_PREFIXES = (
 )
 _PARAM_NAME = re.compile(r"^[A-Za-z][A-Za-z0-9_]{0,127}$")
 
+# The json format's allow-list: params named JOB_PARAM_* pass, and names matching the operator's
+# --allow-param globs. PHP sees params in $_SERVER (and getenv()), where Symfony, Laravel and
+# most apps read their configuration (APP_ENV, APP_DEBUG, DATABASE_URL, ...), and where PATH and
+# LD_PRELOAD mean something to every child process. JOB_PARAM_ is no CGI, FPM, PHP or framework
+# name and sits outside the APP_ namespace that apps fill with their own settings, so a message
+# can only add values the app reads on purpose; the name also tells a reader where it came from.
+PARAM_PREFIX = "JOB_PARAM_"
+_GLOB_CHARS = frozenset("*?[")
 
-def check_param_name(name: str) -> str:
-    """An application param name a message may set, or BadMessage saying why not."""
+
+def check_param_name(name: str, allow: Sequence[str] = ()) -> str:
+    """A json param name a message may set, or BadMessage saying why not.
+
+    `allow` holds the --allow-param globs (fnmatch, case-sensitive), which add names on top of
+    the JOB_PARAM_ prefix; no glob lets through a name CGI, FPM or PHP interpret.
+    """
     if not _PARAM_NAME.match(name):
         raise BadMessage(f"param name {name[:60]!r} is not of the form [A-Za-z][A-Za-z0-9_]*")
     if name.upper().startswith(_RESERVED_PREFIXES):
-        raise BadMessage(f"param name {name!r} is reserved for the worker and PHP-FPM")
-    return name
+        raise BadMessage(
+            f"param name {name!r} is reserved for the worker and PHP-FPM; no --allow-param "
+            "can allow it"
+        )
+    if name.startswith(PARAM_PREFIX) or any(fnmatchcase(name, glob) for glob in allow):
+        return name
+    raise BadMessage(
+        f"param name {name!r} is not allowed: name it {PARAM_PREFIX}..., or start the worker "
+        f"with --allow-param {name!r} (or a glob matching it)"
+    )
+
+
+def check_allow_params(globs: Sequence[str]) -> tuple[str, ...]:
+    """The --allow-param globs, or ValueError for one that can never allow anything."""
+    for glob in globs:
+        if not glob:
+            raise ValueError("--allow-param needs a non-empty glob")
+        if _GLOB_CHARS.isdisjoint(glob):  # a plain name: it must be one a message may set
+            try:
+                check_param_name(glob, (glob,))
+            except BadMessage as exc:
+                raise ValueError(f"--allow-param {glob!r}: {exc}") from None
+    return tuple(globs)
 
 
 def _text(body: bytes) -> str:
@@ -58,8 +98,16 @@ def _text(body: bytes) -> str:
         raise BadMessage(f"message is not valid UTF-8 (byte {exc.start})") from None
 
 
-def parse_bundle(body: bytes, default_script: str) -> Job:
-    """`name: value` header lines, one empty line, then the data (fervo/deferred-event-bundle)."""
+def parse_bundle(
+    body: bytes,
+    default_script: str,
+    properties: Mapping[str, Any] | None = None,
+    headers: Mapping[str, Any] | None = None,
+) -> Job:
+    """`name: value` header lines, one empty line, then the data (fervo/deferred-event-bundle).
+
+    A `Parser` itself (properties and headers are not used), so no wrapper call per message.
+    """
     head_end = body.find(b"\n\n")
     if head_end == -1:
         raise BadMessage("no empty line between the header lines and the data")
@@ -68,14 +116,34 @@ def parse_bundle(body: bytes, default_script: str) -> Job:
         _text(data)  # the bundle sends base64 text; anything else did not come from it
     if not data or data.isspace():  # `not data.strip()` without the copy
         raise BadMessage("the message carries no data after its header lines")
-    script, endpoint = _bundle_target(body[:head_end])
+    head = body[:head_end]
+    target = _TARGETS.get(head)
+    if target is None:
+        target = _cached_target(head)
     # Positional arguments: a dataclass __init__ with keywords costs twice as much per job.
-    return Job(script or default_script, endpoint, data, {})
+    return Job(target[0] or default_script, target[1], data, {})
 
 
-@functools.lru_cache(maxsize=256)
+# Header block -> (dispatch_path, endpoint): one app sends the same few blocks (~250 bytes), so
+# parsing each distinct block once saves most of a bundle message's cost. Only blocks up to
+# TARGET_CACHE_BLOCK bytes are kept, at most TARGET_CACHE_ENTRIES of them (the oldest goes
+# first), so the cache holds at most 256 x 4 KiB of keys whatever the messages carry.
+TARGET_CACHE_BLOCK = 4 * 1024
+TARGET_CACHE_ENTRIES = 256
+_TARGETS: dict[bytes, tuple[str | None, Endpoint | None]] = {}
+
+
+def _cached_target(head: bytes) -> tuple[str | None, Endpoint | None]:
+    target = _bundle_target(head)  # raises BadMessage: an error is never cached
+    if len(head) <= TARGET_CACHE_BLOCK:
+        if len(_TARGETS) >= TARGET_CACHE_ENTRIES:
+            del _TARGETS[next(iter(_TARGETS))]
+        _TARGETS[head] = target
+    return target
+
+
 def _bundle_target(head: bytes) -> tuple[str | None, Endpoint | None]:
-    """(dispatch_path, endpoint) of a header block; one app sends the same few blocks."""
+    """(dispatch_path, endpoint) of a header block."""
     headers: dict[str, str] = {}
     for number, line in enumerate(_text(head).split("\n"), 1):
         line = line.rstrip("\r")
@@ -100,8 +168,12 @@ def _bundle_endpoint(host: str, port: str) -> Endpoint:
         raise BadMessage(str(exc)) from None
 
 
-def parse_json(body: bytes, default_script: str) -> Job:
-    """`{"script": str, "params": {str: str}, "body": str, "fpm": "host:port"}`; all optional."""
+def parse_json(body: bytes, default_script: str, allow_params: Sequence[str] = ()) -> Job:
+    """`{"script": str, "params": {str: str}, "body": str, "fpm": "host:port"}`; all optional.
+
+    Param names must start with JOB_PARAM_ or match an `allow_params` glob (see
+    `check_param_name`).
+    """
     try:
         envelope: Any = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -130,41 +202,101 @@ def parse_json(body: bytes, default_script: str) -> Job:
     return Job(
         script=script,
         endpoint=endpoint,
-        params={check_param_name(k): v for k, v in params.items()},
+        params={check_param_name(k, allow_params): v for k, v in params.items()},
         body=text.encode(),
         content_type="application/json" if text else "",
     )
 
 
-def parse_raw(body: bytes, default_script: str, properties: Mapping[str, Any]) -> Job:
-    """The body goes to STDIN as is; AMQP properties and headers become AMQP_* params."""
+# The raw format's AMQP headers: at most this many become params, each value cut to this many
+# bytes (UTF-8), so no message can make a request FastCGI cannot encode (a pair must fit in one
+# 65535-byte record) or PHP would choke on.
+HEADER_PARAMS_MAX = 64
+HEADER_VALUE_MAX = 4 * 1024
+HEADER_NAME_MAX = 100
+INTERNAL_HEADER_PREFIX = "x-fastworker-"  # the worker's retry bookkeeping (failures.py)
+_SCALARS = (str, bytes, bool, int, float, datetime, Decimal)
+_NOT_NAME_CHAR = re.compile(r"[^A-Z0-9_]")
+
+
+def parse_raw(
+    body: bytes,
+    default_script: str,
+    properties: Mapping[str, Any],
+    headers: Mapping[str, Any] | None = None,
+) -> Job:
+    """The body goes to STDIN as is; AMQP properties and headers become AMQP_* params.
+
+    Each property becomes AMQP_<NAME>. Each header whose value is a scalar (text, bytes, number,
+    bool, timestamp, decimal) becomes AMQP_HEADER_<NAME>: the name upper-cased, every character
+    outside [A-Z0-9_] replaced by `_`, cut to 100 characters; the value cut to 4 KiB. Tables,
+    arrays and voids are skipped, and so are the worker's own x-fastworker-* headers. At most
+    64 headers are mapped, in the table's order; of two that map to the same name the first
+    wins. Never raises for odd header content: a header that cannot be turned into text is
+    skipped.
+    """
     params: dict[str, str] = {}
     for key, value in properties.items():
-        if key == "headers":
-            for name, header in (value or {}).items():
-                safe = re.sub(r"[^A-Za-z0-9]", "_", str(name)).upper()[:100]
-                params[f"AMQP_HEADER_{safe}"] = _param_value(header)
-        elif value is not None:
-            params[f"AMQP_{key.upper()}"] = _param_value(value)
+        if isinstance(value, _SCALARS):  # a `headers` key here is a table: skipped
+            text = _param_value(value)
+            if text is not None:
+                params[f"AMQP_{key.upper()}"] = text
+    mapped = 0
+    for name, value in (headers or {}).items():
+        if mapped >= HEADER_PARAMS_MAX:
+            break
+        if not isinstance(value, _SCALARS):
+            continue
+        if not isinstance(name, str):
+            name = _param_value(name) or ""
+        if name.lower().startswith(INTERNAL_HEADER_PREFIX):
+            continue
+        param = "AMQP_HEADER_" + _NOT_NAME_CHAR.sub("_", name.upper()[:HEADER_NAME_MAX])
+        if param in params:
+            continue
+        text = _param_value(value)
+        if text is not None:
+            params[param] = text
+            mapped += 1
     content_type = str(properties.get("content_type") or "application/octet-stream")
     return Job(script=default_script, params=params, body=body, content_type=content_type)
 
 
-def _param_value(value: Any) -> str:
-    if isinstance(value, bytes):
-        return value.decode("utf-8", "replace")
-    return str(value)
+def _param_value(value: Any) -> str | None:
+    """A scalar as a param value of at most HEADER_VALUE_MAX UTF-8 bytes; None if it has none."""
+    try:
+        if isinstance(value, bytes):
+            text = value[:HEADER_VALUE_MAX].decode("utf-8", "replace")
+        elif isinstance(value, bool):
+            text = "1" if value else "0"  # PHP reads "0" as false; "False" would be true
+        else:
+            text = str(value)[:HEADER_VALUE_MAX]
+    except Exception:  # e.g. an int too long for str(); a subclass with a broken __str__
+        return None
+    try:
+        raw = text.encode()
+    except UnicodeEncodeError:  # lone surrogates: FastCGI could not encode them
+        raw = text.encode("utf-8", "replace")
+        text = raw.decode()
+    if len(raw) > HEADER_VALUE_MAX:
+        text = raw[:HEADER_VALUE_MAX].decode("utf-8", "ignore")  # no half character at the end
+    return text
 
 
-Parser = Callable[[bytes, str, Mapping[str, Any]], Job]
+# (body, --script, AMQP basic properties, AMQP headers table) -> Job, or BadMessage.
+Parser = Callable[[bytes, str, Mapping[str, Any], Mapping[str, Any]], Job]
 
 
-def parser_for(name: str) -> Parser:
-    """The message parser for `--format NAME`."""
+def parser_for(name: str, allow_params: Sequence[str] = ()) -> Parser:
+    """The message parser for `--format NAME`; `allow_params` are the --allow-param globs.
+
+    Raises ValueError for an unknown format or an --allow-param glob that allows nothing.
+    """
+    allow = check_allow_params(allow_params)
     if name == "bundle":
-        return lambda body, script, _props: parse_bundle(body, script)
+        return parse_bundle
     if name == "json":
-        return lambda body, script, _props: parse_json(body, script)
+        return lambda body, script, _props, _headers=None: parse_json(body, script, allow)
     if name == "raw":
         return parse_raw
     raise ValueError(f"unknown format {name!r}; choose one of {', '.join(FORMATS)}")

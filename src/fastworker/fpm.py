@@ -13,12 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
-from fastworker.codec import ProtocolError, ResponseParser, encode_request
+from fastworker.codec import ProtocolError, ResponseParser, encode_params, encode_request
 
 log = logging.getLogger("fastworker.fpm")
 
@@ -30,12 +31,42 @@ CANT_MPX_CONN = 1
 OVERLOADED = 2
 UNKNOWN_ROLE = 3
 
-# How many times a request is moved to a fresh connection when a reused one turns out closed.
+# How many times a request moves to another connection when FPM closed one without reading it.
 _STALE_RETRIES = 3
 
 # A request is pipelined only behind one that has run for less than this: a request that has
 # already run long is likely a long job, and whatever waits behind it waits as long.
 PIPELINE_MAX_HEAD_AGE = 0.05
+
+
+# FPM closed a connection before answering its head request: after writing _PROBE (an empty
+# FCGI_GET_VALUES record, which a child that reads on discards), wait this long for the kernel's
+# reset that says the child is gone (see _Connection.eof_received).
+PROBE_WAIT = 0.02
+_PROBE = b"\x01\x09\x00\x00\x00\x00\x00\x00"
+_TCP_CLOSE = 7  # tcp_info.tcpi_state after a reset
+
+# _Connection.ending: how the connection is going away.
+_OPEN = 0
+_PROBING = 1  # FPM closed its side before answering; the probe is out
+_GRACEFUL = 2  # FPM read on after its close: the child ended without reading the head
+_GONE = 3  # the probe was refused: the child that had the head is dead
+_ABORTED = 4  # the pool closed it
+
+
+def _peer_gone(transport: asyncio.BaseTransport) -> bool:
+    """Whether the peer reset the connection (its process is gone) rather than reading on."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return True
+    try:
+        if sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR):
+            return True
+        if sock.family in (socket.AF_INET, socket.AF_INET6):
+            return sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_INFO, 1)[0] == _TCP_CLOSE
+    except OSError:
+        return True
+    return False
 
 
 class FpmError(Exception):
@@ -66,25 +97,14 @@ class FpmProtocolError(FpmError):
     """FPM sent bytes that are not valid FastCGI; the connection was closed."""
 
 
-_BEGIN_REQUEST_SIZE = 16  # record header + body
-_EMPTY_PARAMS_AND_STDIN_SIZE = 16  # the two empty records that end a request without a body
-
-
 def encode_shared_params(params: Mapping[str | bytes, str | bytes]) -> bytes:
     """Name-value pairs many requests share, encoded once for `FpmPool.request` (`shared`).
 
     They go at the start of each request's first PARAMS record, so they cost FPM no extra
-    record (each record is two reads for a PHP child). Raises ValueError above 65535 bytes.
+    record (each record is two reads for a PHP child). Raises ValueError above the 65535 bytes
+    of one PARAMS record.
     """
-    encoded = encode_request(REQUEST_ID, params, b"")
-    if len(encoded) == _BEGIN_REQUEST_SIZE + _EMPTY_PARAMS_AND_STDIN_SIZE:
-        return b""
-    start = _BEGIN_REQUEST_SIZE + 8  # past the first PARAMS record's header
-    size = int.from_bytes(encoded[start - 4 : start - 2], "big")
-    padding = encoded[start - 2]
-    if len(encoded) != start + size + padding + _EMPTY_PARAMS_AND_STDIN_SIZE:
-        raise ValueError("shared FastCGI params do not fit in one PARAMS record")
-    return encoded[start : start + size]
+    return encode_params(params)
 
 
 def _payload(params: Mapping[str | bytes, str | bytes], stdin: bytes, shared: bytes) -> bytes:
@@ -137,10 +157,15 @@ def normalize_host(host: str) -> str:
 
 @dataclass(slots=True)
 class FpmResponse:
+    """A completed request. `stdout` and `stderr` are the heads of PHP's output (at most the
+    pool's `max_response_head` bytes each); `stdout_size` and `stderr_size` count all of it."""
+
     stdout: bytes
     stderr: bytes
     app_status: int
     protocol_status: int
+    stdout_size: int
+    stderr_size: int
 
 
 # `FpmPool.request_cb`'s callback: (response, None) or (None, the exception `request` raises).
@@ -148,7 +173,16 @@ ResponseCallback = Callable[["FpmResponse | None", "Exception | None"], None]
 
 
 class _ClosedBeforeResponse(Exception):
-    """Internal: the connection closed before a single response byte arrived."""
+    """Internal: the connection closed before a single byte of the head's answer arrived.
+
+    `ran` is False only when the child cannot have read the request: FPM still read from the
+    connection after closing its side (a child ending under pm.max_requests), or the pool
+    closed the connection itself.
+    """
+
+    def __init__(self, reason: str, ran: bool) -> None:
+        super().__init__(reason)
+        self.ran = ran
 
 
 # A request on its way to FPM: (payload, job timeout, callback, stale_left). `stale_left` is how
@@ -175,7 +209,7 @@ class _Connection(asyncio.Protocol):
         "payload",
         "timeout",
         "stale_left",
-        "reused",
+        "ending",
         "deadline",
         "served",
         "closed",
@@ -188,15 +222,15 @@ class _Connection(asyncio.Protocol):
     def __init__(self, pool: FpmPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.parser = ResponseParser()
-        # The head, answered through `callback`; `payload`, `timeout`, `stale_left` and
-        # `reused` are kept to move it elsewhere if the connection turns out stale.
+        self.parser = ResponseParser(pool.max_response_head, (REQUEST_ID,))
+        # The head, answered through `callback`; `payload`, `timeout` and `stale_left` are kept
+        # to move it elsewhere if FPM closes the connection without having read it.
         self.callback: ResponseCallback | None = None
         self.queued: deque[_Request] = deque()  # written after the head, not yet started
         self.payload = b""
         self.timeout = 0.0
         self.stale_left = 0
-        self.reused = False
+        self.ending = _OPEN
         self.served = 0
         self.closed = False
         self.last_used = 0.0
@@ -216,10 +250,23 @@ class _Connection(asyncio.Protocol):
             self.close()
             self._fail(FpmProtocolError(f"{self.pool.endpoint}: {exc}"))
             return
+        # FPM answers the requests in flight one after the other and sends nothing once all
+        # are answered. An answer, or any byte, beyond them comes from a confused or hostile
+        # peer: nothing on this connection can be trusted any more.
+        in_flight = len(self.queued) + (self.callback is not None)
+        if len(done) > in_flight or (len(done) == in_flight and self.parser.bytes_received):
+            self.close()
+            self._fail(
+                FpmProtocolError(
+                    f"{self.pool.endpoint}: FastCGI data after the last request in flight "
+                    f"was answered"
+                )
+            )
+            return
         for response in done:  # more than one only when requests were pipelined
             callback = self.callback
             if callback is None:
-                return  # an answer nobody asked for; the parser would have objected
+                return  # only if a callback below closed the connection
             self.callback = None
             self.payload = b""
             self.served += 1
@@ -228,17 +275,46 @@ class _Connection(asyncio.Protocol):
             self.pool._answered(self, callback, response)
 
     def eof_received(self) -> bool:
-        return False  # FPM closing its side ends the connection
+        """FPM closed its side. Before any byte of the head's answer, find out whether the
+        child read the head (it died running it) or never will (it ended: pm.max_requests)."""
+        if self.callback is None or self.parser.bytes_received or self.transport is None:
+            return False  # idle or mid-response: the connection simply ends
+        # A child that ends under pm.max_requests (or a graceful reload) shuts down only its
+        # sending side after its last answer and reads on until we close, discarding what we
+        # sent. A child that died has no socket any more: the kernel answers the probe with a
+        # reset. Either way nothing more will come, so the connection is done for the pool.
+        self.closed = True
+        self.ending = _PROBING
+        self._give_back_queued()
+        self.pool._serve_backlog()
+        self.transport.write(_PROBE)
+        self.pool.loop.call_later(PROBE_WAIT, self._probe_verdict)
+        return True  # keep the socket open until the verdict
+
+    def _probe_verdict(self) -> None:
+        transport = self.transport
+        if self.ending != _PROBING or transport is None or transport.is_closing():
+            return  # connection_lost came first (a reset or a broken pipe: the child died)
+        self.ending = _GONE if _peer_gone(transport) else _GRACEFUL
+        transport.abort()
+
+    def _give_back_queued(self) -> None:
+        """Requests pipelined behind the head never started: FPM reads a request only after it
+        has finished the one before. They go back to the front of the pool's backlog (the
+        head, if it may move too, goes in front of them)."""
+        if self.queued:
+            queued, self.queued = self.queued, deque()
+            self.pool._put_back(queued)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
-        # Requests pipelined behind the head never started: FPM reads a request only after it
-        # has finished the one before. They go back to the front of the pool's backlog (the
-        # head, if it may move too, goes in front of them).
-        queued, self.queued = self.queued, deque()
-        self.pool._put_back(queued)
+        self._give_back_queued()
         if self.parser.bytes_received == 0:
-            self._fail(_ClosedBeforeResponse(str(exc) if exc else "closed by FPM"))
+            # Nothing of the head's answer arrived: it is safe to move only if the child cannot
+            # have read it (FPM still read after its close), or if the pool closed it.
+            unread = exc is None and self.ending in (_GRACEFUL, _ABORTED)
+            reason = f"{exc}" if exc else "closed by FPM"
+            self._fail(_ClosedBeforeResponse(reason, ran=not unread))
         else:
             reason = f": {exc}" if exc else ""
             self._fail(
@@ -265,6 +341,7 @@ class _Connection(asyncio.Protocol):
     def close(self) -> None:
         """Aborts the connection; from here on the pool never hands it out again."""
         if self.transport is not None and not self.closed:
+            self.ending = _ABORTED
             self.transport.abort()
             # connection_lost follows (and frees the pool slot); until then nothing may pick
             # this connection from the idle list or put it back there.
@@ -278,7 +355,6 @@ class _Connection(asyncio.Protocol):
         self.payload = payload
         self.timeout = timeout
         self.stale_left = stale_left
-        self.reused = self.served > 0
         self._start(timeout)
         self.transport.write(payload)  # type: ignore[union-attr]
 
@@ -300,7 +376,6 @@ class _Connection(asyncio.Protocol):
     def _promote(self) -> None:
         """The head completed: the first pipelined request is now the one FPM runs."""
         self.payload, self.timeout, self.callback, self.stale_left = self.queued.popleft()
-        self.reused = True
         self._start(self.timeout)
 
 
@@ -316,11 +391,16 @@ class FpmPool:
         idle_timeout: float = 30.0,
         stall_warning_after: float = 5.0,
         pipeline: int = 1,
+        max_response_head: int = 65536,
     ) -> None:
         if max_connections < 1:
             raise ValueError("max_connections must be at least 1")
         if pipeline < 1:
             raise ValueError("pipeline must be at least 1")
+        ResponseParser(max_response_head)  # the TypeError/ValueError now, not per connection
+        # Bytes kept from the start of each response's STDOUT, and of its STDERR (for the
+        # Status header and PHP's error text); the rest is counted and dropped.
+        self.max_response_head = max_response_head
         self.endpoint = endpoint
         self.max_connections = max_connections
         self.pipeline = pipeline  # requests per connection at once: the head + pipelined
@@ -501,34 +581,33 @@ class FpmPool:
         if self._backlog:  # the connection may take a pipelined request now
             self._serve_backlog()
         self.completed += 1
-        _, stdout, stderr, app_status, protocol_status = done
-        callback(FpmResponse(stdout, stderr, app_status, protocol_status), None)
+        _, stdout, stderr, app_status, protocol_status, stdout_size, stderr_size = done
+        callback(
+            FpmResponse(stdout, stderr, app_status, protocol_status, stdout_size, stderr_size),
+            None,
+        )
 
     def _failed(self, conn: _Connection, callback: ResponseCallback, exc: Exception) -> None:
         """A request failed: the FpmError for its callback, or a move to another connection."""
         payload, conn.payload = conn.payload, b""
         self._release(conn)
         if isinstance(exc, _ClosedBeforeResponse):
-            if conn.reused:  # FPM recycled or dropped the connection; nothing ran
-                if conn.stale_left > 0:
-                    self._backlog.appendleft((payload, conn.timeout, callback, conn.stale_left - 1))
-                    self._serve_backlog()
-                    return
-                exc = FpmUnavailable(
-                    f"{self.endpoint}: reused connections kept closing before a response"
+            if exc.ran:
+                # The child had the request and died before answering (crash, OOM kill,
+                # request_terminate_timeout): the job may have run, a failed attempt.
+                exc = FpmConnectionLost(
+                    f"{self.endpoint}: the PHP process died before answering "
+                    f"(connection closed before any response: {exc})"
                 )
+            elif conn.stale_left > 0:  # the child ended without reading it: nothing ran
+                self._backlog.appendleft((payload, conn.timeout, callback, conn.stale_left - 1))
+                self._serve_backlog()
+                return
             else:
-                exc = self._crashed(exc)
+                exc = FpmUnavailable(
+                    f"{self.endpoint}: connections kept closing before reading the request"
+                )
         callback(None, exc)
-
-    def _crashed(self, exc: _ClosedBeforeResponse) -> FpmConnectionLost:
-        # A fresh connection took the whole request and then closed: the child that accepted
-        # it died (crash, OOM kill, request_terminate_timeout). The job may have run, so this
-        # is a failed attempt, not infrastructure trouble.
-        return FpmConnectionLost(
-            f"{self.endpoint}: connection closed before any response; the PHP process "
-            f"may have crashed ({exc})"
-        )
 
     def _watch(self, deadline: float) -> None:
         if self._watchdog is None or deadline < self._watchdog_at:

@@ -33,3 +33,7 @@ class Message:
     headers: dict[str, Any] = field(default_factory=dict)
     properties: dict[str, Any] = field(default_factory=dict)  # content_type, message_id, ...
     redelivered: bool = False
+    # Why the delivery cannot run, found while receiving it: properties that do not decode, or
+    # a body over --max-message-size (then not kept: `body` is empty). The job is refused as
+    # bad_message with this text; nothing else about the connection is affected.
+    problem: str = ""

@@ -10,7 +10,10 @@ import posixpath
 from collections.abc import Sequence
 
 from fastworker.fpm import Endpoint
-from fastworker.job import Job, NotAllowed
+from fastworker.job import BadMessage, Job, NotAllowed
+
+# Longest file path the kernel resolves, terminating NUL included (Linux's PATH_MAX).
+PATH_MAX = 4096
 
 
 class TargetPolicy:
@@ -36,6 +39,13 @@ class TargetPolicy:
         if not script.startswith("/") or "\0" in script:
             raise NotAllowed(f"script {script[:200]!r} is not an absolute path")
         normalized = posixpath.normpath(script)
+        size = len(normalized.encode("utf-8", "surrogatepass"))
+        if size >= PATH_MAX:
+            # No file has such a path: refused before it could make a request too large to send.
+            raise BadMessage(
+                f"script path of {size} bytes is longer than any file path ({PATH_MAX - 1}, "
+                f"PATH_MAX): {normalized[:100]!r}..."
+            )
         if not any(fnmatch.fnmatchcase(normalized, glob) for glob in self.script_globs):
             globs = " ".join(self.script_globs)
             raise NotAllowed(

@@ -36,11 +36,13 @@ class Settings:
     pipeline: int = 4  # requests per connection at once; jobs in flight = concurrency x this
     prefetch: int = 0  # 0: max(64, 4 x jobs in flight)
     format: str = "bundle"
+    allow_param: list[str] = field(default_factory=list)  # json: more param names (globs)
     job_timeout: float = 300.0
     shutdown_timeout: float = 30.0
     connect_timeout: float = 5.0
     idle_timeout: float = 30.0
     max_message_size: int = 8 * 1024 * 1024
+    max_response_head: int = 65536  # bytes of PHP's STDOUT/STDERR kept per job
     stats_interval: float = 60.0  # seconds between progress lines in the log; 0: none
     max_attempts: int = 5
     retry_delay: float = 1.0
@@ -75,6 +77,7 @@ def build(settings: Settings) -> tuple[Consumer, FpmPools, FailureHandler]:
         connect_timeout=settings.connect_timeout,
         idle_timeout=settings.idle_timeout,
         pipeline=settings.pipeline,
+        max_response_head=settings.max_response_head,
     )
     failures = FailureHandler(
         RetryPolicy(
@@ -85,7 +88,7 @@ def build(settings: Settings) -> tuple[Consumer, FpmPools, FailureHandler]:
         )
     )
     pipeline = JobPipeline(
-        parser_for(settings.format),
+        parser_for(settings.format, settings.allow_param),
         settings.script,
         Executor(pools, policy, settings.job_timeout),
         failures,
@@ -103,6 +106,7 @@ def build(settings: Settings) -> tuple[Consumer, FpmPools, FailureHandler]:
         prefetch=settings.effective_prefetch,
         prepare=failures.prepare,
         shutdown_timeout=settings.shutdown_timeout,
+        max_message_size=settings.max_message_size,
     )
     return consumer, pools, failures
 
