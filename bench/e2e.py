@@ -666,12 +666,24 @@ class Bench:
         return bundle_message(data, str(script), host="127.0.0.1", port=fpm.port)
 
     def run_drain(
-        self, concurrency: int, prefetch: int, jobs: int, latency_jobs: int, profile: bool
+        self,
+        concurrency: int,
+        prefetch: int,
+        jobs: int,
+        latency_jobs: int,
+        profile: bool,
+        src: Path = ROOT / "src",
     ) -> dict[str, Any]:
-        """Queue ``jobs`` messages, start the worker, time the drain; then the latency phase."""
+        """Queue ``jobs`` messages, start the worker, time the drain; then the latency phase.
+
+        ``src`` is the source tree the worker runs from (its compiled codecs built in place):
+        another checkout's, to compare two versions in one invocation.
+        """
         fpm = self.fpm
         assert fpm is not None
         label = f"worker c={concurrency} p={prefetch}"
+        if src != ROOT / "src":
+            label += f" ({src.parent.name})"
         queue = self.new_queue()
         asyncio.run(_declare(self.url, queue))
         bodies = [self.body(event_data(i), self.script) for i in range(jobs)]
@@ -688,9 +700,7 @@ class Bench:
         self.done.reset()
         self.latency_log.write_bytes(b"")
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            [str(ROOT / "src"), *filter(None, [env.get("PYTHONPATH")])]
-        )
+        env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [env.get("PYTHONPATH")])])
         log = self.tmp / f"worker-{queue}.log"
         worker = self.spawn(self.worker_cmd(queue, concurrency, prefetch), log, env)
         t0, started_by = self._wait_consuming(worker, log)
@@ -1019,6 +1029,57 @@ def print_report(results: dict[str, Any]) -> None:
         _print_profile(drain["profile"])
 
 
+def compare(bench: Bench, args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
+    """Drains with a reference source tree and with this one, alternating, ``--rounds`` each:
+    before/after figures from one invocation, on the same pool and broker."""
+    reference = Path(args.reference_src).resolve() / "src"
+    if not (reference / "fastworker").is_dir():
+        raise BenchError(f"--reference-src {args.reference_src}: no src/fastworker there")
+    out: dict[str, list[dict[str, Any]]] = {"reference": [], "current": []}
+    for _ in range(args.rounds):
+        for name, src in (("reference", reference), ("current", ROOT / "src")):
+            out[name].append(
+                bench.run_drain(
+                    args.concurrency, args.prefetch, args.jobs, args.latency_jobs, False, src
+                )
+            )
+    return out
+
+
+def print_compare(results: dict[str, Any]) -> None:
+    """Reference against current, each as a ratio to the same ceiling, and current/reference."""
+    ceiling = results["ceiling"]["req_s"]
+    compare = results["compare"]
+
+    def mean(name: str, key: str) -> float:
+        values = [drain[key] for drain in compare[name]]
+        return sum(values) / len(values)
+
+    rows = []
+    for key, label, fmt in (
+        ("jobs_s", "ratio to ceiling", lambda v: f"{v / ceiling:.2f}x"),
+        ("worker_cpu_us", "worker CPU / job", lambda v: f"{v:.1f} us"),
+        ("fpm_cpu_us", "FPM CPU / job", lambda v: f"{v:.1f} us"),
+        ("broker_cpu_us", "RabbitMQ CPU / job", lambda v: f"{v:.1f} us"),
+        ("peak_rss_mib", "worker peak RSS", lambda v: f"{v:.1f} MiB"),
+    ):
+        before, after = mean("reference", key), mean("current", key)
+        runs = " / ".join(
+            f"{fmt(r[key])} -> {fmt(c[key])}"
+            for r, c in zip(compare["reference"], compare["current"], strict=True)
+        )
+        rows.append(
+            (label, fmt(before), fmt(after), f"{after / before:.2f}" if before else "-", runs)
+        )
+    once = all(d["exactly_once"] for name in compare for d in compare[name])
+    print(
+        f"\nbefore (--reference-src {results['args']['reference_src']}) and after (this tree), "
+        f"{len(compare['current'])} alternating rounds, means; exactly once: "
+        f"{'yes' if once else 'NO'}"
+    )
+    _print_table(("metric", "before", "after", "after/before", "each round"), rows)
+
+
 def _print_profile(profile: dict[str, Any]) -> None:
     print(f"\npy-spy, worker during the drain: {profile['samples']} samples; top self time")
     _print_table(
@@ -1145,6 +1206,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="FPM listens on a Unix socket (nginx and the worker both use it), not TCP",
     )
     p.add_argument("--jobs", type=int, default=20000, help="jobs to drain (default: 20000)")
+    p.add_argument(
+        "--reference-src",
+        metavar="DIR",
+        help="also drain with the worker of another checkout (e.g. a `git worktree` of the "
+        "previous commit, its codecs built in place) and print before/after",
+    )
+    p.add_argument(
+        "--rounds", type=int, default=1, help="with --reference-src: alternating drains each"
+    )
     p.add_argument("--seconds", type=int, default=10, help="wrk duration (default: 10)")
     p.add_argument("--wrk-connections", type=int, default=0, help="default: 2 x --children")
     p.add_argument("--nginx-keepalive", type=int, default=8, help="upstream keepalive (8)")
@@ -1250,6 +1320,9 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for c in args.sweep_concurrency
                     for p in args.sweep_prefetch
                 ]
+            elif args.reference_src:
+                results["compare"] = compare(bench, args)
+                results["drain"] = results["compare"]["current"][0]
             else:
                 results["drain"] = bench.run_drain(
                     args.concurrency, args.prefetch, args.jobs, args.latency_jobs, args.profile
@@ -1271,6 +1344,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         json_path = Path(args.json or plot.with_suffix(".json"))
     else:
         print_report(results)
+        if "compare" in results:
+            print_compare(results)
         json_path = Path(args.json) if args.json else None
     if json_path is not None:
         json_path.parent.mkdir(parents=True, exist_ok=True)

@@ -646,3 +646,72 @@ def test_link_acks_in_batches_and_at_half_the_prefetch() -> None:
         assert (ack.delivery_tag, ack.multiple) == (14, False)
 
     arun(main)
+
+
+# One bad message costs that message, never the connection: properties that do not decode and
+# bodies over the size limit reach the handler as the message's `problem`.
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    table: dict[str, Any] = {}
+    for _ in range(depth):
+        table = {"k": table}
+    return table
+
+
+def test_undecodable_properties_are_the_message_s_problem_only(
+    kind: str, rabbitmq_url: str, queue_name: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    amqp_publish(rabbitmq_url, queue_name, [b"before"])
+    host, port = amqp_host_port(rabbitmq_url)
+    subprocess.run(  # php-amqplib sends any 64-bit integer as the timestamp
+        ["php", str(ROOT / "tests" / "php" / "publish_with_timestamp.php"), host, str(port),
+         queue_name, str(2**63 - 1)],
+        input=b"timestamp", check=True, capture_output=True, timeout=60,
+    )
+    deep = aiormq.spec.Basic.Properties(headers={"deep": _nested(200)})
+    amqp_publish(rabbitmq_url, queue_name, [b"deep"], properties=deep)
+    amqp_publish(rabbitmq_url, queue_name, [b"after"])
+    got: dict[bytes, Message] = {}
+
+    async def main() -> None:
+        async def handler(message: Message, publisher: object) -> None:
+            got[message.body] = message
+
+        await run_until(make(kind, rabbitmq_url, [queue_name], handler), lambda: len(got) == 4)
+
+    arun(main)
+    assert got[b"before"].problem == got[b"after"].problem == ""
+    assert "timestamp 9223372036854775807 is out of range" in got[b"timestamp"].problem
+    assert "nested deeper than" in got[b"deep"].problem
+    assert got[b"deep"].headers == {} and got[b"timestamp"].properties == {}
+    assert reconnects(caplog) == 0, caplog.text  # the connection was never dropped
+    assert amqp_queue_count(rabbitmq_url, queue_name) == 0
+
+
+@pytest.mark.parametrize("twin", ["fast", "fast-py"])
+def test_a_body_over_the_limit_is_skipped_not_buffered(
+    twin: str,
+    rabbitmq_url: str,
+    queue_name: str,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    _select(twin, monkeypatch)
+    amqp_publish(rabbitmq_url, queue_name, [b"small", b"L" * 3_000_000, b"tail"])
+    got: list[Message] = []
+
+    async def main() -> None:
+        async def handler(message: Message, publisher: object) -> None:
+            got.append(message)
+
+        consumer = make(twin, rabbitmq_url, [queue_name], handler, max_message_size=1_000_000)
+        await run_until(consumer, lambda: len(got) == 3)
+
+    arun(main)
+    assert [m.body for m in got] == [b"small", b"", b"tail"]
+    assert [m.problem for m in got][::2] == ["", ""]
+    assert got[1].problem == (
+        "message of 3000000 bytes exceeds --max-message-size 1000000; its body was not read"
+    )
+    assert reconnects(caplog) == 0, caplog.text

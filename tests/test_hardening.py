@@ -190,3 +190,101 @@ def test_a_script_path_too_long_for_one_record_is_a_bad_message(fpm: FpmServer) 
     results = asyncio.run(main())
     assert [r.kind for r in results] == ["bad_message", "bad_message"]
     assert all("longer than any file path" in r.message for r in results)
+
+
+def test_an_exception_of_ours_is_dead_lettered_not_looped(
+    rabbitmq_url: str, queue_name: str
+) -> None:
+    # A bug in fastworker while it handles a message (here: the parser raises, and for one
+    # message the failure handler too) must end in a dead letter of kind `internal` with the
+    # traceback, after --max-attempts runs at most; the message never cycles through the queue.
+    import asyncio
+
+    import aiormq
+    import uvloop
+
+    from fastworker.executor import Executor
+    from fastworker.failures import FailureHandler
+    from fastworker.fast_consumer import FastAmqpConsumer
+    from fastworker.fpm import Endpoint, FpmPools
+    from fastworker.pipeline import JobPipeline
+    from fastworker.targets import TargetPolicy
+
+    policy = RetryPolicy(max_attempts=2, retry_delay=0.05, retry_max_delay=0.1)
+    calls: Counter[bytes] = Counter()
+
+    def parse(body: bytes, default_script: str, properties: object, headers: object) -> object:
+        calls[body] += 1
+        raise RuntimeError(f"parser bug on {body!r}")
+
+    class BrokenFailures(FailureHandler):
+        async def handle(self, message, result, publisher):  # type: ignore[no-untyped-def]
+            if message.body == b"bug-settle":
+                raise TypeError("failure handler bug")
+            await super().handle(message, result, publisher)
+
+    amqp_publish(rabbitmq_url, queue_name, [b"bug-parse", b"bug-settle"])
+    dead_letters = f"{queue_name}.failed"
+
+    async def main() -> None:
+        pools = FpmPools(1)
+        executor = Executor(pools, TargetPolicy([Endpoint("127.0.0.1", 1)], ["/none"]), 1)
+        failures = BrokenFailures(policy)
+        pipeline = JobPipeline(parse, "/none/x.php", executor, failures, 1 << 20)  # type: ignore[arg-type]
+        consumer = FastAmqpConsumer(
+            rabbitmq_url, [queue_name], pipeline, concurrency=2, prefetch=8,
+            prepare=failures.prepare,
+        )
+        task = asyncio.create_task(consumer.run())
+        watcher = await aiormq.connect(rabbitmq_url)
+        try:
+            await asyncio.wait_for(consumer.connected.wait(), 30)
+            channel = await watcher.channel()
+            for _ in range(600):
+                ok = await channel.queue_declare(dead_letters, passive=True)
+                if ok.message_count == 2:
+                    break
+                await asyncio.sleep(0.05)
+        finally:
+            await watcher.close()
+            consumer.stop()
+            await asyncio.wait_for(task, 30)
+            await pools.close()
+
+    try:
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(main())
+        letters = {m.body: m for m in amqp_get_all(rabbitmq_url, dead_letters)}
+    finally:
+        amqp_delete_queues(
+            rabbitmq_url, [delay_queue(queue_name, ms) for ms in policy.levels()]
+        )
+    assert set(letters) == {b"bug-parse", b"bug-settle"}
+    parse_error = json.loads(letters[b"bug-parse"].header.properties.headers[ERROR])
+    assert (parse_error["kind"], parse_error["attempts"]) == ("internal", 2)
+    assert "RuntimeError: parser bug on b'bug-parse'" in parse_error["traceback"]
+    settle_error = json.loads(letters[b"bug-settle"].header.properties.headers[ERROR])
+    assert settle_error["kind"] == "internal"
+    assert "TypeError: failure handler bug" in settle_error["traceback"]
+    assert calls == Counter({b"bug-parse": 2, b"bug-settle": 1})  # no more runs than that
+    assert amqp_queue_count(rabbitmq_url, queue_name) == 0
+
+
+def test_the_error_header_is_bounded_whatever_php_printed() -> None:
+    from fastworker.executor import Result
+    from fastworker.failures import ERROR_LIMIT, FailureHandler
+
+    handler = FailureHandler(RetryPolicy())
+    texts = ["E" * 200_000, "é" * 200_000, "\x01" * 200_000, "😀" * 200_000]
+    for text in texts:
+        result = Result(
+            "php_error", 500, message=text, stderr=text.encode(), stdout_head=text.encode(),
+            traceback=text,
+        )
+        header = handler._error_json(result, 3, "q", 1.0, 2.0)
+        assert len(header.encode()) <= ERROR_LIMIT
+        error = json.loads(header)
+        assert error["message"].startswith(text[:10]) and " cut ...] " in error["message"]
+        assert " bytes cut ...] " in error["stderr"]
+    short = handler._error_json(Result("php_error", 500, message="boom"), 1, "q", 1.0, 2.0)
+    assert json.loads(short)["message"] == "boom"

@@ -43,3 +43,27 @@ def test_a_requeue_is_never_covered_by_a_later_multiple_ack(rabbitmq_url, queue_
 
     body, redelivered, closed = uvloop.run(main())
     assert (body, redelivered, closed) == (b"m1", True, False)
+
+
+def test_a_publish_without_a_confirm_in_time_fails_instead_of_waiting(
+    rabbitmq_url, queue_name
+) -> None:
+    # A broker short of memory or disk blocks publishers without a word (connection.blocked):
+    # a failed job's retry must not hold its slot forever. Here no confirm can arrive in time.
+    from fastworker.broker import Publisher, PublishFailed
+
+    async def main() -> str:
+        connection = await aiormq.connect(rabbitmq_url)
+        try:
+            channel = await connection.channel()
+            await channel.queue_declare(queue_name)
+            publisher = Publisher(await connection.channel(publisher_confirms=True), timeout=0)
+            try:
+                await publisher.publish(queue_name, b"x", aiormq.spec.Basic.Properties())
+            except PublishFailed as exc:
+                return str(exc)
+            return "published"
+        finally:
+            await connection.close()
+
+    assert "no confirm from the broker within 0 s" in uvloop.run(main())

@@ -438,3 +438,25 @@ def test_progress_lines_count_jobs_retries_and_dead_letters(
     assert total(r": (\d+) jobs done") == 50 + 3 * 2  # every attempt is a job done and acked
     assert total(r"php_error retried (\d+)") == 3
     assert total(r"php_error dead-lettered (\d+)") == 3
+
+
+def test_refuses_to_start_without_the_compiled_codecs(tmp_path: Path) -> None:
+    # A broken build must not quietly run on the pure-Python twins (several times the CPU):
+    # the worker names what failed and how to proceed, before it connects to anything.
+    (tmp_path / "amqp_codec.py").write_text("raise ImportError('simulated: no build')\n")
+    env = {"PYTHONPATH": f"{tmp_path}:{ROOT / 'src'}", "PATH": "/usr/bin:/bin"}
+    args = [sys.executable, "-m", "fastworker", "--amqp-url", "amqp://nobody@127.0.0.1:1/"]
+    result = subprocess.run(args, capture_output=True, text=True, timeout=30, env=env)
+    assert result.returncode == 2, result.stderr
+    assert "the compiled codecs did not load: amqp_codec (simulated: no build)" in result.stderr
+    assert "FASTWORKER_NO_EXTENSIONS=1" in result.stderr
+    assert "broker connection" not in result.stderr  # it never tried to connect
+    # Asked for, the twins run (here the broker is unreachable: it keeps retrying).
+    env["FASTWORKER_NO_EXTENSIONS"] = "1"
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        line = proc.stderr.readline() if proc.stderr else ""
+    finally:
+        proc.kill()
+        proc.wait()
+    assert "codecs: FastCGI pure-Python (FASTWORKER_NO_EXTENSIONS), AMQP pure-Python" in line

@@ -46,12 +46,14 @@ from fastworker.consumer import ACK_INTERVAL, REQUEUE_DELAY, Handler, Prepare
 from fastworker.message import Message, NotStarted
 
 COMPILED = False
+IMPORT_ERROR = ""  # why the compiled codec did not load, if it did not (see fastworker.codec)
 if not os.environ.get("FASTWORKER_NO_EXTENSIONS"):
     try:
         import amqp_codec as codec  # type: ignore[import-not-found]
 
         COMPILED = True
-    except ImportError:  # pragma: no cover - exercised only without a build
+    except ImportError as exc:  # pragma: no cover - exercised only without a build
+        IMPORT_ERROR = str(exc)
         codec = amqp_py
 else:
     codec = amqp_py

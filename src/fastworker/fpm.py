@@ -278,7 +278,10 @@ class _Connection(asyncio.Protocol):
         """FPM closed its side. Before any byte of the head's answer, find out whether the
         child read the head (it died running it) or never will (it ended: pm.max_requests)."""
         if self.callback is None or self.parser.bytes_received or self.transport is None:
-            return False  # idle or mid-response: the connection simply ends
+            # Idle or mid-response: the connection simply ends. It is closed from now on, so
+            # no request is written to it while connection_lost is still to come.
+            self.closed = True
+            return False
         # A child that ends under pm.max_requests (or a graceful reload) shuts down only its
         # sending side after its last answer and reads on until we close, discarding what we
         # sent. A child that died has no socket any more: the kernel answers the probe with a

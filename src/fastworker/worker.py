@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import uvloop
 
+from fastworker import __version__
 from fastworker.consumer import AmqpConsumer
 from fastworker.executor import Executor
 from fastworker.failures import FailureHandler, RetryPolicy
@@ -56,6 +57,32 @@ class Settings:
     @property
     def effective_prefetch(self) -> int:
         return self.prefetch or max(64, 4 * self.jobs_in_flight)
+
+
+def check_codecs() -> str:
+    """Which codecs the worker runs on, for the log. Raises ValueError if a compiled codec
+    failed to import and the pure-Python twins were not asked for: they cost several times
+    the CPU, which nobody should find out from a slow queue."""
+    from fastworker import codec, fast_consumer
+
+    missing = [
+        f"{name} ({error})"
+        for name, error in (
+            ("fcgi_codec", codec.IMPORT_ERROR),
+            ("amqp_codec", fast_consumer.IMPORT_ERROR),
+        )
+        if error
+    ]
+    if missing:
+        raise ValueError(
+            f"the compiled codecs did not load: {', '.join(missing)}. Reinstall fastworker "
+            "(pip install . builds them; it needs gcc and the Python headers), or set "
+            "FASTWORKER_NO_EXTENSIONS=1 to run on the slower pure-Python twins."
+        )
+    return ", ".join(
+        f"{name} {'compiled' if compiled else 'pure-Python (FASTWORKER_NO_EXTENSIONS)'}"
+        for name, compiled in (("FastCGI", codec.COMPILED), ("AMQP", fast_consumer.COMPILED))
+    )
 
 
 def build(settings: Settings) -> tuple[Consumer, FpmPools, FailureHandler]:
@@ -112,6 +139,7 @@ def build(settings: Settings) -> tuple[Consumer, FpmPools, FailureHandler]:
 
 
 async def serve(settings: Settings) -> None:
+    log.info("fastworker %s; codecs: %s", __version__, check_codecs())
     consumer, pools, failures = build(settings)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
