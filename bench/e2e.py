@@ -1283,7 +1283,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     if too_many or args.concurrency > args.children:
         p.error(
             f"concurrency above --children {args.children} would pin more connections than FPM"
-            " has children: the extra ones wait in the backlog forever (see DESIGN.md)"
+            " has children: the extra ones wait in the backlog forever"
         )
     return args
 

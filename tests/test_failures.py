@@ -462,8 +462,12 @@ def test_bad_messages_are_dead_lettered_at_once(rabbitmq_url, queue_name, fpm_fa
     assert "retry in" not in w.log()
 
     letters = {m.body: m for m in amqp_get_all(rabbitmq_url, dead_letters)}
-    assert set(letters) == set(bad.values())  # byte for byte, 10 MB included
-    for name, body in bad.items():
+    # Byte for byte, except the 10 MB body: over --max-message-size, it is skipped while being
+    # read (bounded memory), and its dead letter says so and keeps the rest of the message.
+    kept = {name: body for name, body in bad.items() if name != "10 MB"}
+    assert set(letters) == {*kept.values(), b""}
+    assert "its body was not read" in error_of(letters[b""])["message"]
+    for name, body in {**kept, "10 MB": b""}.items():
         message = letters[body]
         assert ATTEMPTS not in headers_of(message)
         error = error_of(message)

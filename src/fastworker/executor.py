@@ -213,7 +213,7 @@ class Executor:
                 endpoint=where,
             )
         status = cgi.response_status(stdout)
-        if 200 <= status < 300:  # cgi.is_success
+        if 200 <= status < 300:
             return OK
         _, body_out = cgi.header_block(stdout)
         message = cgi.error_message(response.stderr, body_out, status)

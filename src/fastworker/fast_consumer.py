@@ -1,7 +1,7 @@
 """Consumes AMQP deliveries over a connection of its own, with the compiled frame codec.
 
 Why: aiormq spends 62-89 us of CPU per message on consume + ack (pamqp objects per frame, a task
-per delivery), more than the worker's whole per-job budget (DESIGN.md, "The CPU budget"). Here an
+per delivery), more than the worker's whole per-job budget of about 30 us. Here an
 asyncio Protocol (uvloop in the worker) feeds socket bytes to `amqp_codec.FrameReader`, which
 returns one tuple per delivery; deliveries are started straight from `data_received` through the
 handler's callback form (no task per delivery; runner tasks only for what must be awaited, such
