@@ -38,6 +38,6 @@ def test_amqp_consume_bench_runs_both_consumers() -> None:
 
 def test_pipeline_bench_runs_both_paths() -> None:
     for extra in ([], ["--coroutine"]):
-        result = run_bench("bench/pipeline.py", "-n", "500", *extra)
+        result = run_bench("bench/job_path.py", "-n", "500", *extra)
         assert result.returncode == 0, result.stderr[-3000:]
         assert "jobs/s" in result.stdout and "FPM CPU/job" in result.stdout

@@ -14,7 +14,8 @@ import pytest
 import uvloop
 
 from conftest import FpmServer, free_loopback_port
-from fastworker.executor import Executor, Result
+from fastworker.callbacks import awaited
+from fastworker.executor import Executor
 from fastworker.fpm import (
     Endpoint,
     FpmConnectionLost,
@@ -26,6 +27,7 @@ from fastworker.fpm import (
     encode_shared_params,
 )
 from fastworker.job import Job
+from fastworker.outcome import Result
 from fastworker.targets import TargetPolicy
 from helpers import read_records
 
@@ -55,7 +57,7 @@ def test_jobs_reuse_few_connections(fpm: FpmServer) -> None:
         pool = FpmPool(Endpoint.parse(fpm.address), max_connections=2)
         pids = set()
         for _ in range(60):
-            response = await pool.request(params("pid.php"), b"", 10)
+            response = await awaited(pool.request, params("pid.php"), b"", 10, b"")
             pids.add(body_of(response.stdout))
         await pool.close()
         return pids, pool.opened
@@ -73,7 +75,7 @@ def test_concurrent_jobs_never_exceed_max_connections(fpm: FpmServer) -> None:
 
         async def one() -> bytes:
             nonlocal peak
-            task = pool.request(params("sleep.php", DEFERRED_DATA="0.01"), b"", 10)
+            task = awaited(pool.request, params("sleep.php", DEFERRED_DATA="0.01"), b"", 10, b"")
             peak = max(peak, pool.open_connections)
             return body_of((await task).stdout)
 
@@ -99,7 +101,7 @@ def test_max_requests_churn_loses_nothing_and_runs_once(fpm_factory) -> None:
 
         async def one(data: bytes) -> Result:
             async with sem:
-                return await executor.run(Job(str(PHP / "record.php"), data=data))
+                return await awaited(executor.start, Job(str(PHP / "record.php"), data=data))
 
         results = await asyncio.gather(*(one(d) for d in datas))
         await pools.close()
@@ -120,7 +122,7 @@ def test_shared_params_reach_php_alongside_the_own_ones(fpm: FpmServer) -> None:
     async def main() -> bytes:
         pool = FpmPool(Endpoint.parse(fpm.address), max_connections=1)
         own = {"REQUEST_METHOD": "POST", "CONTENT_LENGTH": "0", "OWN_Y": "o"}
-        response = await pool.request(own, b"", 10, shared)
+        response = await awaited(pool.request, own, b"", 10, shared)
         await pool.close()
         return body_of(response.stdout)
 
@@ -135,7 +137,7 @@ def test_nothing_listening_is_unavailable() -> None:
     async def main() -> None:
         pool = FpmPool(Endpoint("127.0.0.1", free_loopback_port()), max_connections=2)
         with pytest.raises(FpmUnavailable, match="cannot connect"):
-            await pool.request(params("pid.php"), b"", 5)
+            await awaited(pool.request, params("pid.php"), b"", 5, b"")
         assert pool.open_connections == 0
 
     run(main())
@@ -145,11 +147,11 @@ def test_timeout_closes_the_connection(fpm: FpmServer) -> None:
     async def main() -> None:
         pool = FpmPool(Endpoint.parse(fpm.address), max_connections=1)
         with pytest.raises(FpmTimeout):
-            await pool.request(params("sleep.php", DEFERRED_DATA="3"), b"", 0.3)
+            await awaited(pool.request, params("sleep.php", DEFERRED_DATA="3"), b"", 0.3, b"")
         await asyncio.sleep(0.05)
         assert pool.open_connections == 0
         # The pool recovers on a fresh connection (the busy child is still sleeping).
-        response = await pool.request(params("pid.php"), b"", 10)
+        response = await awaited(pool.request, params("pid.php"), b"", 10, b"")
         assert body_of(response.stdout).isdigit()
         await pool.close()
 
@@ -160,7 +162,7 @@ def test_connection_lost_mid_response(fpm: FpmServer) -> None:
     async def main() -> None:
         pool = FpmPool(Endpoint.parse(fpm.address), max_connections=1)
         with pytest.raises(FpmConnectionLost, match="mid-response"):
-            await pool.request(params("die_mid.php"), b"", 10)
+            await awaited(pool.request, params("die_mid.php"), b"", 10, b"")
         await pool.close()
 
     run(main())
@@ -171,7 +173,7 @@ def execute(server: FpmServer, job: Job, timeout: float = 10) -> Result:
         pools = FpmPools(2)
         policy = TargetPolicy([Endpoint.parse(server.address)], [str(PHP / "*.php")])
         try:
-            return await Executor(pools, policy, timeout).run(job)
+            return await awaited(Executor(pools, policy, timeout).start, job)
         finally:
             await pools.close()
 
@@ -227,7 +229,8 @@ def test_more_connections_than_children_warns(fpm_factory, caplog) -> None:
         async def one() -> str:
             async with sem:
                 try:
-                    await pool.request(params("sleep.php", DEFERRED_DATA="0.02"), b"", 1.5)
+                    sleep = params("sleep.php", DEFERRED_DATA="0.02")
+                    await awaited(pool.request, sleep, b"", 1.5, b"")
                     return "ok"
                 except FpmTimeout:
                     return "timeout"
@@ -252,9 +255,9 @@ def test_more_connections_than_children_warns(fpm_factory, caplog) -> None:
 
 
 def request_cb(pool: FpmPool, params_: dict, timeout: float) -> asyncio.Future:
-    """FpmPool.request_cb as a future, for the tests: (response, exception)."""
+    """FpmPool.request as a future, for the tests: (response, exception)."""
     future: asyncio.Future = asyncio.get_running_loop().create_future()
-    pool.request_cb(params_, b"", timeout, b"", lambda r, e: future.set_result((r, e)))
+    pool.request(params_, b"", timeout, b"", lambda r, e: future.set_result((r, e)))
     return future
 
 
@@ -320,7 +323,7 @@ def drive(pool: FpmPool, jobs: list[dict], in_flight: int, timeout: float = 10) 
             elif left == 0:
                 finished.set_result(outcomes)
 
-        pool.request_cb(jobs[index], b"", timeout, b"", answered)
+        pool.request(jobs[index], b"", timeout, b"", answered)
 
     for _ in range(min(in_flight, len(jobs))):
         start()

@@ -171,6 +171,7 @@ def test_a_script_path_too_long_for_one_record_is_a_bad_message(fpm: FpmServer) 
     # refused as bad_message, as is any path longer than PATH_MAX.
     import asyncio
 
+    from fastworker.callbacks import awaited
     from fastworker.executor import Executor
     from fastworker.fpm import Endpoint, FpmPools
     from fastworker.job import Job
@@ -181,7 +182,7 @@ def test_a_script_path_too_long_for_one_record_is_a_bad_message(fpm: FpmServer) 
         policy = TargetPolicy([Endpoint.parse(fpm.address)], [f"{PHP_DIR}/*"])
         executor = Executor(pools, policy, 10)
         results = [
-            await executor.run(Job(f"{PHP_DIR}/{'a' * size}.php", data=b"x"))
+            await awaited(executor.start, Job(f"{PHP_DIR}/{'a' * size}.php", data=b"x"))
             for size in (4090, 25_000)
         ]
         await pools.close()
@@ -207,7 +208,7 @@ def test_an_exception_of_ours_is_dead_lettered_not_looped(
     from fastworker.failures import FailureHandler
     from fastworker.fast_consumer import FastAmqpConsumer
     from fastworker.fpm import Endpoint, FpmPools
-    from fastworker.pipeline import JobPipeline
+    from fastworker.handler import JobHandler
     from fastworker.targets import TargetPolicy
 
     policy = RetryPolicy(max_attempts=2, retry_delay=0.05, retry_max_delay=0.1)
@@ -230,7 +231,7 @@ def test_an_exception_of_ours_is_dead_lettered_not_looped(
         pools = FpmPools(1)
         executor = Executor(pools, TargetPolicy([Endpoint("127.0.0.1", 1)], ["/none"]), 1)
         failures = BrokenFailures(policy)
-        pipeline = JobPipeline(parse, "/none/x.php", executor, failures, 1 << 20)  # type: ignore[arg-type]
+        pipeline = JobHandler(parse, "/none/x.php", executor, failures, 1 << 20)  # type: ignore[arg-type]
         consumer = FastAmqpConsumer(
             rabbitmq_url, [queue_name], pipeline, concurrency=2, prefetch=8,
             prepare=failures.prepare,
@@ -271,8 +272,8 @@ def test_an_exception_of_ours_is_dead_lettered_not_looped(
 
 
 def test_the_error_header_is_bounded_whatever_php_printed() -> None:
-    from fastworker.executor import Result
     from fastworker.failures import ERROR_LIMIT, FailureHandler
+    from fastworker.outcome import Result
 
     handler = FailureHandler(RetryPolicy())
     texts = ["E" * 200_000, "é" * 200_000, "\x01" * 200_000, "😀" * 200_000]

@@ -25,9 +25,11 @@ import uvloop
 import fastworker.fpm as fpm_module
 from conftest import FpmServer
 from fastworker import fcgi_py
-from fastworker.executor import Executor, Result
+from fastworker.callbacks import awaited
+from fastworker.executor import Executor
 from fastworker.fpm import Endpoint, FpmPools
 from fastworker.job import Job
+from fastworker.outcome import Result
 from fastworker.targets import TargetPolicy
 
 PHP = Path(__file__).parent / "php"
@@ -141,7 +143,7 @@ async def serve_meanwhile(executor: Executor, fpm: Endpoint, stop: asyncio.Event
     """Jobs against the well-behaved FPM, one after the other, until `stop`."""
     kinds = []
     while not stop.is_set():
-        result = await executor.run(Job(SCRIPT, endpoint=fpm))
+        result = await awaited(executor.start, Job(SCRIPT, endpoint=fpm))
         kinds.append(result.kind)
         await asyncio.sleep(0.01)
     return kinds
@@ -171,7 +173,7 @@ def against_hostile(
             if measure:
                 tracemalloc.start()
             try:
-                result = await executor.run(Job(SCRIPT, endpoint=peer.endpoint))
+                result = await awaited(executor.start, Job(SCRIPT, endpoint=peer.endpoint))
                 if measure:
                     info["peak"] = tracemalloc.get_traced_memory()[1]
             finally:
@@ -188,7 +190,7 @@ def against_hostile(
                         break
                     await asyncio.sleep(0.02)
             info["open_after"] = pool.open_connections
-            info["after"] = (await executor.run(Job(SCRIPT, endpoint=good))).kind
+            info["after"] = (await awaited(executor.start, Job(SCRIPT, endpoint=good))).kind
             if check is not None:
                 await check(peer, executor)
             return result, peer, info
@@ -356,7 +358,7 @@ def test_pool_reports_heads_and_sizes(codec: types.ModuleType) -> None:
         pools = FpmPools(1, max_response_head=4096)
         try:
             pool = pools.get(peer.endpoint)
-            response = await pool.request({"SCRIPT_FILENAME": SCRIPT}, b"", 30)
+            response = await awaited(pool.request, {"SCRIPT_FILENAME": SCRIPT}, b"", 30, b"")
             with pytest.raises(ValueError, match="max_head must be in"):
                 fpm_module.FpmPool(peer.endpoint, 1, max_response_head=-1)
             return response, pool, peer.sent

@@ -1,33 +1,22 @@
-"""Runs a Job as a FastCGI request and classifies what happened.
+"""Runs a Job as a FastCGI request and classifies what happened (the kinds: see outcome.py).
 
-The outcome kinds (`Result.kind`):
-- ok: no Status header, or a 2xx one.
-- php_error: PHP answered with a non-2xx status (uncaught exception, fatal error, 404 script).
-- timeout: no complete answer within --job-timeout; the connection was closed.
-- lost: the connection died after the answer started, a fresh connection closed without an
-  answer (the PHP process died), or FPM broke the protocol.
-- unavailable: no connection to FPM could be made (refused, timed out), or FastCGI OVERLOADED;
-  the job did not run.
-- bad_message / not_allowed: refused before FPM was called (bad_message also for a request that
-  cannot be encoded, e.g. a json param or a script path too large for one FastCGI record).
-- internal: an exception of fastworker's own while handling the job (made by the pipeline).
 A job the pool no longer starts because the worker is stopping is no outcome: `NotStarted` is
-raised (or passed to `start`'s callback) so the consumer returns the message to its queue.
+passed to the callback, so the consumer returns the message to its queue.
 """
 
 from __future__ import annotations
 
 import os
 import socket
-from collections.abc import Callable
-from dataclasses import dataclass
+from typing import NamedTuple
 from urllib.parse import quote_from_bytes
 
 from fastworker import __version__, cgi
+from fastworker.callbacks import Answer
+from fastworker.endpoint import Endpoint
 from fastworker.fpm import (
     OVERLOADED,
     REQUEST_COMPLETE,
-    Endpoint,
     FpmBadRequest,
     FpmConnectionLost,
     FpmError,
@@ -42,6 +31,7 @@ from fastworker.fpm import (
 )
 from fastworker.job import Job, JobRefused
 from fastworker.message import NotStarted
+from fastworker.outcome import OK, Kind, Result
 from fastworker.targets import TargetPolicy
 
 # Data up to this size travels as the DEFERRED_DATA param; larger data as a POST body, because
@@ -50,28 +40,13 @@ INLINE_DATA_LIMIT = 32 * 1024
 STDERR_EXCERPT = 8 * 1024
 STDOUT_HEAD = 2 * 1024
 
-# Kinds that mean the job did not run and the trouble is not the job's: retry without counting.
-INFRASTRUCTURE = frozenset({"unavailable"})
-# Kinds that can never succeed: no retries.
-REFUSED = frozenset({"bad_message", "not_allowed"})
 
+class _Target(NamedTuple):
+    """Where a vetted (endpoint, script) runs: its pool, its name, its shared params block."""
 
-@dataclass(slots=True)
-class Result:
-    kind: str
-    status: int = 0
-    message: str = ""
-    stderr: bytes = b""
-    stdout_head: bytes = b""
-    endpoint: str = ""
-    traceback: str = ""  # internal: where fastworker failed
-
-    @property
-    def ok(self) -> bool:
-        return self.kind == "ok"
-
-
-OK = Result("ok", 200)
+    pool: FpmPool
+    where: str
+    shared: bytes
 
 
 class Executor:
@@ -96,8 +71,7 @@ class Executor:
             "PHP_VALUE": "display_errors=0",
         }
         self._by_script: dict[str, dict[str, str | bytes]] = {}
-        # (job endpoint, job script) -> (pool, endpoint text, shared params block), once vetted
-        self._targets: dict[tuple[Endpoint | None, str], tuple[FpmPool, str, bytes]] = {}
+        self._targets: dict[tuple[Endpoint | None, str], _Target] = {}  # once vetted
 
     def _script_params(self, script: str) -> dict[str, str | bytes]:
         """The params every job for `script` shares, built once per script."""
@@ -132,8 +106,8 @@ class Executor:
         params["CONTENT_TYPE"] = content_type
         return params, body
 
-    def _target(self, job: Job) -> tuple[FpmPool, str, bytes] | Result:
-        """(pool, endpoint text, shared params block) for a job, or why it may not run."""
+    def _target(self, job: Job) -> _Target | Result:
+        """Where a job runs, or why it may not."""
         key = (job.endpoint, job.script)
         target = self._targets.get(key)
         if target is None:
@@ -144,71 +118,56 @@ class Executor:
             try:
                 shared = encode_shared_params(self._script_params(script))
             except ValueError as exc:  # e.g. a script path longer than a record can carry
-                return Result("bad_message", message=f"cannot send to PHP-FPM: {exc}")
-            target = (self.pools.get(endpoint), str(endpoint), shared)
+                return Result(Kind.BAD_MESSAGE, message=f"cannot send to PHP-FPM: {exc}")
+            target = _Target(self.pools.get(endpoint), str(endpoint), shared)
             if len(self._targets) < 1024:
                 self._targets[key] = target
         return target
 
-    async def run(self, job: Job) -> Result:
+    def start(self, job: Job, answer: Answer[Result]) -> None:
+        """Runs `job`: `answer(result, None)` once it finished, or `answer(None, exc)` with
+        NotStarted (the worker is stopping) or an unexpected exception."""
         target = self._target(job)
-        if type(target) is Result:
-            return target
-        pool, where, shared = target  # type: ignore[misc]
-        params, body = self._own_params(job)
-        try:
-            response = await pool.request(params, body, self.job_timeout, shared)
-        except FpmNotStarted as exc:
-            raise NotStarted(str(exc)) from None
-        except FpmError as exc:
-            return self._failed(exc, where)
-        return self._classify(response, where)
-
-    def start(self, job: Job, done: Callable[[Result], None]) -> None:
-        """`run` without a coroutine: `done(result)` is called once the job finished.
-
-        An exception `run` would raise (NotStarted, or an unexpected one) is passed to `done`
-        instead of a Result, or raised from `start` itself if it comes before the request.
-        """
-        target = self._target(job)
-        if type(target) is Result:
-            done(target)
+        if isinstance(target, Result):
+            answer(target, None)
             return
-        pool, where, shared = target  # type: ignore[misc]
+        where = target.where
         params, body = self._own_params(job)
 
-        def answered(response: FpmResponse | None, exc: Exception | None) -> None:
-            if exc is None:
-                done(self._classify(response, where))  # type: ignore[arg-type]
+        def answered(response: FpmResponse | None, exc: BaseException | None) -> None:
+            if response is not None:
+                answer(self._classify(response, where), None)
             elif isinstance(exc, FpmNotStarted):
-                done(NotStarted(str(exc)))  # type: ignore[arg-type]
+                answer(None, NotStarted(str(exc)))
             elif isinstance(exc, FpmError):
-                done(self._failed(exc, where))
+                answer(self._failed(exc, where), None)
             else:
-                done(exc)  # type: ignore[arg-type]
+                answer(None, exc)
 
-        pool.request_cb(params, body, self.job_timeout, shared, answered)
+        target.pool.request(params, body, self.job_timeout, target.shared, answered)
 
     def _failed(self, exc: FpmError, where: str) -> Result:
         if isinstance(exc, FpmBadRequest):
-            return Result("bad_message", message=f"cannot send to PHP-FPM: {exc}")
+            return Result(Kind.BAD_MESSAGE, message=f"cannot send to PHP-FPM: {exc}")
         if isinstance(exc, FpmUnavailable):
-            return Result("unavailable", message=str(exc), endpoint=where)
+            return Result(Kind.UNAVAILABLE, message=str(exc), endpoint=where)
         if isinstance(exc, FpmTimeout):
             return Result(
-                "timeout", message=f"no response within {self.job_timeout:g} s", endpoint=where
+                Kind.TIMEOUT, message=f"no response within {self.job_timeout:g} s", endpoint=where
             )
         if isinstance(exc, (FpmConnectionLost, FpmProtocolError)):
-            return Result("lost", message=str(exc), endpoint=where)
-        raise exc
+            return Result(Kind.LOST, message=str(exc), endpoint=where)
+        return Result(Kind.INTERNAL, message=f"unexpected {type(exc).__name__}: {exc}")
 
     def _classify(self, response: FpmResponse, where: str) -> Result:
         stdout = response.stdout  # the head: the CGI headers are at its start
         if response.protocol_status != REQUEST_COMPLETE:
             if response.protocol_status == OVERLOADED:
-                return Result("unavailable", message=f"{where}: FPM is overloaded", endpoint=where)
+                return Result(
+                    Kind.UNAVAILABLE, message=f"{where}: FPM is overloaded", endpoint=where
+                )
             return Result(
-                "lost",
+                Kind.LOST,
                 message=f"{where}: FastCGI protocol status {response.protocol_status}",
                 endpoint=where,
             )
@@ -230,7 +189,7 @@ class Executor:
         if cut:
             message = f"{message} (output cut, kept {', '.join(cut)})"
         return Result(
-            "php_error",
+            Kind.PHP_ERROR,
             status=status,
             message=message,
             stderr=response.stderr[:STDERR_EXCERPT],

@@ -25,8 +25,8 @@ from pamqp.commands import Basic
 
 from fastworker import __version__
 from fastworker.broker import Publisher, ensure_queue
-from fastworker.executor import INFRASTRUCTURE, REFUSED, Result
 from fastworker.message import Message
+from fastworker.outcome import INFRASTRUCTURE, REFUSED, Result
 
 log = logging.getLogger("fastworker.failures")
 

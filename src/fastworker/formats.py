@@ -18,7 +18,7 @@ from typing import Any
 
 import orjson
 
-from fastworker.fpm import Endpoint, normalize_host
+from fastworker.endpoint import Endpoint, normalize_host
 from fastworker.job import BadMessage, Job
 
 FORMATS = ("bundle", "json", "raw")

@@ -15,11 +15,13 @@ import asyncio
 import logging
 import socket
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import Any
 
+from fastworker.callbacks import Answer
 from fastworker.codec import ProtocolError, ResponseParser, encode_params, encode_request
+from fastworker.endpoint import Endpoint
 
 log = logging.getLogger("fastworker.fpm")
 
@@ -114,47 +116,6 @@ def _payload(params: Mapping[str | bytes, str | bytes], stdin: bytes, shared: by
         raise FpmBadRequest(str(exc)) from None
 
 
-class Endpoint(NamedTuple):
-    """An FPM address: TCP `host:port` or `unix:/path` (a tuple: hashed in C on the hot path)."""
-
-    host: str = ""
-    port: int = 0
-    path: str = ""
-
-    @classmethod
-    def parse(cls, text: str) -> Endpoint:
-        text = text.strip()
-        if text.startswith("unix:"):
-            path = text[5:]
-            if not path:
-                raise ValueError(f"FPM address {text!r}: unix: needs a socket path")
-            return cls(path=path)
-        host, sep, port = text.rpartition(":")
-        if not sep or not host:
-            raise ValueError(f"FPM address {text!r}: expected host:port or unix:/path")
-        host = host.strip("[]")
-        try:
-            number = int(port)
-        except ValueError:
-            raise ValueError(f"FPM address {text!r}: port {port!r} is not a number") from None
-        if not 0 < number < 65536:
-            raise ValueError(f"FPM address {text!r}: port {number} out of range")
-        return cls(host=normalize_host(host), port=number)
-
-    def __str__(self) -> str:
-        if self.path:
-            return f"unix:{self.path}"
-        if ":" in self.host:
-            return f"[{self.host}]:{self.port}"
-        return f"{self.host}:{self.port}"
-
-
-def normalize_host(host: str) -> str:
-    """`localhost` is the deferred-event bundle's default; treat it as the loopback address."""
-    host = host.lower()
-    return "127.0.0.1" if host == "localhost" else host
-
-
 @dataclass(slots=True)
 class FpmResponse:
     """A completed request. `stdout` and `stderr` are the heads of PHP's output (at most the
@@ -168,8 +129,8 @@ class FpmResponse:
     stderr_size: int
 
 
-# `FpmPool.request_cb`'s callback: (response, None) or (None, the exception `request` raises).
-ResponseCallback = Callable[["FpmResponse | None", "Exception | None"], None]
+# `FpmPool.request`'s callback: (response, None) or (None, an FpmError).
+ResponseCallback = Answer[FpmResponse]
 
 
 class _ClosedBeforeResponse(Exception):
@@ -431,32 +392,7 @@ class FpmPool:
     def open_connections(self) -> int:
         return self._open
 
-    async def request(
-        self,
-        params: Mapping[str | bytes, str | bytes],
-        stdin: bytes,
-        timeout: float,
-        shared: bytes = b"",
-    ) -> FpmResponse:
-        """Runs one FastCGI request; raises an FpmError subclass when it cannot complete.
-
-        `shared` is a block from `encode_shared_params`: params that many requests share,
-        encoded once and sent ahead of `params`.
-        """
-        answer: asyncio.Future[FpmResponse] = self.loop.create_future()
-
-        def answered(response: FpmResponse | None, exc: Exception | None) -> None:
-            if answer.done():
-                return  # the caller was cancelled
-            if exc is None:
-                answer.set_result(response)  # type: ignore[arg-type]
-            else:
-                answer.set_exception(exc)
-
-        self.request_cb(params, stdin, timeout, shared, answered)
-        return await answer
-
-    def request_cb(
+    def request(
         self,
         params: Mapping[str | bytes, str | bytes],
         stdin: bytes,
@@ -464,13 +400,17 @@ class FpmPool:
         shared: bytes,
         callback: ResponseCallback,
     ) -> None:
-        """`request` without a coroutine: `callback(response, None)` or `callback(None, exc)`.
+        """Runs one FastCGI request: `callback(response, None)`, or `callback(None, exc)` with
+        an FpmError subclass when it cannot complete. `callback` is called exactly once.
+
+        `shared` is a block from `encode_shared_params`: params that many requests share,
+        encoded once and sent ahead of `params`.
 
         The request is written at once to an idle connection, else to a new connection (in a
         task) while the pool is below its limit, else pipelined behind a running request (see
         `_pipelinable`), else it waits in the backlog for the first of these, after the
         requests already waiting. The answer is handed to `callback` from the connection's
-        data_received. `callback` is called exactly once.
+        data_received (`callbacks.awaited` turns this into a coroutine).
         """
         if self._stopping or self._closing:
             callback(None, self._refusal())

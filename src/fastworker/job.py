@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from fastworker.fpm import Endpoint
+from fastworker.endpoint import Endpoint
+from fastworker.outcome import Kind
 
 
 @dataclass(slots=True)
@@ -22,16 +23,16 @@ class Job:
 class JobRefused(Exception):
     """A message that must not run; it is dead-lettered at once, without retries."""
 
-    kind = "refused"
+    kind = Kind.BAD_MESSAGE
 
 
 class BadMessage(JobRefused):
     """The message cannot be understood."""
 
-    kind = "bad_message"
+    kind = Kind.BAD_MESSAGE
 
 
 class NotAllowed(JobRefused):
     """The message names an endpoint or a script the worker was not told to allow."""
 
-    kind = "not_allowed"
+    kind = Kind.NOT_ALLOWED

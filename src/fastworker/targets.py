@@ -9,7 +9,7 @@ import fnmatch
 import posixpath
 from collections.abc import Sequence
 
-from fastworker.fpm import Endpoint
+from fastworker.endpoint import Endpoint
 from fastworker.job import BadMessage, Job, NotAllowed
 
 # Longest file path the kernel resolves, terminating NUL included (Linux's PATH_MAX).

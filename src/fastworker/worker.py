@@ -1,4 +1,4 @@
-"""Assembles pools, pipeline and consumer from the settings, and runs them under uvloop."""
+"""Assembles pools, job handler and consumer from the settings, and runs them under uvloop."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from fastworker.failures import FailureHandler, RetryPolicy
 from fastworker.fast_consumer import FastAmqpConsumer
 from fastworker.formats import parser_for
 from fastworker.fpm import Endpoint, FpmPools
-from fastworker.pipeline import JobPipeline
+from fastworker.handler import JobHandler
 from fastworker.targets import TargetPolicy
 
 log = logging.getLogger("fastworker")
@@ -114,7 +114,7 @@ def build(settings: Settings) -> tuple[Consumer, FpmPools, FailureHandler]:
             dead_letter_queue=settings.dead_letter_queue,
         )
     )
-    pipeline = JobPipeline(
+    handler = JobHandler(
         parser_for(settings.format, settings.allow_param),
         settings.script,
         Executor(pools, policy, settings.job_timeout),
@@ -128,7 +128,7 @@ def build(settings: Settings) -> tuple[Consumer, FpmPools, FailureHandler]:
     consumer = consumer_class(
         settings.amqp_url,
         settings.queues,
-        pipeline,
+        handler,
         concurrency=settings.jobs_in_flight,
         prefetch=settings.effective_prefetch,
         prepare=failures.prepare,

@@ -1,12 +1,12 @@
-"""The worker's job path without a broker: pipeline + FPM pool + codec against a real pool.
+"""The worker's job path without a broker: job handler + FPM pool + codec against a real pool.
 
-Feeds N bundle-format messages straight into the job pipeline (no RabbitMQ), `--concurrency` at a
+Feeds N bundle-format messages straight into the job handler (no RabbitMQ), `--concurrency` at a
 time, on a private PHP-FPM pool, and reports jobs/s, this process's user and system CPU per job,
 and FPM's CPU per job. Compare with `bench/e2e.py`: the difference is what the broker and the
-consume/ack path cost. It runs the callback path the fast consumer uses (`JobPipeline.start`)
+consume/ack path cost. It runs the callback path the fast consumer uses (`JobHandler.start`)
 and, with `--coroutine`, the coroutine path the aiormq consumer uses.
 
-    python bench/pipeline.py [-n 30000] [--children 4] [--pipeline 4] [--script PATH] [--coroutine]
+    python bench/job_path.py [-n 30000] [--children 4] [--pipeline 4] [--script PATH] [--coroutine]
 """
 
 from __future__ import annotations
@@ -31,8 +31,8 @@ from fastworker.codec import COMPILED  # noqa: E402
 from fastworker.executor import Executor  # noqa: E402
 from fastworker.formats import parser_for  # noqa: E402
 from fastworker.fpm import Endpoint, FpmPools  # noqa: E402
+from fastworker.handler import JobHandler  # noqa: E402
 from fastworker.message import Message  # noqa: E402
-from fastworker.pipeline import JobPipeline  # noqa: E402
 from fastworker.targets import TargetPolicy  # noqa: E402
 from helpers import bundle_message, order_placed_data  # noqa: E402
 
@@ -50,7 +50,7 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 async def drain(
-    pipeline: JobPipeline, body: bytes, jobs: int, concurrency: int, coro: bool
+    handler: JobHandler, body: bytes, jobs: int, concurrency: int, coro: bool
 ) -> None:
     remaining = jobs
     done = asyncio.get_running_loop().create_future()
@@ -61,9 +61,8 @@ async def drain(
             nonlocal remaining
             while remaining > 0:
                 remaining -= 1
-                result = await pipeline.run(Message(body, "bench"))
-                if not result.ok:
-                    raise RuntimeError(f"job failed: {result}")
+                # The coroutine form; a failed job has no publisher here and raises.
+                await handler(Message(body, "bench"), None)  # type: ignore[arg-type]
 
         await asyncio.gather(*(runner() for _ in range(concurrency)))
         return
@@ -74,7 +73,7 @@ async def drain(
         nonlocal remaining, in_flight
         remaining -= 1
         in_flight += 1
-        pipeline.start(Message(body, "bench"), None, finished)  # type: ignore[arg-type]
+        handler.start(Message(body, "bench"), None, finished)  # type: ignore[arg-type]
 
     def finished(rest: object) -> None:
         nonlocal in_flight
@@ -111,7 +110,7 @@ def main() -> int:
     parser.add_argument("--coroutine", action="store_true", help="the aiormq consumer's path")
     args = parser.parse_args()
     concurrency = args.concurrency or args.children
-    workdir = Path(tempfile.mkdtemp(prefix="fastworker-pipeline-"))
+    workdir = Path(tempfile.mkdtemp(prefix="fastworker-job-path-"))
     fpm = start_fpm(
         workdir, children=args.children, env={"FASTWORKER_DEMO_LOG": str(workdir / "jobs.log")}
     )
@@ -122,18 +121,18 @@ def main() -> int:
         pools = FpmPools(concurrency, pipeline=args.pipeline)
         in_flight = concurrency * args.pipeline
         policy = TargetPolicy([Endpoint.parse(fpm.address)], [script])
-        pipeline = JobPipeline(
+        handler = JobHandler(
             parser_for("bundle"),
             script,
             Executor(pools, policy, 30),
             None,
             8 << 20,  # type: ignore[arg-type]
         )
-        await drain(pipeline, body, 200, in_flight, args.coroutine)  # warm-up
+        await drain(handler, body, 200, in_flight, args.coroutine)  # warm-up
         children = fpm.child_pids()
         switches0 = context_switches()
         fpm0, times0, wall0 = cpu_seconds(children), os.times(), time.perf_counter()
-        await drain(pipeline, body, args.jobs, in_flight, args.coroutine)
+        await drain(handler, body, args.jobs, in_flight, args.coroutine)
         wall, times1, fpm1 = time.perf_counter() - wall0, os.times(), cpu_seconds(children)
         switches = context_switches() - switches0
         await pools.close()

@@ -1,0 +1,128 @@
+"""The consumers' job handler: message -> job -> FastCGI request -> outcome -> settle.
+
+Settling is: ack (the job succeeded, or its retry or dead letter was confirmed), retry, or dead
+letter. Whatever goes wrong inside fastworker while a job runs (a bug, not the job's fault)
+becomes the outcome `internal` with its traceback, retried and dead-lettered like any failed
+attempt: a message never cycles through the queue because of an exception of ours.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import traceback
+from collections.abc import Awaitable, Callable
+
+from fastworker.broker import Publisher, PublishFailed
+from fastworker.executor import Executor
+from fastworker.failures import FailureHandler
+from fastworker.formats import Parser
+from fastworker.job import BadMessage, Job
+from fastworker.message import Message, NotStarted
+from fastworker.outcome import OK, Kind, Result
+
+log = logging.getLogger("fastworker.handler")
+
+# `JobHandler.start`'s callback: None when the message may be acked, else what is left to
+# await, which returns when the message may be acked and raises when it may not.
+OnDone = Callable[[Awaitable[None] | None], None]
+
+
+class JobHandler:
+    """Runs each message's job and settles it; the consumer acks or requeues as told.
+
+    What is left to await raises only NotStarted (the worker is stopping: requeue the message
+    as it was) and PublishFailed (the broker did not confirm a retry or dead letter: do not ack).
+    """
+
+    def __init__(
+        self,
+        parse: Parser,
+        default_script: str,
+        executor: Executor,
+        failures: FailureHandler,
+        max_message_size: int,
+    ) -> None:
+        self.parse = parse
+        self.default_script = default_script
+        self.executor = executor
+        self.failures = failures
+        self.max_message_size = max_message_size
+
+    def start(self, message: Message, publisher: Publisher, on_done: OnDone) -> None:
+        """Starts `message`'s job; `on_done` is called exactly once, without a coroutine in the
+        common case: `on_done(None)` once the message may be acked (the job succeeded), or
+        `on_done(awaitable)` with what is left to do (a failed job's retry or dead letter)."""
+        answered = False
+
+        def done(result: Result | None, exc: BaseException | None) -> None:
+            nonlocal answered
+            answered = True
+            if result is OK:
+                on_done(None)
+            elif isinstance(exc, NotStarted):
+                on_done(_raise(exc))
+            else:
+                if result is None:
+                    result = internal_error(message, exc or RuntimeError("no outcome"))
+                on_done(None if result.ok else self._settle(message, result, publisher))
+
+        try:
+            job = self._job(message)
+            if isinstance(job, Result):
+                done(job, None)
+            else:
+                self.executor.start(job, done)
+        except Exception as exc:
+            if answered:
+                raise  # from the consumer's own on_done: not the job's outcome
+            done(internal_error(message, exc), None)
+
+    async def __call__(self, message: Message, publisher: Publisher) -> None:
+        """`start`, awaited: returns when the message may be acked, raises when it may not."""
+        rest: asyncio.Future[Awaitable[None] | None] = asyncio.get_running_loop().create_future()
+        self.start(message, publisher, rest.set_result)
+        then = await rest
+        if then is not None:
+            await then
+
+    async def _settle(self, message: Message, result: Result, publisher: Publisher) -> None:
+        """Retry or dead letter; a bug on that path still ends in a dead letter, not a loop."""
+        try:
+            await self.failures.handle(message, result, publisher)
+        except PublishFailed:
+            raise
+        except Exception as exc:
+            await self.failures.dead_letter_internal(
+                message, internal_error(message, exc), publisher
+            )
+
+    def _job(self, message: Message) -> Job | Result:
+        if message.problem:
+            return Result(Kind.BAD_MESSAGE, message=message.problem)
+        size = len(message.body)
+        if size > self.max_message_size:
+            return Result(
+                Kind.BAD_MESSAGE,
+                message=f"message of {size} bytes exceeds --max-message-size "
+                f"{self.max_message_size}",
+            )
+        try:
+            return self.parse(
+                message.body, self.default_script, message.properties, message.headers
+            )
+        except BadMessage as exc:
+            return Result(exc.kind, message=str(exc))
+
+
+def internal_error(message: Message, exc: BaseException) -> Result:
+    """The outcome of an exception of fastworker's own while it handled `message`."""
+    log.error(
+        "job from %s: internal error %s: %s", message.queue, type(exc).__name__, exc, exc_info=exc
+    )
+    text = "".join(traceback.format_exception(exc))
+    return Result(Kind.INTERNAL, message=f"{type(exc).__name__}: {exc}"[:1000], traceback=text)
+
+
+async def _raise(exc: BaseException) -> None:
+    raise exc
