@@ -49,28 +49,18 @@ for _path in (ROOT / "tests", ROOT / "src"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
-# conftest's start_fpm reports failures through pytest.fail.
+# start_fpm reports failures through pytest.fail.
 import pytest  # noqa: E402
 
-from conftest import (  # noqa: E402
-    FpmServer,
-    _die_with_parent,
-    free_loopback_port,
-    start_fpm,
-    which,
-)
 from fastworker.executor import Executor  # noqa: E402
 from fastworker.fpm import Endpoint, FpmPools  # noqa: E402
 from fastworker.job import Job  # noqa: E402
 from fastworker.targets import TargetPolicy  # noqa: E402
-from helpers import (  # noqa: E402
-    amqp_delete_queues,
-    amqp_host_port,
-    amqp_queue_count,
-    bundle_message,
-    order_placed_data,
-    tcp_port_open,
-)
+from helpers import bundle_message, order_placed_data  # noqa: E402
+from services.fpm import FpmServer, start_fpm  # noqa: E402
+from services.process import die_with_parent as _die_with_parent  # noqa: E402
+from services.process import free_loopback_port, tcp_port_open, which  # noqa: E402
+from services.rabbitmq import amqp_delete_queues, amqp_host_port, amqp_queue_count  # noqa: E402
 
 DEFAULT_SCRIPT = ROOT / "examples" / "php" / "dispatch.php"
 TIMED_SCRIPT = BENCH_DIR / "php" / "timed.php"

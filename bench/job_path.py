@@ -26,7 +26,6 @@ for _path in (ROOT / "tests", ROOT / "src"):
 
 import uvloop  # noqa: E402
 
-from conftest import start_fpm  # noqa: E402
 from fastworker.codec import COMPILED  # noqa: E402
 from fastworker.executor import Executor  # noqa: E402
 from fastworker.formats import parser_for  # noqa: E402
@@ -35,6 +34,7 @@ from fastworker.handler import JobHandler  # noqa: E402
 from fastworker.message import Message  # noqa: E402
 from fastworker.targets import TargetPolicy  # noqa: E402
 from helpers import bundle_message, order_placed_data  # noqa: E402
+from services.fpm import start_fpm  # noqa: E402
 
 
 def cpu_seconds(pids: list[int]) -> float:

@@ -20,8 +20,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "tests"))
 
-from conftest import start_fpm  # noqa: E402 - the test suite's private-FPM launcher
-from helpers import amqp_delete_queues, amqp_queue_count, wait_for  # noqa: E402
+from helpers import wait_for  # noqa: E402
+from services.fpm import start_fpm  # noqa: E402 - the test suite's private-FPM launcher
+from services.rabbitmq import amqp_delete_queues, amqp_queue_count  # noqa: E402
 
 URL = os.environ.get("FASTWORKER_AMQP_URL", "amqp://guest:guest@127.0.0.1:5672/")
 QUEUE = "fastworker_demo"

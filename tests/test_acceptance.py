@@ -13,9 +13,11 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from conftest import FpmServer
-from helpers import amqp_queue_count, wait_for
-from worker_proc import ROOT, WorkerProcess
+from helpers import wait_for
+from services import ROOT
+from services.fpm import FpmServer
+from services.rabbitmq import amqp_queue_count
+from services.worker import Worker
 
 PHP = ROOT / "examples" / "php"
 
@@ -53,7 +55,7 @@ def test_symfony_events_from_php_amqplib_run_exactly_once(
     publish(queue_name, fpm.port, 40, 200_000, 100_001)
     assert amqp_queue_count(rabbitmq_url, queue_name) == 3040
 
-    worker = WorkerProcess(
+    worker = Worker(
         [
             "--amqp-url",
             rabbitmq_url,

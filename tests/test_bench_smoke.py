@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from worker_proc import ROOT
+from services import ROOT
 
 
 def run_bench(*args: str) -> subprocess.CompletedProcess[str]:

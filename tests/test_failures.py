@@ -12,14 +12,12 @@ import asyncio
 import base64
 import hashlib
 import json
-import os
 import random
 import secrets
-import signal
 import subprocess
 import sys
 from collections import Counter
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,7 +31,6 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:  # a source checkout need not be installed to be tested
     sys.path.insert(0, str(ROOT / "src"))
 
-from conftest import FPM_BINARY, FpmServer, _die_with_parent, free_loopback_port, which  # noqa: E402
 from fastworker import __version__  # noqa: E402
 from fastworker.failures import (  # noqa: E402
     ATTEMPTS,
@@ -46,15 +43,20 @@ from fastworker.failures import (  # noqa: E402
     delay_queue,
 )
 from helpers import (  # noqa: E402
-    amqp_delete_queues,
-    amqp_get_all,
-    amqp_publish,
-    amqp_queue_count,
     bundle_message,
     order_placed_data,
     read_records,
     wait_for,
 )
+from services.fpm import FpmServer  # noqa: E402
+from services.process import free_loopback_port  # noqa: E402
+from services.rabbitmq import (  # noqa: E402
+    amqp_delete_queues,
+    amqp_get_all,
+    amqp_publish,
+    amqp_queue_count,
+)
+from services.worker import Worker, Workers, worker_env  # noqa: E402
 
 PHP_DIR = ROOT / "tests" / "php"
 ALLOW = f"{PHP_DIR}/*.php"
@@ -64,9 +66,7 @@ LISTENER = str(PHP_DIR / "listener.php")
 FLAKY = str(PHP_DIR / "flaky.php")
 SLEEP = str(PHP_DIR / "sleep.php")
 CRASH = str(PHP_DIR / "crash.php")
-ENV = dict(
-    os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "src"), os.environ.get("PYTHONPATH", "")])
-)
+ENV = worker_env()
 WAIT = 30.0  # upper bound of every wait; tests normally pass in a fraction of it
 
 
@@ -174,92 +174,28 @@ def dlq_json(url: str, queue: str, *args: str) -> list[dict[str, Any]]:
     return [json.loads(line) for line in result.stdout.splitlines()]
 
 
-def restart_fpm(server: FpmServer) -> None:
-    """Starts a stopped FpmServer again with its own config, so on the same port."""
-    assert not server.alive()
-    with open(server.output_log, "ab") as out:
-        server.proc = subprocess.Popen(
-            [which(FPM_BINARY) or FPM_BINARY, "-F", "-R", "-y", str(server.conf_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            preexec_fn=_die_with_parent,
-            start_new_session=True,
-        )
-    wait_for(
-        lambda: len(server.child_pids()) >= server.children and server.connect_probe(),
-        timeout=10,
-        what=f"php-fpm to come back on {server.address}",
-    )
-
-
 # --------------------------------------------------------------------------- the worker
 
 
-class Worker:
-    """A `python -m fastworker` subprocess; its log (stderr) goes to a file."""
-
-    def __init__(self, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-        self.proc = proc
-        self.log_path = log_path
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def alive(self) -> bool:
-        return self.proc.poll() is None
-
-    def terminate(self) -> int:
-        if self.alive():
-            self.proc.send_signal(signal.SIGTERM)
-        return self.proc.wait(timeout=30)
-
-    def kill(self) -> None:
-        self.proc.kill()
-        self.proc.wait(timeout=10)
-
-
 @pytest.fixture
-def worker(rabbitmq_url: str, queue_name: str, tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+def worker(workers: Workers, rabbitmq_url: str, queue_name: str) -> Callable[..., Worker]:
     """`worker([fpm addresses], *extra_args)`: a worker on `queue_name`, started and consuming.
 
     Defaults: --concurrency 4 --max-attempts 3 --retry-delay 0.2 (extra args come after and
-    win). Workers still running at the end get SIGTERM; the retry queues are deleted.
+    win). Workers still running at the end get SIGTERM; the retry queues are deleted (see the
+    `workers` fixture).
     """
-    started: list[Worker] = []
-    retry_queues: set[str] = set()
 
     def start(fpm: Sequence[str], *extra: str) -> Worker:
         args = [
-            sys.executable, "-m", "fastworker", "--amqp-url", rabbitmq_url, "--queue", queue_name,
+            "--amqp-url", rabbitmq_url, "--queue", queue_name,
             *(arg for address in fpm for arg in ("--fpm", address)),
             "--allow-script", ALLOW, "--concurrency", "4", "--max-attempts", "3",
             "--retry-delay", "0.2", *extra,
         ]
-        options = dict(zip(args, args[1:], strict=False))  # option -> value; the last wins
-        policy = RetryPolicy(
-            retry_delay=float(options["--retry-delay"]),
-            retry_max_delay=float(options.get("--retry-max-delay", 300)),
-        )
-        retry_queues.update(delay_queue(queue_name, ms) for ms in policy.levels())
-        log_path = tmp_path / f"worker-{len(started)}.log"
-        with open(log_path, "wb") as log:
-            proc = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=log, stderr=log, env=ENV,
-                preexec_fn=_die_with_parent,
-            )
-        w = Worker(proc, log_path)
-        started.append(w)
-        wait_for(
-            lambda: "consuming" in w.log() or not w.alive(), timeout=WAIT, what="worker start"
-        )
-        assert w.alive(), f"worker exited with {proc.returncode}:\n{w.log()}"
-        return w
+        return workers.start(args, timeout=WAIT)
 
-    yield start
-    codes = [w.terminate() for w in started if w.alive()]
-    amqp_delete_queues(rabbitmq_url, sorted(retry_queues))
-    assert all(code == 0 for code in codes), f"SIGTERM must end a worker with 0, got {codes}"
+    return start
 
 
 def retry_queue_counts(url: str, queue: str, delay: float = 0.2, max_delay: float = 300.0) -> int:
@@ -545,7 +481,7 @@ def test_unavailable_fpm_is_retried_not_dead_lettered(
     # A new worker keeps retrying it until FPM is back, then runs it once.
     w2 = worker(*args)
     wait_for(lambda: w2.log().count(" not run (") >= 1, WAIT, what="the new worker's retry")
-    restart_fpm(down)
+    down.restart()
     wait_for(lambda: successes(down)[sha1(data)] == 1, WAIT, what="the job to run")
     wait_for(
         lambda: count(rabbitmq_url, queue_name) == 0

@@ -33,10 +33,11 @@ if str(ROOT / "src") not in sys.path:
 
 from fastworker import amqp_py, fast_consumer  # noqa: E402
 from fastworker.consumer import AmqpConsumer  # noqa: E402
-from fastworker.fast_consumer import ACK_HOLD, FastAmqpConsumer  # noqa: E402
+from fastworker.consuming import ACK_HOLD  # noqa: E402
+from fastworker.fast_consumer import FastAmqpConsumer  # noqa: E402
 from fastworker.message import Message  # noqa: E402
-from helpers import (  # noqa: E402
-    TcpProxy,
+from services.proxy import TcpProxy  # noqa: E402
+from services.rabbitmq import (  # noqa: E402
     amqp_delete_queues,
     amqp_get_all,
     amqp_host_port,
@@ -517,7 +518,7 @@ def test_killed_connection_reconnects_and_loses_nothing(
 
 
 # --------------------------------------------------------------------------------------------
-# the fast consumer's protocol object, without a broker
+# the fast transport and its wire client, without a broker
 
 
 class _FakeTransport(asyncio.Transport):
@@ -539,15 +540,27 @@ class _FakeTransport(asyncio.Transport):
         self.aborted = True
 
 
-def _link() -> tuple[Any, _FakeTransport]:
-    async def handler(message: Message, publisher: object) -> None:
-        pass
+class _Owner:
+    """A FastAmqpConsumer as its transport sees it: `deliver` and `waiting`, set by the test."""
 
-    consumer = FastAmqpConsumer("amqp://127.0.0.1/", ["q"], handler, concurrency=1, prefetch=8)
-    link = fast_consumer._Link(consumer, publisher=None)  # type: ignore[arg-type]
+    queues = ["q"]
+    prefetch = 8
+    max_message_size = amqp_py.DEFAULT_MAX_BODY_SIZE
+
+    def __init__(self) -> None:
+        self.waiting = 0
+        self.batches: list[list[tuple[Any, int, Message]]] = []
+
+    def deliver(self, deliveries: list[tuple[Any, int, Message]]) -> None:
+        self.batches.append(list(deliveries))
+
+
+def _link() -> tuple[Any, _FakeTransport]:
+    """A FastTransport on a fake socket, as after Qos-Ok: alive, no control connection."""
+    link = fast_consumer.FastTransport(_Owner())  # type: ignore[arg-type]
     transport = _FakeTransport()
-    link.connection_made(transport)
-    link.alive = True
+    link._wire.connection_made(transport)
+    link._wire.alive = True
     return link, transport
 
 
@@ -567,10 +580,11 @@ def test_link_answers_broker_channel_close() -> None:
 
     async def main() -> None:
         link, transport = _link()
-        link.data_received(frame.marshal(commands.Channel.Close(406, "PRECONDITION", 60, 80), 1))
+        wire = link._wire
+        wire.data_received(frame.marshal(commands.Channel.Close(406, "PRECONDITION", 60, 80), 1))
         assert [type(f).__name__ for f in _frames(bytes(transport.written))] == ["CloseOk"]
-        assert link.closed.done() and not link.alive
-        assert "406 PRECONDITION" in str(link.closed.result())
+        assert wire.closed.done() and not link.alive
+        assert "406 PRECONDITION" in str(wire.closed.result())
         link.finished(1)  # never written on a closed channel
         assert len(transport.written) == 12
 
@@ -583,10 +597,10 @@ def test_link_answers_broker_connection_close() -> None:
     async def main() -> None:
         link, transport = _link()
         close = commands.Connection.Close(320, "CONNECTION_FORCED - shutdown", 0, 0)
-        link.data_received(frame.marshal(close, 0))
+        link._wire.data_received(frame.marshal(close, 0))
         [ok] = _frames(bytes(transport.written))
         assert isinstance(ok, commands.Connection.CloseOk)
-        assert transport.closed and link.closed.done()
+        assert transport.closed and link._wire.closed.done() and not link.alive
 
     arun(main)
 
@@ -594,9 +608,48 @@ def test_link_answers_broker_connection_close() -> None:
 def test_link_drops_a_corrupt_stream() -> None:
     async def main() -> None:
         link, transport = _link()
-        link.data_received(b"\x01\x00\x01\x00\x00\x00\x04\x00\x0a\x00\x0b\x00")  # bad frame end
-        assert transport.aborted and link.closed.done()
-        assert "frame end" in str(link.closed.result())
+        wire = link._wire
+        wire.data_received(b"\x01\x00\x01\x00\x00\x00\x04\x00\x0a\x00\x0b\x00")  # bad frame end
+        assert transport.aborted and wire.closed.done() and not link.alive
+        assert "frame end" in str(wire.closed.result())
+
+    arun(main)
+
+
+def _delivery(tag: int, body: bytes, consumer_tag: str = "fastworker.0") -> bytes:
+    from pamqp import body as content
+    from pamqp import commands, frame, header
+
+    deliver = commands.Basic.Deliver(consumer_tag, tag, False, "", "q")
+    props = commands.Basic.Properties()
+    return (
+        frame.marshal(deliver, 1)
+        + frame.marshal(header.ContentHeader(0, len(body), props), 1)
+        + frame.marshal(content.ContentBody(body), 1)
+    )
+
+
+def test_link_hands_one_read_s_deliveries_to_the_consumer_at_once() -> None:
+    from pamqp import commands, frame
+
+    async def main() -> None:
+        link, transport = _link()
+        owner = link._consumer
+        link._wire.queue_by_tag["fastworker.0"] = "q"
+        link._wire.data_received(_delivery(1, b"a") + _delivery(2, b"b"))
+        [batch] = owner.batches
+        assert [(t, tag, m.body, m.queue) for t, tag, m in batch] == [
+            (link, 1, b"a", "q"),
+            (link, 2, b"b", "q"),
+        ]
+        # A delivery and a channel close in one read: the delivery is handed over, but the
+        # transport is no longer alive by then, so the consumer will not start it.
+        close = frame.marshal(commands.Channel.Close(406, "PRECONDITION", 60, 80), 1)
+        link._wire.data_received(_delivery(3, b"c") + close)
+        assert [tag for _, tag, _ in owner.batches[1]] == [3] and not link.alive
+        link.finished(3)
+        link.requeue(3)
+        assert [type(f).__name__ for f in _frames(bytes(transport.written))] == ["CloseOk"]
 
     arun(main)
 
@@ -606,8 +659,8 @@ def test_link_acks_in_batches_and_at_half_the_prefetch() -> None:
 
     async def main() -> None:
         link, transport = _link()  # prefetch 8: a flush once 4 acks are due
-        waiting = link.consumer._pending
-        waiting.append((None, 99, None))  # a delivery waits to start: acks may be batched
+        owner = link._consumer
+        owner.waiting = 1  # a delivery waits to start: acks may be batched
         for tag in range(1, 4):
             link._acks.delivered(tag)
             link.finished(tag)
@@ -638,7 +691,7 @@ def test_link_acks_in_batches_and_at_half_the_prefetch() -> None:
         transport.written.clear()
         # Nothing waits to start any more: the prefetch window is what limits the consumer,
         # so each finished delivery is acked at once, even behind a gap.
-        waiting.clear()
+        owner.waiting = 0
         for tag in (13, 14):
             link._acks.delivered(tag)
         link.finished(14)

@@ -18,16 +18,14 @@ from urllib.parse import quote
 
 import pytest
 
-from helpers import (
+from helpers import bundle_message, order_placed_data, wait_for
+from services.rabbitmq import (
     amqp_delete_queues,
     amqp_get_all,
     amqp_host_port,
     amqp_publish,
     amqp_queue_count,
     amqp_queue_exists,
-    bundle_message,
-    order_placed_data,
-    wait_for,
 )
 
 FCGI_BEGIN_REQUEST, FCGI_END_REQUEST, FCGI_PARAMS, FCGI_STDIN, FCGI_STDOUT, FCGI_STDERR = (
@@ -299,7 +297,7 @@ def test_publish_uses_existing_durable_queue(rabbitmq_url, queue_name):
 
 
 def test_queue_name_is_unique_and_prefixed(queue_name, request):
-    from conftest import QUEUE_PREFIX
+    from services.rabbitmq import QUEUE_PREFIX
 
     assert QUEUE_PREFIX.startswith("fwtest.") and QUEUE_PREFIX != "fwtest."
     assert queue_name.startswith(f"{QUEUE_PREFIX}test_queue_name_is_unique_and_prefixed.")

@@ -13,7 +13,6 @@ from typing import Any
 import pytest
 import uvloop
 
-from conftest import FpmServer, free_loopback_port
 from fastworker.callbacks import awaited
 from fastworker.executor import Executor
 from fastworker.fpm import (
@@ -30,6 +29,8 @@ from fastworker.job import Job
 from fastworker.outcome import Result
 from fastworker.targets import TargetPolicy
 from helpers import read_records
+from services.fpm import FpmServer
+from services.process import free_loopback_port
 
 PHP = Path(__file__).parent / "php"
 

@@ -15,19 +15,18 @@ import subprocess
 from collections import Counter
 from pathlib import Path
 
-from conftest import FpmServer
 from fastworker.failures import ERROR, RetryPolicy, delay_queue
-from helpers import (
+from helpers import bundle_message, read_records, wait_for
+from services import PHP_DIR
+from services.fpm import FpmServer
+from services.rabbitmq import (
     amqp_delete_queues,
     amqp_get_all,
     amqp_host_port,
     amqp_publish,
     amqp_queue_count,
-    bundle_message,
-    read_records,
-    wait_for,
 )
-from worker_proc import PHP_DIR, WorkerProcess, worker_args
+from services.worker import Worker, worker_args
 
 WAIT = 60.0
 RETRY = ("--max-attempts", "3", "--retry-delay", "0.2", "--retry-max-delay", "0.4")
@@ -78,7 +77,7 @@ def test_poison_messages_cost_one_dead_letter_each(
         "big_error": bundle_message("200000", str(PHP_DIR / "throw_big.php"), port=port),
     }
     amqp_publish(rabbitmq_url, queue_name, [])  # declares the queue as the bundle does
-    worker = WorkerProcess(
+    worker = Worker(
         worker_args(rabbitmq_url, queue_name, fpm.address, *RETRY), tmp_path / "worker.log"
     )
     try:
@@ -136,7 +135,7 @@ def test_a_job_printing_500_mb_succeeds_in_little_memory(
     fpm: FpmServer = fpm_factory(children=2)
     body = bundle_message("500", str(PHP_DIR / "big_output.php"), port=fpm.port)  # 500 MiB
     amqp_publish(rabbitmq_url, queue_name, [body])
-    worker = WorkerProcess(
+    worker = Worker(
         worker_args(rabbitmq_url, queue_name, fpm.address, *RETRY), tmp_path / "worker.log"
     )
     try:

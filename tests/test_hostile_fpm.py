@@ -5,7 +5,8 @@ answers with something no PHP-FPM sends: truncated records, lying content length
 END_REQUEST for another request id, unknown record types, an answer nobody asked for, endless
 STDOUT, or nothing at all. Each case must end as a Result of a clear kind with a clear message,
 the worker must drop the connection, memory must stay bounded, and a real PHP-FPM next to it
-must keep serving jobs during and after. Every case runs with both codec twins.
+must keep serving jobs during and after. Every case runs with both codec twins (the `fcgi_twin`
+fixture of conftest).
 """
 
 from __future__ import annotations
@@ -23,14 +24,13 @@ import pytest
 import uvloop
 
 import fastworker.fpm as fpm_module
-from conftest import FpmServer
-from fastworker import fcgi_py
 from fastworker.callbacks import awaited
 from fastworker.executor import Executor
 from fastworker.fpm import Endpoint, FpmPools
 from fastworker.job import Job
 from fastworker.outcome import Result
 from fastworker.targets import TargetPolicy
+from services.fpm import FpmServer
 
 PHP = Path(__file__).parent / "php"
 SCRIPT = str(PHP / "pid.php")
@@ -39,18 +39,6 @@ STDIN, STDOUT, STDERR, END = 5, 6, 7, 3
 OK_HEADERS = b"Content-type: text/html; charset=UTF-8\r\n\r\n"
 HEAD = 65536  # the pools' default max_response_head
 MEMORY_LIMIT = 2 << 20  # bytes traced while hundreds of MB go by (about 330 KiB seen)
-
-
-@pytest.fixture(params=["compiled", "python"])
-def codec(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    """Runs the test with the pools parsing through the extension, then through the twin."""
-    if request.param == "compiled":
-        import fcgi_codec as impl  # the suite fails elsewhere if it is not built
-    else:
-        impl = fcgi_py
-    monkeypatch.setattr(fpm_module, "ResponseParser", impl.ResponseParser)
-    monkeypatch.setattr(fpm_module, "ProtocolError", impl.ProtocolError)
-    return impl
 
 
 def rec(rtype: int, content: bytes = b"", rid: int = 1, clen: int | None = None) -> bytes:
@@ -232,7 +220,7 @@ async def short_record_then_close(peer: HostilePeer, writer: asyncio.StreamWrite
 
 @pytest.mark.parametrize("behaviour", [truncated_header_then_close, short_record_then_close])
 def test_truncated_answer_then_close_is_lost(
-    fpm: FpmServer, codec: types.ModuleType, behaviour: Behaviour
+    fpm: FpmServer, fcgi_twin: types.ModuleType, behaviour: Behaviour
 ) -> None:
     result, peer, info = against_hostile(fpm, behaviour)
     assert result.kind == "lost", result
@@ -268,7 +256,7 @@ def _sends(data: bytes) -> Behaviour:
     ids=["end-length", "end-other-id", "stdout-other-id", "type-200", "mgmt-id", "stdin", "http"],
 )
 def test_protocol_errors_are_lost_and_drop_the_connection(
-    fpm: FpmServer, codec: types.ModuleType, data: bytes, message: str
+    fpm: FpmServer, fcgi_twin: types.ModuleType, data: bytes, message: str
 ) -> None:
     result, peer, info = against_hostile(fpm, _sends(data))
     assert result.kind == "lost", result
@@ -277,7 +265,7 @@ def test_protocol_errors_are_lost_and_drop_the_connection(
 
 
 def test_an_answer_to_no_request_drops_an_idle_connection(
-    fpm: FpmServer, codec: types.ModuleType
+    fpm: FpmServer, fcgi_twin: types.ModuleType
 ) -> None:
     async def answer_twice(peer: HostilePeer, writer: asyncio.StreamWriter) -> None:
         writer.write(rec(STDOUT, OK_HEADERS + b"fine") + end())
@@ -303,7 +291,7 @@ def test_an_answer_to_no_request_drops_an_idle_connection(
 # silence and endless output: `timeout`, or `ok` once it ends
 
 
-def test_silence_is_a_timeout(fpm: FpmServer, codec: types.ModuleType) -> None:
+def test_silence_is_a_timeout(fpm: FpmServer, fcgi_twin: types.ModuleType) -> None:
     async def silence(peer: HostilePeer, writer: asyncio.StreamWriter) -> None:
         return None  # reads the request and never answers
 
@@ -315,7 +303,7 @@ def test_silence_is_a_timeout(fpm: FpmServer, codec: types.ModuleType) -> None:
 
 
 def test_endless_stdout_times_out_in_bounded_memory(
-    fpm: FpmServer, codec: types.ModuleType
+    fpm: FpmServer, fcgi_twin: types.ModuleType
 ) -> None:
     async def endless(peer: HostilePeer, writer: asyncio.StreamWriter) -> None:
         await peer.flood(writer, float("inf"))
@@ -329,7 +317,7 @@ def test_endless_stdout_times_out_in_bounded_memory(
 
 
 def test_hundreds_of_mb_of_stdout_then_end_is_ok_in_bounded_memory(
-    fpm: FpmServer, codec: types.ModuleType
+    fpm: FpmServer, fcgi_twin: types.ModuleType
 ) -> None:
     async def flood_then_end(peer: HostilePeer, writer: asyncio.StreamWriter) -> None:
         await peer.flood(writer, 300 << 20)
@@ -344,7 +332,7 @@ def test_hundreds_of_mb_of_stdout_then_end_is_ok_in_bounded_memory(
     assert set(info["meanwhile"]) == {"ok"} and info["after"] == "ok"
 
 
-def test_pool_reports_heads_and_sizes(codec: types.ModuleType) -> None:
+def test_pool_reports_heads_and_sizes(fcgi_twin: types.ModuleType) -> None:
     """FpmResponse carries the heads and the full sizes; max_response_head is honoured."""
 
     async def main() -> tuple[Any, Any, int]:
@@ -374,7 +362,7 @@ def test_pool_reports_heads_and_sizes(codec: types.ModuleType) -> None:
 
 
 def test_php_error_with_huge_stderr_says_it_was_cut(
-    fpm: FpmServer, codec: types.ModuleType
+    fpm: FpmServer, fcgi_twin: types.ModuleType
 ) -> None:
     stderr = b"PHP Fatal error:  Uncaught RuntimeException: first words\n" + b"x" * (1 << 20)
 

@@ -17,17 +17,13 @@ import orjson
 import pytest
 from pamqp.commands import Basic
 
-from conftest import FpmServer, free_loopback_port
-from helpers import (
-    TcpProxy,
-    amqp_get_all,
-    amqp_host_port,
-    amqp_publish,
-    amqp_queue_count,
-    bundle_message,
-    wait_for,
-)
-from worker_proc import PHP_DIR, ROOT, WorkerProcess, worker_args
+from helpers import bundle_message, wait_for
+from services import PHP_DIR, ROOT
+from services.fpm import FpmServer
+from services.process import free_loopback_port
+from services.proxy import TcpProxy
+from services.rabbitmq import amqp_get_all, amqp_host_port, amqp_publish, amqp_queue_count
+from services.worker import Worker, worker_args
 
 RECORD = str(PHP_DIR / "record.php")
 SLEEP = str(PHP_DIR / "sleep.php")
@@ -48,7 +44,7 @@ def test_bundle_jobs_run_exactly_once_and_the_queue_drains(
         queue_name,
         [bundle_message(d, RECORD, "localhost", fpm.port) for d in small + large],
     )
-    worker = WorkerProcess(
+    worker = Worker(
         worker_args(rabbitmq_url, queue_name, fpm.address, "--concurrency", "4"),
         tmp_path / "worker.log",
     )
@@ -74,7 +70,7 @@ def test_keep_alive_few_connections_serve_many_jobs(
         queue_name,
         [bundle_message(f"k{i}", RECORD, "127.0.0.1", server.port) for i in range(400)],
     )
-    worker = WorkerProcess(
+    worker = Worker(
         worker_args(rabbitmq_url, queue_name, server.address, "--concurrency", "2"),
         tmp_path / "worker.log",
     )
@@ -98,7 +94,7 @@ def test_max_requests_churn_loses_and_fails_nothing(
         queue_name,
         [bundle_message(d, RECORD, "127.0.0.1", server.port) for d in datas],
     )
-    worker = WorkerProcess(
+    worker = Worker(
         worker_args(rabbitmq_url, queue_name, server.address, "--concurrency", "4"),
         tmp_path / "worker.log",
     )
@@ -127,7 +123,7 @@ def test_refused_targets_never_reach_fpm(
     ]
     good = bundle_message("good", RECORD, "127.0.0.1", fpm.port)
     amqp_publish(rabbitmq_url, queue_name, [*bad, good])
-    worker = WorkerProcess(
+    worker = Worker(
         worker_args(rabbitmq_url, queue_name, fpm.address), tmp_path / "worker.log"
     )
     try:
@@ -159,7 +155,7 @@ def test_existing_durable_queue_is_used_as_declared(
         [bundle_message("durable", RECORD, "127.0.0.1", fpm.port)],
         durable=True,
     )
-    worker = WorkerProcess(worker_args(rabbitmq_url, queue_name, fpm.address), tmp_path / "w.log")
+    worker = Worker(worker_args(rabbitmq_url, queue_name, fpm.address), tmp_path / "w.log")
     try:
         wait_for(lambda: len(fpm.records()) == 1, 30, what="the job")
     finally:
@@ -170,7 +166,7 @@ def test_existing_durable_queue_is_used_as_declared(
 def test_missing_queue_is_declared_as_the_bundle_declares_it(
     fpm: FpmServer, rabbitmq_url: str, queue_name: str, tmp_path: Path
 ) -> None:
-    worker = WorkerProcess(worker_args(rabbitmq_url, queue_name, fpm.address), tmp_path / "w.log")
+    worker = Worker(worker_args(rabbitmq_url, queue_name, fpm.address), tmp_path / "w.log")
     try:
         worker.wait_consuming()
 
@@ -196,7 +192,7 @@ def test_sigterm_finishes_in_flight_jobs_then_exits_zero(
         queue_name,
         [bundle_message("1.5", sleeper, "127.0.0.1", fpm.port) for _ in range(12)],
     )
-    worker = WorkerProcess(
+    worker = Worker(
         worker_args(
             rabbitmq_url,
             queue_name,
@@ -230,7 +226,7 @@ def test_json_and_raw_formats(
     script = str(PHP_DIR / "record_input.php")
     envelope = orjson.dumps({"script": script, "params": {"TENANT": "t7"}, "body": '{"a":1}'})
     amqp_publish(rabbitmq_url, queue_name, [envelope])
-    worker = WorkerProcess(
+    worker = Worker(
         worker_args(
             rabbitmq_url, queue_name, fpm.address, "--format", "json", "--allow-param", "TENANT"
         ),
@@ -249,7 +245,7 @@ def test_json_and_raw_formats(
         [b"\x00\x01binary"],
         properties=Basic.Properties(message_id="m-1"),
     )
-    worker = WorkerProcess(
+    worker = Worker(
         [*worker_args(rabbitmq_url, raw_queue, fpm.address, "--format", "raw"), "--script", script],
         tmp_path / "r.log",
     )
@@ -270,7 +266,7 @@ def test_reconnects_after_broker_connection_loss_and_loses_nothing(
     amqp_publish(
         rabbitmq_url, queue_name, [bundle_message(d, RECORD, "127.0.0.1", fpm.port) for d in datas]
     )
-    worker = WorkerProcess(worker_args(proxied, queue_name, fpm.address), tmp_path / "w.log")
+    worker = Worker(worker_args(proxied, queue_name, fpm.address), tmp_path / "w.log")
     try:
         wait_for(lambda: len(fpm.records()) >= 300, 30, what="some jobs")
         proxy.cut()
@@ -340,7 +336,7 @@ def test_unencodable_request_is_dead_lettered_not_retried_forever(
     huge = orjson.dumps({"script": script, "params": {"TENANT": "x" * 70_000}, "body": "h"})
     fine = orjson.dumps({"script": script, "params": {"TENANT": "t"}, "body": "f"})
     amqp_publish(rabbitmq_url, queue_name, [huge, fine])
-    worker = WorkerProcess(
+    worker = Worker(
         worker_args(
             rabbitmq_url, queue_name, fpm.address, "--format", "json", "--allow-param", "TENANT"
         ),
@@ -373,7 +369,7 @@ def test_warns_when_concurrency_exceeds_fpm_children(
         # Slow jobs keep the two served connections busy completing for the whole test.
         [bundle_message("0.05", SLEEP, "127.0.0.1", server.port) for _ in range(600)],
     )
-    worker = WorkerProcess(
+    worker = Worker(
         worker_args(
             rabbitmq_url,
             queue_name,
@@ -405,7 +401,7 @@ def test_progress_lines_count_jobs_retries_and_dead_letters(
     bodies = [bundle_message(f"ok{i}", RECORD, "127.0.0.1", fpm.port) for i in range(50)]
     bodies += [bundle_message(f"bad{i}", fail, "127.0.0.1", fpm.port) for i in range(3)]
     amqp_publish(rabbitmq_url, queue_name, bodies)
-    worker = WorkerProcess(
+    worker = Worker(
         worker_args(
             rabbitmq_url,
             queue_name,

@@ -1,21 +1,21 @@
-"""Consumes AMQP deliveries with aiormq and runs them through a handler, `concurrency` at a time.
+"""The aiormq reference transport: the same consumer as the fast one, on a stock AMQP client.
 
-aiormq runs every delivery as a task of its own, so prefetch is no concurrency limit: deliveries
-are queued here and a fixed set of runners take them. A delivery is acked only after the handler
-returned; a handler that raises leaves it unacked, so the broker delivers it again. Acks are sent
-in batches (`multiple=True`) every few milliseconds. After a reconnect the old channel's
-deliveries come again from the broker, so a job that finishes late is never acked on the new one.
-The consumer knows nothing of FastCGI; the handler knows nothing of delivery tags.
+It is what the fast transport is measured and tested against (`--amqp-client aiormq`): the
+skeleton (`consuming`) is shared, only the broker side differs. Each session is one aiormq
+connection: declares, the `prepare` hook, the confirmed publisher and the consuming channel. Acks
+are batched (`multiple=True`) every few milliseconds; requeues travel the same ordered flush, so a
+later multiple ack never covers a tag meant to be requeued. A delivery whose properties pamqp
+cannot decode becomes that message's `problem` (`_decode_properties_per_message`), not a dropped
+connection.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import random
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable
+from typing import Any, ClassVar
 
 import aiormq
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
@@ -24,16 +24,10 @@ from pamqp.header import ContentHeader
 from fastworker.acks import AckTracker
 from fastworker.amqp_py import PropertyError, decode_properties
 from fastworker.broker import Publisher, ensure_queue
-from fastworker.message import PROPERTY_NAMES, Message, NotStarted
+from fastworker.consuming import ACK_INTERVAL, ConsumerBase, Transport
+from fastworker.message import PROPERTY_NAMES, Message
 
 log = logging.getLogger("fastworker.consumer")
-
-Handler = Callable[[Message, Publisher], Awaitable[None]]
-# Called once per connection before consuming starts, e.g. to declare retry queues.
-Prepare = Callable[[AbstractConnection, str], Awaitable[None]]
-
-ACK_INTERVAL = 0.002  # seconds finished deliveries may wait to share one ack
-REQUEUE_DELAY = 1.0  # seconds before a delivery whose handler failed goes back to the queue
 
 
 _PROBLEM = "fastworker_problem"
@@ -63,13 +57,6 @@ def _decode_properties_per_message() -> None:
 
     unmarshal.__fastworker__ = True  # type: ignore[attr-defined]
     ContentHeader.unmarshal = unmarshal  # type: ignore[method-assign]
-
-
-@dataclass(slots=True)
-class _Delivery:
-    session: _Session
-    tag: int
-    message: Message
 
 
 class _Session:
@@ -142,169 +129,87 @@ class _Session:
         await self.flush(wait=True)
 
 
-class AmqpConsumer:
-    """Reconnects with capped backoff until `stop()`, then drains in-flight jobs and exits."""
+class AiormqTransport(Transport):
+    """One session on one aiormq connection; acks and requeues go through its `_Session`."""
 
-    def __init__(
-        self,
-        url: str,
-        queues: Sequence[str],
-        handler: Handler,
-        *,
-        concurrency: int,
-        prefetch: int,
-        prepare: Prepare | None = None,
-        shutdown_timeout: float = 30.0,
-        max_backoff: float = 30.0,
-        max_message_size: int = 0,  # aiormq reads every body whole; the pipeline refuses it
-    ) -> None:
-        _decode_properties_per_message()
-        self.url = url
-        self.queues = list(queues)
-        self.handler = handler
-        self.concurrency = concurrency
-        self.prefetch = prefetch
-        self.prepare = prepare
-        self.shutdown_timeout = shutdown_timeout
-        self.max_backoff = max_backoff
-        self.processed = 0
-        self.connected = asyncio.Event()  # set while consuming; tests and the CLI wait on it
-        self._stopping = asyncio.Event()
-        self._pending: asyncio.Queue[_Delivery] = asyncio.Queue()
-        self._in_flight = 0
-        self._idle = asyncio.Event()
-        self._idle.set()
+    errors: ClassVar[tuple[type[BaseException], ...]] = (
+        aiormq.exceptions.AMQPError,
+        ConnectionError,
+        OSError,
+    )
 
-    def stop(self) -> None:
-        """Stops consuming; `run()` returns once in-flight jobs finish or the timeout passes."""
-        self._stopping.set()
+    def __init__(self, consumer: AmqpConsumer) -> None:
+        self.consumer = consumer
+        self.connection: AbstractConnection | None = None
+        self.session: _Session | None = None
+        self.closed: asyncio.Future[object] = asyncio.get_running_loop().create_future()
+        self._observers: list[asyncio.Future[Any]] = []
 
-    async def run(self) -> None:
-        runners = [asyncio.create_task(self._runner()) for _ in range(self.concurrency)]
-        backoff = 0.5
-        try:
-            while not self._stopping.is_set():
-                try:
-                    await self._session()
-                    backoff = 0.5
-                except (aiormq.exceptions.AMQPError, ConnectionError, OSError) as exc:
-                    if self._stopping.is_set():
-                        break
-                    delay = backoff * random.uniform(0.5, 1.0)
-                    log.warning(
-                        "broker connection lost or refused (%r); retrying in %.1f s", exc, delay
-                    )
-                    backoff = min(backoff * 2, self.max_backoff)
-                    try:
-                        await asyncio.wait_for(self._stopping.wait(), delay)
-                    except TimeoutError:
-                        pass
-        finally:
-            for runner in runners:
-                runner.cancel()
-            await asyncio.gather(*runners, return_exceptions=True)
-
-    async def _session(self) -> None:
-        connection = await aiormq.connect(
-            self.url, client_properties={"connection_name": "fastworker"}
+    @property
+    def alive(self) -> bool:
+        session, connection = self.session, self.connection
+        return (
+            session is not None
+            and session.alive
+            and connection is not None
+            and not connection.is_closed
         )
-        try:
-            for queue in self.queues:
-                await ensure_queue(connection, queue)
-                if self.prepare is not None:
-                    await self.prepare(connection, queue)
-            publisher = await Publisher.open(connection)
-            channel = await connection.channel(publisher_confirms=False)
-            # aiormq only logs a broker-sent Basic.Cancel (queue deleted): end the session on it.
-            cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-            channel.on_consumer_cancel_callbacks.add(
-                lambda frame: cancelled.done() or cancelled.set_result(None)
-            )
-            await channel.basic_qos(prefetch_count=self.prefetch)
-            session = _Session(channel, publisher)
-            for queue in self.queues:
-                ok = await channel.basic_consume(queue, self._on_delivery(session, queue))
-                session.consumer_tags.append(ok.consumer_tag)
-            log.info(
-                "consuming %s (concurrency %d, prefetch %d)",
-                ", ".join(self.queues),
-                self.concurrency,
-                self.prefetch,
-            )
-            self.connected.set()
-            try:
-                await self._until_lost_or_stopped(
-                    connection, channel, publisher.channel, cancelled=cancelled
-                )
-                if self._stopping.is_set() and not connection.is_closed:
-                    await self._drain(session)
-            finally:
-                self.connected.clear()
-                session.alive = False
-                self._forget_pending(session)
-        finally:
-            if not connection.is_closed:
-                await connection.close()
 
-    async def _until_lost_or_stopped(
+    def describe(self) -> tuple[str, str]:
+        return ", ".join(self.consumer.queues), f"prefetch {self.consumer.prefetch}"
+
+    async def open(self) -> None:
+        consumer = self.consumer
+        connection = self.connection = await aiormq.connect(
+            consumer.url, client_properties={"connection_name": "fastworker"}
+        )
+        for queue in consumer.queues:
+            await ensure_queue(connection, queue)
+            if consumer.prepare is not None:
+                await consumer.prepare(connection, queue)
+        publisher = self.publisher = await Publisher.open(connection)
+        channel = await connection.channel(publisher_confirms=False)
+        # aiormq only logs a broker-sent Basic.Cancel (queue deleted): end the session on it.
+        cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        channel.on_consumer_cancel_callbacks.add(
+            lambda frame: cancelled.done() or cancelled.set_result(None)
+        )
+        await channel.basic_qos(prefetch_count=consumer.prefetch)
+        session = self.session = _Session(channel, publisher)
+        for queue in consumer.queues:
+            ok = await channel.basic_consume(queue, self._on_delivery(session, queue))
+            session.consumer_tags.append(ok.consumer_tag)
+        self._close_on(connection, (channel, publisher.channel), cancelled)
+
+    def _close_on(
         self,
         connection: AbstractConnection,
-        *channels: AbstractChannel,
-        cancelled: asyncio.Future[None] | None = None,
+        channels: tuple[AbstractChannel, ...],
+        cancelled: asyncio.Future[None],
     ) -> None:
-        """Returns on stop; raises when the connection or any of its channels closes.
-
-        A dead publisher channel matters as much as the consuming one: without it no failed job
-        could be retried or dead-lettered.
-        """
-        stop = asyncio.create_task(self._stopping.wait())
+        """Resolves `closed` when the connection or any of its channels closes, or the broker
+        cancels the consumer. A dead publisher channel matters as much as the consuming one:
+        without it no failed job could be retried or dead-lettered."""
         lost = asyncio.ensure_future(connection.closing)
-        watched = {stop, lost, *(asyncio.ensure_future(ch.closing) for ch in channels)}
-        try:
-            await asyncio.wait(
-                watched | ({cancelled} if cancelled else set()),
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-        finally:
-            for future in watched:
-                if not future.done():
-                    future.cancel()
-        if not self._stopping.is_set():
-            # A closed channel (a broker-sent cancel, a consumer_timeout) ends the session too.
-            # `lost` was cancelled above if the connection is still open: no exception() then.
+
+        def on_loss(_: asyncio.Future[Any]) -> None:
+            if self.closed.done():
+                return
+            # `lost` is cancelled by close() while the connection is open: no exception() then.
             reason = lost.exception() if lost.done() and not lost.cancelled() else None
-            if cancelled is not None and cancelled.done():
+            if cancelled.done():
                 reason = "the broker cancelled the consumer (queue deleted?)"
-            raise ConnectionError(f"broker closed the connection or channel ({reason!r})")
+            self.closed.set_result(repr(reason))
 
-    async def _drain(self, session: _Session) -> None:
-        for tag in session.consumer_tags:
-            try:
-                await session.channel.basic_cancel(tag)
-            except aiormq.exceptions.AMQPError:
-                pass
-        self._forget_pending(session)  # never started: closing the channel requeues them
-        try:
-            await asyncio.wait_for(self._idle.wait(), self.shutdown_timeout)
-        except TimeoutError:
-            log.warning(
-                "%d jobs still running after --shutdown-timeout; they return to the queue",
-                self._in_flight,
-            )
-        await session.flush_all()
-
-    def _forget_pending(self, session: _Session) -> None:
-        kept = []
-        while not self._pending.empty():
-            delivery = self._pending.get_nowait()
-            if delivery.session is not session:
-                kept.append(delivery)
-        for delivery in kept:
-            self._pending.put_nowait(delivery)
+        self._observers = [lost, *(asyncio.ensure_future(ch.closing) for ch in channels)]
+        for future in (*self._observers, cancelled):
+            future.add_done_callback(on_loss)
 
     def _on_delivery(
         self, session: _Session, queue: str
     ) -> Callable[[DeliveredMessage], Awaitable[None]]:
+        deliver = self.consumer.deliver
+
         async def on_delivery(delivered: DeliveredMessage) -> None:
             tag = delivered.delivery_tag
             assert tag is not None
@@ -323,35 +228,49 @@ class AmqpConsumer:
                 problem=problem,
             )
             session.acks.delivered(tag)
-            self._pending.put_nowait(_Delivery(session, tag, message))
+            deliver([(self, tag, message)])
 
         return on_delivery
 
-    async def _runner(self) -> None:
-        while True:
-            delivery = await self._pending.get()
-            session = delivery.session
-            if not session.alive:
-                continue
-            self._in_flight += 1
-            self._idle.clear()
+    def finished(self, tag: int) -> None:
+        if self.session is not None:
+            self.session.finished(tag)
+
+    def requeue(self, tag: int) -> None:
+        if self.session is not None:
+            self.session.requeue(tag)
+
+    async def cancel(self) -> None:
+        if self.session is None:
+            return
+        for tag in self.session.consumer_tags:
             try:
-                await self.handler(delivery.message, session.publisher)
-            except asyncio.CancelledError:
-                raise
-            except NotStarted:
-                session.requeue(delivery.tag)
-            except Exception:
-                log.exception(
-                    "job from %s not acknowledged; it goes back to the queue",
-                    delivery.message.queue,
-                )
-                await asyncio.sleep(REQUEUE_DELAY)  # no hot loop if the trouble persists
-                session.requeue(delivery.tag)
-            else:
-                self.processed += 1
-                session.finished(delivery.tag)
-            finally:
-                self._in_flight -= 1
-                if self._in_flight == 0:
-                    self._idle.set()
+                await self.session.channel.basic_cancel(tag)
+            except aiormq.exceptions.AMQPError:
+                pass
+
+    async def flush(self) -> None:
+        if self.session is not None:
+            await self.session.flush_all()
+
+    async def close(self) -> None:
+        if self.session is not None:
+            self.session.alive = False
+        if not self.closed.done():
+            self.closed.set_result("closed")
+        for observer in self._observers:
+            if not observer.done():
+                observer.cancel()
+        if self.connection is not None and not self.connection.is_closed:
+            await self.connection.close()
+
+
+class AmqpConsumer(ConsumerBase[AbstractConnection]):
+    """The reference AMQP consumer (`--amqp-client aiormq`). aiormq reads every body whole;
+    the handler refuses one over `max_message_size`."""
+
+    def configure(self) -> None:
+        _decode_properties_per_message()
+
+    def new_transport(self) -> AiormqTransport:
+        return AiormqTransport(self)

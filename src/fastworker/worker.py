@@ -6,11 +6,13 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
+from typing import Any
 
 import uvloop
 
 from fastworker import __version__
 from fastworker.consumer import AmqpConsumer
+from fastworker.consuming import Consumer, ConsumerBase
 from fastworker.executor import Executor
 from fastworker.failures import FailureHandler, RetryPolicy
 from fastworker.fast_consumer import FastAmqpConsumer
@@ -21,8 +23,10 @@ from fastworker.targets import TargetPolicy
 
 log = logging.getLogger("fastworker")
 
-Consumer = AmqpConsumer | FastAmqpConsumer
-AMQP_CLIENTS: dict[str, type[Consumer]] = {"fast": FastAmqpConsumer, "aiormq": AmqpConsumer}
+AMQP_CLIENTS: dict[str, type[ConsumerBase[Any]]] = {
+    "fast": FastAmqpConsumer,
+    "aiormq": AmqpConsumer,
+}
 
 
 @dataclass(slots=True)

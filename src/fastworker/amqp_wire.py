@@ -1,0 +1,378 @@
+"""The fast AMQP connection's client side: URL, handshake, heartbeats, the rare frames, close.
+
+Why a client of our own: aiormq spends tens of microseconds per delivery (pamqp objects per
+frame, a task per delivery), more than the worker's whole budget per job. `AmqpWire` is an
+asyncio Protocol that feeds socket bytes to a frame codec (`amqp_codec.FrameReader`, or its
+pure-Python twin, chosen by the caller) and hands what comes out to its owner: deliveries are
+the owner's business (`fast_consumer`), this module answers everything else. pamqp marshals and
+unmarshals the rare frames (handshake, qos, consume, cancel, close). One connection, one
+consuming channel; it knows nothing of acks policy or jobs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+import struct
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from types import ModuleType
+from typing import Any, cast
+from urllib.parse import parse_qs, unquote, urlsplit
+
+from pamqp import commands, frame
+from pamqp.base import Frame
+
+from fastworker import __version__
+
+log = logging.getLogger("fastworker.consumer")
+
+HANDSHAKE_TIMEOUT = 15.0  # seconds for connect + handshake, and for each consume-side RPC
+CLOSE_TIMEOUT = 2.0  # seconds to wait for Close-Ok before dropping the socket
+CHANNEL = 1  # the one consuming channel of the connection
+_WANTED_FRAME_MAX = 131072
+_WANTED_HEARTBEAT = 60
+_FRAME_HEADER = struct.Struct(">BHI")
+
+# What the codec's FrameReader.feed returns: deliveries as 9-tuples (channel, tag, redelivered,
+# exchange, routing_key, consumer_tag, properties_raw, body, body_size), other frames as
+# (frame_type, channel, payload).
+Items = list[tuple[Any, ...]]
+
+
+class AmqpProtocolError(ConnectionError):
+    """The broker refused the handshake or answered out of turn; the session is retried."""
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectionParams:
+    """What an amqp:// URL says, for the fast connection (aiormq reads the same URL itself)."""
+
+    host: str
+    port: int
+    username: str
+    password: str
+    vhost: str
+    heartbeat: int
+    frame_max: int
+    tls: bool
+
+    @classmethod
+    def from_url(cls, url: str) -> ConnectionParams:
+        parts = urlsplit(url)
+        if parts.scheme not in ("amqp", "amqps"):
+            raise ValueError(f"AMQP URL must start with amqp:// or amqps://, got {url!r}")
+        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
+        tls = parts.scheme == "amqps"
+        path = parts.path[1:] if parts.path.startswith("/") else parts.path
+        return cls(
+            host=parts.hostname or "localhost",
+            port=parts.port or (5671 if tls else 5672),
+            username=unquote(parts.username) if parts.username is not None else "guest",
+            password=unquote(parts.password) if parts.password is not None else "guest",
+            vhost=unquote(path) if path else "/",
+            heartbeat=int(query.get("heartbeat", _WANTED_HEARTBEAT)),
+            frame_max=int(query.get("frame_max", _WANTED_FRAME_MAX)),
+            tls=tls,
+        )
+
+
+def _negotiate(server: int, client: int) -> int:
+    """AMQP tuning: 0 means "no limit" on either side, otherwise the lower value wins."""
+    if not server or not client:
+        return server or client
+    return min(server, client)
+
+
+class AmqpWire(asyncio.Protocol):
+    """One AMQP connection with one consuming channel.
+
+    `on_items(items)` gets everything each read decoded, in order; it handles the deliveries and
+    passes every other item to `on_frame`. Whatever it raises drops the connection (a delivery
+    must not vanish silently). `alive` is True from Qos-Ok until the connection or channel is
+    lost or `close()` is called; `closed` then resolves with the reason (never as an exception).
+    """
+
+    __slots__ = (
+        "alive",
+        "closed",
+        "consumer_tags",
+        "lost",
+        "queue_by_tag",
+        "transport",
+        "_codec",
+        "_feed",
+        "_heartbeat",
+        "_heartbeat_handle",
+        "_loop",
+        "_on_items",
+        "_reader",
+        "_replies",
+        "_reply_waiter",
+        "_rx",
+        "_rx_seen",
+        "_silent_ticks",
+    )
+
+    def __init__(
+        self, codec: ModuleType, on_items: Callable[[Items], None], *, max_body_size: int
+    ) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._codec = codec
+        self._on_items = on_items
+        self.transport: asyncio.Transport | None = None
+        self.alive = False
+        self.closed: asyncio.Future[BaseException] = self._loop.create_future()
+        self.lost: asyncio.Future[None] = self._loop.create_future()  # the socket is gone
+        self.consumer_tags: list[str] = []
+        self.queue_by_tag: dict[str, str] = {}  # consumer tag -> queue
+        self._reader = codec.FrameReader(max_body_size=max_body_size)
+        self._feed = self._reader.feed
+        self._replies: deque[Frame] = deque()
+        self._reply_waiter: asyncio.Future[None] | None = None
+        self._heartbeat = 0
+        self._heartbeat_handle: asyncio.TimerHandle | None = None
+        self._rx = 0
+        self._rx_seen = 0
+        self._silent_ticks = 0
+
+    # ---------------------------------------------------------------- asyncio.Protocol
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's is no subclass of it
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(exc or ConnectionError("the broker closed the connection"))
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self._rx += 1
+        try:
+            items = self._feed(data)
+        except Exception as exc:  # AMQPFrameError: the stream cannot be trusted any more
+            log.error("dropping the broker connection: %s", exc)
+            self._drop(exc)
+            return
+        if not items:
+            return
+        try:
+            self._on_items(items)
+        except Exception as exc:  # e.g. an unknown consumer tag: a delivery must not vanish
+            log.exception("dropping the broker connection: unexpected frame")
+            self._drop(exc)
+
+    def write(self, data: bytes) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def fail(self, reason: BaseException) -> None:
+        """Marks the connection unusable (not alive, `closed` resolved with `reason`)."""
+        self.alive = False
+        if self._heartbeat_handle is not None:
+            self._heartbeat_handle.cancel()
+            self._heartbeat_handle = None
+        if not self.closed.done():
+            self.closed.set_result(reason)
+        self._wake_reply()
+
+    def _drop(self, reason: BaseException) -> None:
+        self.fail(reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+    # ---------------------------------------------------------------- rare frames
+
+    def on_frame(self, item: tuple[int, int, bytes]) -> None:
+        """A frame that is not part of a delivery: a method (decoded by pamqp) or a heartbeat."""
+        ftype, channel, payload = item
+        codec = self._codec
+        if ftype != codec.FRAME_METHOD:
+            if ftype != codec.FRAME_HEARTBEAT:
+                log.debug("ignoring a content frame of type %d on channel %d", ftype, channel)
+            return
+        method = self._method(payload, channel)
+        if isinstance(method, commands.Connection.Close):
+            self._write_method(commands.Connection.CloseOk(), 0)
+            self.fail(
+                ConnectionError(
+                    f"broker closed the connection: {method.reply_code} {method.reply_text}"
+                )
+            )
+            if self.transport is not None:
+                self.transport.close()
+        elif isinstance(method, commands.Connection.CloseOk):
+            self.fail(ConnectionError("closed"))
+            if self.transport is not None:
+                self.transport.close()
+        elif isinstance(method, commands.Channel.Close):
+            self._write_method(commands.Channel.CloseOk(), channel)
+            self.fail(
+                ConnectionError(
+                    f"broker closed channel {channel}: {method.reply_code} {method.reply_text}"
+                )
+            )
+        elif isinstance(method, commands.Basic.Cancel):
+            # A broker-sent cancel (queue deleted, node down): this consumer gets nothing more,
+            # so the session ends and the next one declares the queue and consumes again.
+            self.fail(
+                ConnectionError(f"broker cancelled consumer {method.consumer_tag} (queue deleted?)")
+            )
+        elif isinstance(method, commands.Connection.Blocked):
+            log.warning("broker blocked the connection: %s", method.reason)
+        elif isinstance(method, commands.Connection.Unblocked):
+            log.info("broker unblocked the connection")
+        else:
+            self._replies.append(method)
+            self._wake_reply()
+
+    def _method(self, payload: bytes, channel: int) -> Frame:
+        """Decodes a raw method frame's payload with pamqp (only rare frames come here)."""
+        header = _FRAME_HEADER.pack(self._codec.FRAME_METHOD, channel, len(payload))
+        method: Frame = frame.unmarshal(header + payload + b"\xce")[2]
+        return method
+
+    def _wake_reply(self) -> None:
+        waiter = self._reply_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _write_method(self, method: Frame, channel: int) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(frame.marshal(method, channel))
+
+    async def _reply(self, expect: type[Frame]) -> Any:
+        while not self._replies:
+            if self.closed.done():
+                raise AmqpProtocolError(str(self.closed.result()))
+            self._reply_waiter = self._loop.create_future()
+            try:
+                await self._reply_waiter
+            finally:
+                self._reply_waiter = None
+        method = self._replies.popleft()
+        if not isinstance(method, expect):
+            raise AmqpProtocolError(f"expected {expect.name} from the broker, got {method.name}")
+        return method
+
+    async def _call(self, method: Frame, channel: int, expect: type[Frame]) -> Any:
+        self._write_method(method, channel)
+        return await self._reply(expect)
+
+    # ---------------------------------------------------------------- session steps
+
+    async def open(self, params: ConnectionParams, prefetch: int, queues: Sequence[str]) -> None:
+        """Connects, authenticates, tunes, opens channel 1, sets qos and consumes `queues`."""
+        await self._loop.create_connection(
+            lambda: self,
+            params.host,
+            params.port,
+            ssl=ssl.create_default_context() if params.tls else None,
+        )
+        assert self.transport is not None
+        self.transport.write(self._codec.PROTOCOL_HEADER)
+        start = await self._reply(commands.Connection.Start)
+        mechanisms = start.mechanisms
+        if isinstance(mechanisms, bytes):
+            mechanisms = mechanisms.decode()
+        if "PLAIN" not in str(mechanisms).split():
+            raise AmqpProtocolError(f"broker offers no PLAIN authentication ({mechanisms})")
+        self._write_method(
+            commands.Connection.StartOk(
+                client_properties={
+                    "product": "fastworker",
+                    "version": __version__,
+                    "platform": "Python",
+                    "connection_name": "fastworker",
+                    "capabilities": {
+                        "basic.nack": True,
+                        "consumer_cancel_notify": True,
+                        "connection.blocked": True,
+                        "authentication_failure_close": True,
+                    },
+                },
+                mechanism="PLAIN",
+                response=f"\0{params.username}\0{params.password}",
+                locale="en_US",
+            ),
+            0,
+        )
+        tune = await self._reply(commands.Connection.Tune)
+        frame_max = _negotiate(tune.frame_max, params.frame_max) or _WANTED_FRAME_MAX
+        frame_max = max(frame_max, 4096)
+        heartbeat = _negotiate(tune.heartbeat, params.heartbeat)
+        channel_max = _negotiate(tune.channel_max, 2047)
+        self._write_method(
+            commands.Connection.TuneOk(
+                channel_max=channel_max, frame_max=frame_max, heartbeat=heartbeat
+            ),
+            0,
+        )
+        self._reader.frame_max = frame_max
+        await self._call(
+            commands.Connection.Open(virtual_host=params.vhost), 0, commands.Connection.OpenOk
+        )
+        if heartbeat:
+            self._heartbeat = heartbeat
+            self._heartbeat_handle = self._loop.call_later(heartbeat / 2, self._heartbeat_tick)
+        await self._call(commands.Channel.Open(), CHANNEL, commands.Channel.OpenOk)
+        await self._call(commands.Basic.Qos(prefetch_count=prefetch), CHANNEL, commands.Basic.QosOk)
+        self.alive = True  # from here on deliveries may arrive, and must be acked here
+        for index, queue in enumerate(queues):
+            tag = f"fastworker.{index}"
+            self.queue_by_tag[tag] = queue  # deliveries may follow Consume-Ok at once
+            ok = await self._call(
+                commands.Basic.Consume(queue=queue, consumer_tag=tag),
+                CHANNEL,
+                commands.Basic.ConsumeOk,
+            )
+            self.queue_by_tag[ok.consumer_tag] = queue
+            self.consumer_tags.append(ok.consumer_tag)
+
+    async def cancel(self) -> None:
+        """Stops the broker from sending more deliveries; already sent ones still arrive."""
+        for tag in self.consumer_tags:
+            await self._call(
+                commands.Basic.Cancel(consumer_tag=tag), CHANNEL, commands.Basic.CancelOk
+            )
+
+    async def close(self) -> None:
+        """Connection.Close, then waits for the socket to go (the broker requeues unacked ones)."""
+        self.alive = False
+        transport = self.transport
+        if transport is None:
+            self.fail(ConnectionError("closed"))
+            return
+        if not transport.is_closing():
+            # Acks written before stay ahead of the Close on the socket, so they count.
+            self._write_method(
+                commands.Connection.Close(
+                    reply_code=200, reply_text="bye", class_id=0, method_id=0
+                ),
+                0,
+            )
+        try:
+            await asyncio.wait_for(asyncio.shield(self.lost), CLOSE_TIMEOUT)
+        except TimeoutError:
+            transport.abort()
+        self.fail(ConnectionError("closed"))
+
+    def _heartbeat_tick(self) -> None:
+        """Every heartbeat/2 s: send a heartbeat; drop the link after 2 silent intervals."""
+        self._heartbeat_handle = None
+        if self.closed.done() or self.transport is None:
+            return
+        if self._rx == self._rx_seen:
+            self._silent_ticks += 1
+        else:
+            self._rx_seen, self._silent_ticks = self._rx, 0
+        if self._silent_ticks >= 4:
+            log.warning(
+                "no data from the broker for %d s: dropping the connection", 2 * self._heartbeat
+            )
+            self._drop(ConnectionError("missed broker heartbeats"))
+            return
+        self.transport.write(self._codec.HEARTBEAT)
+        self._heartbeat_handle = self._loop.call_later(self._heartbeat / 2, self._heartbeat_tick)

@@ -1,0 +1,405 @@
+"""The consumer skeleton: what every broker's consumer does the same way, written once.
+
+A consumer is this skeleton plus a transport. The skeleton owns the session loop (reconnects with
+capped, jittered backoff), the dispatch of deliveries to the job handler with at most
+`concurrency` jobs in flight, the drain on `stop()`, and the error policy. A transport
+(`Transport`, below) owns one broker connection: it connects, hands deliveries in through
+`ConsumerBase.deliver`, and acks or requeues what the skeleton tells it to. AMQP has two
+(`fast_consumer`, `consumer`); a new broker is a new transport and a `ConsumerBase` subclass that
+creates it, nothing here changes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import random
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Sequence
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
+
+from fastworker.broker import Publisher
+from fastworker.message import Message, NotStarted
+
+log = logging.getLogger("fastworker.consumer")
+
+ACK_INTERVAL = 0.002  # seconds finished deliveries may wait to share one ack
+# Seconds a delivery that finished behind an unfinished one waits before it is acked alone: on a
+# busy machine a PHP child may not run for a few ms, and once its job is done the whole run is
+# acked with one multiple ack (see acks.AckTracker.take).
+ACK_HOLD = 0.02
+REQUEUE_DELAY = 1.0  # seconds before a delivery whose handler failed goes back to the queue
+MAX_MESSAGE_SIZE = 8 * 1024 * 1024  # default --max-message-size
+FIRST_BACKOFF = 0.5  # seconds before the first reconnect; doubled per failure up to max_backoff
+
+# A handler, awaitable form: returns when the message may be acked, raises when it may not.
+Handler = Callable[[Message, Publisher], Awaitable[None]]
+# A handler's callback form, `start(message, publisher, on_done)`: it calls `on_done(None)` when
+# the message may be acked, or `on_done(awaitable)` with what is left to await (returns: ack;
+# raises: requeue), as `JobHandler.start` does. The skeleton only ever calls this form.
+OnDone = Callable[[Awaitable[None] | None], None]
+Start = Callable[[Message, Publisher, OnDone], None]
+
+C = TypeVar("C")
+# Called once per connection and queue before consuming starts, e.g. to declare retry queues;
+# C is the transport's control connection (aiormq's for AMQP).
+Prepare = Callable[[C, str], Awaitable[None]]
+
+
+class Consumer(Protocol):
+    """What the worker sees of any consumer."""
+
+    processed: int  # deliveries acked after their handler succeeded
+    connected: asyncio.Event  # set while consuming; tests and the CLI wait on it
+
+    async def run(self) -> None:
+        """Consumes until `stop()`, reconnecting as needed; returns after the drain."""
+
+    def stop(self) -> None:
+        """Stops consuming; `run()` returns once in-flight jobs finish or the timeout passes."""
+
+
+class Transport(ABC):
+    """One broker connection, from connect to close: all a consumer needs from a broker.
+
+    The skeleton creates one per session (`ConsumerBase.new_transport`), calls `open()`, then
+    waits for `stop()` or `closed`. Deliveries go to the skeleton with
+    `consumer.deliver([(transport, tag, message), ...])`; the skeleton then calls `finished(tag)`
+    or `requeue(tag)` once per delivery, on the transport it came from.
+
+    What a transport must guarantee:
+    - `alive` is True from when deliveries may arrive until the connection is lost or `close()`
+      is called; it turns False synchronously, never a loop iteration later.
+    - `finished` and `requeue` are no-ops once it is not alive: a delivery is never acked or
+      requeued on a connection other than the one it came on (the broker requeues the old
+      connection's unacked deliveries itself).
+    - A tag is acked once at most, and a requeue is never overtaken by a later ack that covers
+      it (a multiple ack): acks and requeues leave in the order they were asked for.
+    - `closed` resolves, with the reason as its result (never as an exception), once the
+      transport can no longer deliver or ack, or anything it needs for settling (a publisher)
+      is gone; `close()` resolves it too.
+    - `cancel()` and `flush()` never raise: they log what failed.
+    """
+
+    __slots__ = ()
+
+    # What `open()` and a lost session raise that is worth a reconnect with backoff.
+    errors: ClassVar[tuple[type[BaseException], ...]] = (ConnectionError, OSError)
+    # Handed to the handler with each delivery, for publishing retries and dead letters.
+    publisher: Publisher
+    closed: asyncio.Future[object]
+
+    @property
+    @abstractmethod
+    def alive(self) -> bool:
+        """True while its deliveries may be started, acked and requeued."""
+
+    @abstractmethod
+    def describe(self) -> tuple[str, str]:
+        """What it consumes and how, for the log: ("q1, q2", "prefetch 64, ...")."""
+
+    @abstractmethod
+    async def open(self) -> None:
+        """Connects and starts consuming; returns when deliveries may arrive."""
+
+    @abstractmethod
+    async def cancel(self) -> None:
+        """Asks the broker for no new deliveries (those already sent may still arrive)."""
+
+    @abstractmethod
+    def finished(self, tag: int) -> None:
+        """Delivery `tag` may be acked (now or batched with others, soon)."""
+
+    @abstractmethod
+    def requeue(self, tag: int) -> None:
+        """Delivery `tag` goes back to the broker unacked."""
+
+    @abstractmethod
+    async def flush(self) -> None:
+        """Sends every ack and requeue still held back (at the drain, before `close()`)."""
+
+    @abstractmethod
+    async def close(self) -> None:
+        """Closes the connection (its unacked deliveries return to the queue); idempotent, and
+        safe after an `open()` that failed halfway."""
+
+
+Delivery = tuple[Transport, int, Message]  # (its transport, its delivery tag, the message)
+
+
+class _Later(functools.partial[Awaitable[None]]):
+    """A coroutine handler's call, not made yet. The runner makes it only while the delivery's
+    transport is alive: otherwise the broker delivers the message again, and running it now
+    would run it twice. (A partial: made and called in C, nothing on the hot path in Python.)"""
+
+    __slots__ = ()
+
+    def __await__(self) -> Generator[Any, None, None]:
+        return self().__await__()
+
+
+def callback_form(handler: Handler) -> Start:
+    """The handler's `start` if it has one; otherwise `start` for an `async def` handler, whose
+    call is left to a runner task (`on_done(awaitable)`)."""
+    start: Start | None = getattr(handler, "start", None)
+    if start is not None:
+        return start
+
+    def start_later(message: Message, publisher: Publisher, on_done: OnDone) -> None:
+        on_done(_Later(handler, message, publisher))
+
+    return start_later
+
+
+class ConsumerBase(ABC, Generic[C]):
+    """Reconnects with capped backoff until `stop()`, then drains in-flight jobs and exits.
+
+    Jobs start straight from the transport's data callback, through the handler's callback form:
+    no task per delivery. `concurrency` runner tasks carry on what must be awaited (a retry to
+    publish, a coroutine handler). Subclasses implement `new_transport()`, and may check their
+    settings in `configure()`.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        queues: Sequence[str],
+        handler: Handler,
+        *,
+        concurrency: int,
+        prefetch: int,
+        prepare: Prepare[C] | None = None,
+        shutdown_timeout: float = 30.0,
+        max_backoff: float = 30.0,
+        max_message_size: int = MAX_MESSAGE_SIZE,
+    ) -> None:
+        self.url = url
+        self.queues = list(queues)
+        self.handler = handler
+        self.concurrency = concurrency
+        self.prefetch = prefetch  # deliveries the broker may send ahead of the acks
+        self.prepare = prepare
+        self.shutdown_timeout = shutdown_timeout
+        self.max_backoff = max_backoff
+        self.max_message_size = max_message_size  # larger messages are the message's problem
+        self.processed = 0
+        self.connected = asyncio.Event()  # set while consuming; tests and the CLI wait on it
+        self._stopping = asyncio.Event()
+        self._start = callback_form(handler)
+        # Delivered, not started yet, in delivery order; `_dispatch` takes from the left while
+        # fewer than `concurrency` jobs are in flight.
+        self._pending: deque[Delivery] = deque()
+        # Started jobs the runner tasks carry on: (transport, tag, message, what is left to await).
+        self._ready: deque[tuple[Transport, int, Message, Awaitable[None]]] = deque()
+        self._waiters: deque[asyncio.Future[None]] = deque()  # idle runners
+        self._in_flight = 0
+        self._dispatching = False
+        self._running = False  # runner tasks are up; nothing is started or carried on without
+        self._idle_waiter: asyncio.Future[None] | None = None
+        self.configure()
+
+    # ---------------------------------------------------------------- for subclasses
+
+    def configure(self) -> None:
+        """Checks and derives settings at construction (a bad URL fails here, not in `run()`)."""
+
+    @abstractmethod
+    def new_transport(self) -> Transport:
+        """A transport for one session, not opened yet."""
+
+    # ---------------------------------------------------------------- for transports
+
+    def deliver(self, deliveries: Iterable[Delivery]) -> None:
+        """Takes deliveries, in the order received, and starts what the concurrency allows."""
+        self._pending.extend(deliveries)
+        self._dispatch()
+
+    @property
+    def waiting(self) -> int:
+        """Deliveries received but not started: while any wait, acks may be batched; while none
+        do, the prefetch window is what limits the consumer, and acks should go at once."""
+        return len(self._pending)
+
+    # ---------------------------------------------------------------- the session loop
+
+    def stop(self) -> None:
+        """Stops consuming; `run()` returns once in-flight jobs finish or the timeout passes."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        runners = [asyncio.create_task(self._runner()) for _ in range(self.concurrency)]
+        self._running = True
+        backoff = FIRST_BACKOFF
+        try:
+            while not self._stopping.is_set():
+                transport = self.new_transport()
+                try:
+                    await self._session(transport)
+                    backoff = FIRST_BACKOFF
+                except transport.errors as exc:
+                    if self._stopping.is_set():
+                        break
+                    delay = backoff * random.uniform(0.5, 1.0)
+                    log.warning(
+                        "broker connection lost or refused (%r); retrying in %.1f s", exc, delay
+                    )
+                    backoff = min(backoff * 2, self.max_backoff)
+                    try:
+                        await asyncio.wait_for(self._stopping.wait(), delay)
+                    except TimeoutError:
+                        pass
+        finally:
+            self._running = False
+            for runner in runners:
+                runner.cancel()
+            await asyncio.gather(*runners, return_exceptions=True)
+
+    async def _session(self, transport: Transport) -> None:
+        try:
+            await transport.open()
+            sources, details = transport.describe()
+            log.info("consuming %s (concurrency %d, %s)", sources, self.concurrency, details)
+            self.connected.set()
+            try:
+                await self._until_lost_or_stopped(transport)
+                if self._stopping.is_set() and transport.alive:
+                    await self._drain(transport)
+            finally:
+                self.connected.clear()
+        finally:
+            try:
+                await transport.close()  # not alive from its first line on
+            finally:
+                self._forget_pending(transport)
+
+    async def _until_lost_or_stopped(self, transport: Transport) -> None:
+        """Returns on stop; raises when the transport is closed or lost."""
+        stop = asyncio.ensure_future(self._stopping.wait())
+        try:
+            await asyncio.wait({stop, transport.closed}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not stop.done():
+                stop.cancel()
+        if not self._stopping.is_set():
+            reason = transport.closed.result()
+            raise ConnectionError(f"broker closed the connection or channel ({reason})")
+
+    async def _drain(self, transport: Transport) -> None:
+        await transport.cancel()
+        self._forget_pending(transport)  # never started: closing the connection requeues them
+        if self._in_flight:
+            waiter = self._idle_waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait_for(waiter, self.shutdown_timeout)
+            except TimeoutError:
+                log.warning(
+                    "%d jobs still running after --shutdown-timeout; they return to the queue",
+                    self._in_flight,
+                )
+            finally:
+                self._idle_waiter = None
+        await transport.flush()
+
+    def _forget_pending(self, transport: Transport) -> None:
+        if self._pending:
+            kept = [delivery for delivery in self._pending if delivery[0] is not transport]
+            self._pending.clear()
+            self._pending.extend(kept)
+
+    # ---------------------------------------------------------------- dispatch
+
+    def _dispatch(self) -> None:
+        """Starts waiting deliveries while fewer than `concurrency` jobs are in flight."""
+        if self._dispatching or not self._running:
+            return  # re-entered from a job that finished at once: the outer loop goes on
+        self._dispatching = True
+        pending, start = self._pending, self._start
+        try:
+            while pending and self._in_flight < self.concurrency:
+                transport, tag, message = pending.popleft()
+                if not transport.alive:
+                    continue  # its connection is gone: the broker requeues it
+                self._in_flight += 1
+                try:
+                    start(message, transport.publisher, self._on_done(transport, tag, message))
+                except Exception as exc:
+                    self._carry_on(transport, tag, message, _raise(exc))
+        finally:
+            self._dispatching = False
+
+    def _on_done(self, transport: Transport, tag: int, message: Message) -> OnDone:
+        def on_done(rest: Awaitable[None] | None) -> None:
+            if rest is not None:
+                self._carry_on(transport, tag, message, rest)
+            else:
+                self.processed += 1
+                transport.finished(tag)
+                self._job_done()
+
+        return on_done
+
+    def _carry_on(
+        self, transport: Transport, tag: int, message: Message, rest: Awaitable[None]
+    ) -> None:
+        """Hands a started job to a runner task."""
+        if not self._running:  # run() is over: as if its runner had been cancelled
+            if isinstance(rest, Coroutine):
+                rest.close()
+            self._job_done()
+            return
+        self._ready.append((transport, tag, message, rest))
+        waiters = self._waiters
+        while waiters:
+            waiter = waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _job_done(self) -> None:
+        self._in_flight -= 1
+        if not self._in_flight and self._idle_waiter is not None:
+            if not self._idle_waiter.done():
+                self._idle_waiter.set_result(None)
+        if self._pending:
+            self._dispatch()
+
+    async def _runner(self) -> None:
+        """Awaits what a job left to await, then settles its delivery by the error policy:
+        returns -> ack; NotStarted -> requeue at once; any other exception -> log, wait
+        REQUEUE_DELAY (no hot loop if the trouble persists), requeue."""
+        loop = asyncio.get_running_loop()
+        ready, waiters = self._ready, self._waiters
+        while True:
+            if not ready:
+                waiter = loop.create_future()
+                waiters.append(waiter)
+                await waiter
+                continue
+            transport, tag, message, rest = ready.popleft()
+            try:
+                if type(rest) is _Later:
+                    if not transport.alive:
+                        continue  # not started, and its connection is gone
+                    rest = rest()
+                await rest
+            except asyncio.CancelledError:
+                raise
+            except NotStarted:
+                transport.requeue(tag)
+            except Exception:
+                log.exception(
+                    "job from %s not acknowledged; it goes back to the queue", message.queue
+                )
+                await asyncio.sleep(REQUEUE_DELAY)
+                transport.requeue(tag)
+            else:
+                self.processed += 1
+                transport.finished(tag)
+            finally:
+                self._job_done()
+
+
+async def _raise(exc: Exception) -> None:
+    raise exc
