@@ -4,7 +4,9 @@ from Cython.Build import cythonize
 from setuptools import Extension, setup
 
 extensions = [
-    Extension("fcgi_codec", ["src/fcgi_codec.pyx"], extra_compile_args=["-O2"]),
+    Extension(
+        "fastworker._fcgi_codec", ["src/fastworker/_fcgi_codec.pyx"], extra_compile_args=["-O2"]
+    ),
     Extension("amqp_codec", ["src/amqp_codec.pyx"], extra_compile_args=["-O2"]),
 ]
 

@@ -22,9 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import fcgi_codec  # noqa: E402
-
-from fastworker import fcgi_py  # noqa: E402
+from fastworker import _fcgi_codec, fcgi_py  # noqa: E402
 
 Runner = Callable[[int], None]  # runs the operation n times
 
@@ -253,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     repeats, target_ns = (2, 2_000_000) if args.quick else (7, 200_000_000)
 
-    impls: list[tuple[str, ModuleType]] = [("compiled", fcgi_codec), ("twin", fcgi_py)]
+    impls: list[tuple[str, ModuleType]] = [("compiled", _fcgi_codec), ("twin", fcgi_py)]
     flup = _flup_module()
     if flup is not None:
         impls.append(("flup", flup))

@@ -915,7 +915,7 @@ def machine_info() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    from fastworker.codec import COMPILED
+    from fastworker.codec import COMPILED, fcgi
 
     return {
         "host": socket.gethostname(),
@@ -924,7 +924,7 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": model,
         "loadavg_at_start": os.getloadavg(),
         "python": platform.python_version(),
-        "codec": "compiled" if COMPILED else "pure-python",
+        "codec": f"{'compiled' if COMPILED else 'pure-python'} ({fcgi.__name__})",
     }
 
 

@@ -5,10 +5,10 @@
     python bench/fuzz_fcgi_atheris.py --random 100000    # no atheris: seeded random inputs
 
 Each input chooses max_head, the request ids the client uses and split points, then is fed as a
-byte stream to the compiled `fcgi_codec` and the pure-Python `fastworker.fcgi_py`. A crash is:
-the twins disagree (results, or the ProtocolError message), `feed` raises anything but
-ProtocolError, `buffered` passes 2 x max_head per request id, or a broken parser accepts data
-again. tests/test_fcgi_fuzz.py runs the same checks with hypothesis, briefly.
+byte stream to the compiled `fastworker._fcgi_codec` and the pure-Python `fastworker.fcgi_py`.
+A crash is: the twins disagree (results, or the RemoteProtocolError message), `feed` raises
+anything but RemoteProtocolError, `buffered` passes 2 x max_head per request id, or a broken
+parser accepts data again. tests/test_fcgi_fuzz.py runs the same checks with hypothesis, briefly.
 """
 
 from __future__ import annotations
@@ -20,11 +20,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import fcgi_codec  # noqa: E402
+from fastworker import _fcgi_codec, fcgi_py  # noqa: E402
+from fastworker.fcgi_base import RemoteProtocolError  # noqa: E402
 
-from fastworker import fcgi_py  # noqa: E402
-
-TWINS = (fcgi_codec, fcgi_py)
+TWINS = (_fcgi_codec, fcgi_py)
 MAX_HEAD = (0, 1, 7, 100, 65536)
 IDS = ((1,), (1, 2), (1, 2, 3, 65535))
 
@@ -38,10 +37,10 @@ def run(impl: Any, data: bytes, cuts: list[int], max_head: int, ids: tuple[int, 
         view: Any = (chunk, bytearray(chunk), memoryview(chunk))[i % 3]
         try:
             done += parser.feed(view)
-        except impl.ProtocolError as exc:
+        except RemoteProtocolError as exc:
             try:
                 parser.feed(b"\x01\x06\x00\x01\x00\x00\x00\x00")
-            except impl.ProtocolError:
+            except RemoteProtocolError:
                 pass
             else:
                 raise AssertionError(f"{impl.__name__}: a broken parser accepted data") from None

@@ -78,25 +78,28 @@ def php_dir() -> Path:
 
 @pytest.fixture(params=["compiled", "py"])
 def fcgi_twin(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> types.ModuleType:
-    """The FastCGI codec under test: the compiled `fcgi_codec`, then the pure-Python `fcgi_py`.
+    """The FastCGI codec under test: the compiled `fastworker._fcgi_codec`, then the pure-Python
+    `fastworker.fcgi_py`.
 
     For the test's duration `fastworker.fpm` encodes and parses with it (its names bound from
-    `fastworker.codec` are replaced), whatever `fastworker.codec` picked at import. A missing
-    build fails the "compiled" run: it is never silently the twin.
+    `fastworker.codec` are replaced), whatever `fastworker.codec` picked at import. The
+    exceptions and the Response type are the same objects in both (`fastworker.fcgi_base`), so
+    only the functions and the parser are swapped. A missing build fails the "compiled" run: it
+    is never silently the twin.
     """
     import fastworker.fpm as fpm_module
 
     if request.param == "compiled":
         try:
-            import fcgi_codec as impl
+            from fastworker import _fcgi_codec as impl  # type: ignore[attr-defined]
         except ImportError as exc:
             pytest.fail(
-                f"the compiled codec `fcgi_codec` cannot be imported ({exc}): build it with "
-                "`.venv/bin/python -m pip install -e .` (scripts/setup-deps.sh does)"
+                f"the compiled codec `fastworker._fcgi_codec` cannot be imported ({exc}): build "
+                "it with `.venv/bin/python -m pip install -e .` (scripts/setup-deps.sh does)"
             )
     else:
         from fastworker import fcgi_py as impl
-    for name in ("ResponseParser", "ProtocolError", "encode_request", "encode_params"):
+    for name in ("ResponseParser", "encode_request", "encode_params"):
         # raising=True: if fpm.py stops binding one of these names, say so instead of testing
         # the wrong codec.
         monkeypatch.setattr(fpm_module, name, getattr(impl, name))

@@ -1,4 +1,4 @@
-"""FastCGI codec tests: every vector runs through the compiled `fcgi_codec` and the Python twin.
+"""FastCGI codec tests: every vector runs through the compiled `_fcgi_codec` and the Python twin.
 
 Requests are checked by an independent decoder written here (record framing, padding, no pair
 across PARAMS records, canonical lengths, greedy packing); responses by an independent encoder
@@ -29,14 +29,20 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:  # a source checkout need not be installed to be tested
     sys.path.insert(0, str(ROOT / "src"))
 
-from fastworker import fcgi_py  # noqa: E402
+from fastworker import fcgi_base, fcgi_py  # noqa: E402
+from fastworker.fcgi_base import (  # noqa: E402
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    Response,
+)
 
 try:
-    import fcgi_codec  # noqa: E402
+    from fastworker import _fcgi_codec  # type: ignore[attr-defined]  # noqa: E402
 
     _IMPORT_ERROR: ImportError | None = None
 except ImportError as exc:  # reported by the tests below, not hidden by a skip
-    fcgi_codec = None  # type: ignore[assignment]
+    _fcgi_codec = None
     _IMPORT_ERROR = exc
 
 BEGIN, ABORT, END, PARAMS, STDIN, STDOUT, STDERR, DATA, GET_VALUES = range(1, 10)
@@ -52,9 +58,11 @@ SETTINGS = settings(
 
 
 def _compiled() -> types.ModuleType:
-    if fcgi_codec is None:
-        pytest.fail(f"the compiled codec `fcgi_codec` cannot be imported: {_IMPORT_ERROR}")
-    return fcgi_codec
+    if _fcgi_codec is None:
+        pytest.fail(
+            f"the compiled codec `fastworker._fcgi_codec` cannot be imported: {_IMPORT_ERROR}"
+        )
+    return _fcgi_codec
 
 
 @pytest.fixture(params=["compiled", "python"])
@@ -214,16 +222,45 @@ def test_compiled_extension_is_built_and_selected() -> None:
         assert selector.COMPILED is False
         impl: types.ModuleType = fcgi_py
     else:
-        assert selector.COMPILED is True, "fcgi_codec did not load in fastworker.codec"
+        assert selector.COMPILED is True, "_fcgi_codec did not load in fastworker.codec"
         impl = compiled
+    assert selector.fcgi is impl
     assert selector.encode_request is impl.encode_request
+    assert selector.encode_params is impl.encode_params
     assert selector.ResponseParser is impl.ResponseParser
-    assert selector.ProtocolError is impl.ProtocolError
+    assert compiled.__name__ == "fastworker._fcgi_codec"
 
 
-def test_protocol_error_is_a_value_error(codec: types.ModuleType) -> None:
-    assert issubclass(codec.ProtocolError, ValueError)
-    assert codec.ProtocolError.__module__ == codec.__name__
+def test_twins_share_the_exceptions_and_the_result_type(codec: types.ModuleType) -> None:
+    """Both twins raise and return fcgi_base's classes, not look-alikes of their own."""
+    from fastworker import codec as selector
+
+    for name in ("ProtocolError", "LocalProtocolError", "RemoteProtocolError", "Response"):
+        assert getattr(codec, name) is getattr(fcgi_base, name) is getattr(selector, name)
+        assert name in codec.__all__
+    assert issubclass(LocalProtocolError, ProtocolError)
+    assert issubclass(LocalProtocolError, ValueError)  # callers' `except ValueError` holds
+    assert issubclass(RemoteProtocolError, ProtocolError)
+    assert not issubclass(RemoteProtocolError, ValueError)  # never the caller's mistake
+    assert not issubclass(ProtocolError, ValueError)
+    assert Response._fields == (
+        "request_id",
+        "stdout",
+        "stderr",
+        "app_status",
+        "protocol_status",
+        "stdout_size",
+        "stderr_size",
+    )
+
+
+def test_fpm_status_values_come_from_fcgi_base() -> None:
+    from fastworker import executor
+
+    assert (fcgi_base.REQUEST_COMPLETE, fcgi_base.CANT_MPX_CONN) == (0, 1)
+    assert (fcgi_base.OVERLOADED, fcgi_base.UNKNOWN_ROLE) == (2, 3)
+    assert executor.OVERLOADED is fcgi_base.OVERLOADED
+    assert executor.REQUEST_COMPLETE is fcgi_base.REQUEST_COMPLETE
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,7 +293,7 @@ def test_encode_empty_request(codec: types.ModuleType) -> None:
 
 @pytest.mark.parametrize("request_id", [0, -1, 65536, 2**70])
 def test_encode_rejects_out_of_range_request_id(codec: types.ModuleType, request_id: int) -> None:
-    with pytest.raises(ValueError, match="1..65535"):
+    with pytest.raises(LocalProtocolError, match="1..65535"):
         codec.encode_request(request_id, {"A": "b"})
 
 
@@ -334,14 +371,14 @@ def test_encode_largest_pair_fits_one_record(codec: types.ModuleType) -> None:
 
 @pytest.mark.parametrize("size", [65536, 70000, 3_000_000])
 def test_encode_rejects_a_pair_over_one_record(codec: types.ModuleType, size: int) -> None:
-    with pytest.raises(ValueError, match=r"DEFERRED_DATA.*65535.*stdin") as info:
+    with pytest.raises(LocalProtocolError, match=r"DEFERRED_DATA.*65535.*stdin") as info:
         codec.encode_request(1, {"A": "b", "DEFERRED_DATA": "x" * (size - 4 - 1 - 13)})
     assert f"encodes to {size} bytes" in str(info.value)
     assert len(str(info.value)) < 400  # the message does not echo the huge name
 
 
 def test_encode_huge_name_message_is_short(codec: types.ModuleType) -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(LocalProtocolError) as info:
         codec.encode_request(1, {"N" * 100_000: ""})
     assert len(str(info.value)) < 400
 
@@ -383,7 +420,7 @@ def test_encode_shared_pairs_leave_room_by_starting_a_new_record(codec: types.Mo
 
 
 def test_encode_rejects_shared_pairs_over_one_record(codec: types.ModuleType) -> None:
-    with pytest.raises(ValueError, match="shared"):
+    with pytest.raises(LocalProtocolError, match="shared"):
         codec.encode_request(1, {}, b"", True, b"x" * 65536)
 
 
@@ -480,8 +517,12 @@ def test_encode_params_equals_the_old_slicing(
 @pytest.mark.parametrize(
     "params, exc, message",
     [
-        ({"A": "a" * 40_000, "B": "b" * 40_000}, ValueError, "encode to 80012 bytes, more than"),
-        ({"N": "v" * (65535 - 5)}, ValueError, "FastCGI param 'N' encodes to 65536 bytes"),
+        (
+            {"A": "a" * 40_000, "B": "b" * 40_000},
+            LocalProtocolError,
+            "encode to 80012 bytes, more than",
+        ),
+        ({"N": "v" * (65535 - 5)}, LocalProtocolError, "FastCGI param 'N' encodes to 65536 bytes"),
         ({"A": "a", "B": 1}, TypeError, "param values must be str or bytes, not int"),
         ({1: "a"}, TypeError, "param names must be str or bytes, not int"),
         # every pair is checked before the total
@@ -493,7 +534,8 @@ def test_encode_params_refuses(
 ) -> None:
     with pytest.raises(exc, match=message) as info:
         codec.encode_params(params)
-    if exc is ValueError:
+    assert type(info.value) is exc
+    if exc is LocalProtocolError:
         assert "one PARAMS record" in str(info.value)
 
 
@@ -501,7 +543,7 @@ def test_encode_params_refuses(
     "kwargs, exc, message",
     [
         ({"request_id": "1", "stdin": "x", "shared": "y"}, TypeError, "request_id must be an int"),
-        ({"request_id": 0, "stdin": "x", "shared": "y"}, ValueError, "got 0"),
+        ({"request_id": 0, "stdin": "x", "shared": "y"}, LocalProtocolError, "got 0"),
         ({"params": 5, "stdin": "x", "shared": "y"}, TypeError, "not iterable"),
         ({"stdin": "x", "shared": b"\0" * 65536}, TypeError, "stdin must be a bytes-like object"),
         ({"stdin": "x", "shared": "y"}, TypeError, "stdin must be a bytes-like object, not str"),
@@ -509,9 +551,13 @@ def test_encode_params_refuses(
         ({"shared": "y"}, TypeError, "shared must be a bytes-like object, not str"),
         ({"shared": -1}, TypeError, "shared must be a bytes-like object, not int"),
         ({"shared": [1, 2]}, TypeError, "shared must be a bytes-like object, not list"),
-        ({"stdin": bytearray(), "shared": b"\0" * 65536}, ValueError, "shared params of 65536"),
+        (
+            {"stdin": bytearray(), "shared": b"\0" * 65536},
+            LocalProtocolError,
+            "shared params of 65536",
+        ),
         ({"params": {"A": 1, "B": "x" * 70_000}}, TypeError, "param values must be str or bytes"),
-        ({"params": {"B": "x" * 70_000, "A": 1}}, ValueError, "encodes to 70006 bytes"),
+        ({"params": {"B": "x" * 70_000, "A": 1}}, LocalProtocolError, "encodes to 70006 bytes"),
     ],
 )
 def test_encode_checks_arguments_in_the_same_order(
@@ -525,6 +571,7 @@ def test_encode_checks_arguments_in_the_same_order(
             impl.encode_request(**args)
         outcomes.append((type(info.value), str(info.value)))
     assert outcomes[0] == outcomes[1]
+    assert outcomes[0][0] is exc
 
 
 def test_encode_shared_accepts_buffers(codec: types.ModuleType) -> None:
@@ -572,7 +619,7 @@ def test_encode_round_trip(
     outputs = []
     for impl in both():
         if too_big:
-            with pytest.raises(ValueError, match="65535"):
+            with pytest.raises(LocalProtocolError, match="65535"):
                 impl.encode_request(request_id, params, stdin, keep_conn)
             continue
         data = impl.encode_request(request_id, params, stdin, keep_conn)
@@ -652,16 +699,21 @@ def done(
     app: int = 0,
     proto: int = 0,
     max_head: int = HEAD,
-) -> tuple[int, bytes, bytes, int, int, int, int]:
+) -> Response:
     """What `feed` returns for a request whose whole STDOUT/STDERR were `out`/`err`."""
-    return (rid, out[:max_head], err[:max_head], app, proto, len(out), len(err))
+    return Response(rid, out[:max_head], err[:max_head], app, proto, len(out), len(err))
 
 
 def test_parse_simple_response(codec: types.ModuleType) -> None:
     data = rec(STDOUT, 1, OK_BODY) + rec(STDERR, 1) + end(1)
     parser = codec.ResponseParser()
     assert parser.bytes_received == 0
-    assert parser.feed(data) == [(1, OK_BODY, b"", 0, 0, len(OK_BODY), 0)]
+    [response] = parser.feed(data)
+    assert response == (1, OK_BODY, b"", 0, 0, len(OK_BODY), 0)
+    assert type(response) is Response
+    assert (response.request_id, response.stdout, response.stderr) == (1, OK_BODY, b"")
+    assert (response.app_status, response.protocol_status) == (0, 0)
+    assert (response.stdout_size, response.stderr_size) == (len(OK_BODY), 0)
     assert parser.bytes_received == 0
     assert parser.max_head == 65536 and parser.request_ids == frozenset({1})
 
@@ -830,11 +882,12 @@ def test_bytes_received_tracks_the_unfinished_response(codec: types.ModuleType) 
 def test_parse_rejects_malformed(codec: types.ModuleType, data: bytes, message: str) -> None:
     parser = codec.ResponseParser()
     good = php_response(1, b"fine")
-    with pytest.raises(codec.ProtocolError, match=message):
+    with pytest.raises(RemoteProtocolError, match=message) as info:
         parser.feed(good + data)
-    with pytest.raises(codec.ProtocolError, match="earlier error.*" + message):
+    assert type(info.value) is RemoteProtocolError
+    with pytest.raises(RemoteProtocolError, match="earlier error.*" + message):
         parser.feed(good)
-    with pytest.raises(codec.ProtocolError):
+    with pytest.raises(RemoteProtocolError):
         parser.feed(b"")
 
 
@@ -844,7 +897,7 @@ def test_parse_rejects_ids_outside_the_set_of_several(codec: types.ModuleType) -
         done(10, b"a"),
         done(19, b"b"),
     ]
-    with pytest.raises(codec.ProtocolError, match="STDOUT record for request id 20, which"):
+    with pytest.raises(RemoteProtocolError, match="STDOUT record for request id 20, which"):
         parser.feed(rec(STDOUT, 15, b"open") + rec(STDOUT, 20, b"x"))
 
 
@@ -853,7 +906,7 @@ def test_parse_rejects_malformed_header_split(codec: types.ModuleType) -> None:
     parser = codec.ResponseParser()
     for i in range(len(data) - 1):
         assert parser.feed(data[i : i + 1]) == []
-    with pytest.raises(codec.ProtocolError, match="PARAMS"):
+    with pytest.raises(RemoteProtocolError, match="PARAMS"):
         parser.feed(data[-1:])
 
 
@@ -867,15 +920,24 @@ def test_parse_rejects_malformed_header_split(codec: types.ModuleType) -> None:
         ({"request_ids": ()}, ValueError, "request_ids must name at least one request id"),
         ({"request_ids": 1}, TypeError, "request_ids must be an iterable of ints, not int"),
         ({"request_ids": [1, "2"]}, TypeError, "request ids must be ints, not str"),
-        ({"request_ids": [1, 0]}, ValueError, r"request ids must be in 1\.\.65535, got 0"),
-        ({"request_ids": [65536]}, ValueError, r"request ids must be in 1\.\.65535, got 65536"),
+        (
+            {"request_ids": [1, 0]},
+            LocalProtocolError,
+            r"request ids must be in 1\.\.65535, got 0",
+        ),
+        (
+            {"request_ids": [65536]},
+            LocalProtocolError,
+            r"request ids must be in 1\.\.65535, got 65536",
+        ),
     ],
 )
 def test_parser_rejects_bad_arguments(
     codec: types.ModuleType, kwargs: dict[str, Any], exc: type, message: str
 ) -> None:
-    with pytest.raises(exc, match=message):
+    with pytest.raises(exc, match=message) as info:
         codec.ResponseParser(**kwargs)
+    assert type(info.value) is exc  # plain ValueError unless FastCGI cannot carry the value
 
 
 def test_parser_settings_are_read_only(codec: types.ModuleType) -> None:
@@ -946,7 +1008,7 @@ def test_parse_memory_stays_bounded(codec: types.ModuleType) -> None:
 
 def test_regression_many_request_ids_fail_fast_in_little_memory(codec: types.ModuleType) -> None:
     """Fuzz finding 5: one byte of STDOUT and STDERR for each id 1..65535 (1.2 MB, none sent)
-    grew RSS by ~520 MiB. Ids the client never sent are now a ProtocolError at once."""
+    grew RSS by ~520 MiB. Ids the client never sent are now a RemoteProtocolError at once."""
     data = b"".join(
         HEADER.pack(1, STDOUT, rid, 1, 0) + b"x" + HEADER.pack(1, STDERR, rid, 1, 0) + b"y"
         for rid in range(1, 65536)
@@ -955,7 +1017,7 @@ def test_regression_many_request_ids_fail_fast_in_little_memory(codec: types.Mod
     tracemalloc.start()
     started = time.perf_counter()
     try:
-        with pytest.raises(codec.ProtocolError, match="request id 2, which this client did not"):
+        with pytest.raises(RemoteProtocolError, match="request id 2, which this client did not"):
             parser.feed(data)
         peak = tracemalloc.get_traced_memory()[1]
     finally:
@@ -1134,8 +1196,8 @@ def test_parse_differential(
         for parser in parsers:
             try:
                 outcomes.append(("ok", parser.feed(raw[prev:cut])))
-            except ValueError as exc:
-                assert type(exc).__name__ == "ProtocolError"
+            except Exception as exc:  # noqa: BLE001 - anything else fails the assertion
+                assert type(exc) is RemoteProtocolError, repr(exc)
                 outcomes.append(("error", str(exc)))
             outcomes.append((parser.bytes_received, parser.buffered))
         assert outcomes[:2] == outcomes[2:]

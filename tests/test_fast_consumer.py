@@ -541,14 +541,14 @@ class _FakeTransport(asyncio.Transport):
 
 
 class _Owner:
-    """A FastAmqpConsumer as its transport sees it: `deliver` and `waiting`, set by the test."""
+    """A FastAmqpConsumer as its transport sees it: `deliver`, and `waiting` set by the test."""
 
     queues = ["q"]
     prefetch = 8
     max_message_size = amqp_py.DEFAULT_MAX_BODY_SIZE
 
     def __init__(self) -> None:
-        self.waiting = 0
+        self.waiting: list[object] = []  # deliveries received, not started
         self.batches: list[list[tuple[Any, int, Message]]] = []
 
     def deliver(self, deliveries: list[tuple[Any, int, Message]]) -> None:
@@ -559,8 +559,8 @@ def _link() -> tuple[Any, _FakeTransport]:
     """A FastTransport on a fake socket, as after Qos-Ok: alive, no control connection."""
     link = fast_consumer.FastTransport(_Owner())  # type: ignore[arg-type]
     transport = _FakeTransport()
-    link._wire.connection_made(transport)
-    link._wire.alive = True
+    link.connection_made(transport)
+    link.alive = True
     return link, transport
 
 
@@ -580,11 +580,10 @@ def test_link_answers_broker_channel_close() -> None:
 
     async def main() -> None:
         link, transport = _link()
-        wire = link._wire
-        wire.data_received(frame.marshal(commands.Channel.Close(406, "PRECONDITION", 60, 80), 1))
+        link.data_received(frame.marshal(commands.Channel.Close(406, "PRECONDITION", 60, 80), 1))
         assert [type(f).__name__ for f in _frames(bytes(transport.written))] == ["CloseOk"]
-        assert wire.closed.done() and not link.alive
-        assert "406 PRECONDITION" in str(wire.closed.result())
+        assert link.closed.done() and not link.alive
+        assert "406 PRECONDITION" in str(link.closed.result())
         link.finished(1)  # never written on a closed channel
         assert len(transport.written) == 12
 
@@ -597,10 +596,10 @@ def test_link_answers_broker_connection_close() -> None:
     async def main() -> None:
         link, transport = _link()
         close = commands.Connection.Close(320, "CONNECTION_FORCED - shutdown", 0, 0)
-        link._wire.data_received(frame.marshal(close, 0))
+        link.data_received(frame.marshal(close, 0))
         [ok] = _frames(bytes(transport.written))
         assert isinstance(ok, commands.Connection.CloseOk)
-        assert transport.closed and link._wire.closed.done() and not link.alive
+        assert transport.closed and link.closed.done()
 
     arun(main)
 
@@ -608,10 +607,9 @@ def test_link_answers_broker_connection_close() -> None:
 def test_link_drops_a_corrupt_stream() -> None:
     async def main() -> None:
         link, transport = _link()
-        wire = link._wire
-        wire.data_received(b"\x01\x00\x01\x00\x00\x00\x04\x00\x0a\x00\x0b\x00")  # bad frame end
-        assert transport.aborted and wire.closed.done() and not link.alive
-        assert "frame end" in str(wire.closed.result())
+        link.data_received(b"\x01\x00\x01\x00\x00\x00\x04\x00\x0a\x00\x0b\x00")  # bad frame end
+        assert transport.aborted and link.closed.done()
+        assert "frame end" in str(link.closed.result())
 
     arun(main)
 
@@ -635,8 +633,8 @@ def test_link_hands_one_read_s_deliveries_to_the_consumer_at_once() -> None:
     async def main() -> None:
         link, transport = _link()
         owner = link._consumer
-        link._wire.queue_by_tag["fastworker.0"] = "q"
-        link._wire.data_received(_delivery(1, b"a") + _delivery(2, b"b"))
+        link.queue_by_tag["fastworker.0"] = "q"
+        link.data_received(_delivery(1, b"a") + _delivery(2, b"b"))
         [batch] = owner.batches
         assert [(t, tag, m.body, m.queue) for t, tag, m in batch] == [
             (link, 1, b"a", "q"),
@@ -645,7 +643,7 @@ def test_link_hands_one_read_s_deliveries_to_the_consumer_at_once() -> None:
         # A delivery and a channel close in one read: the delivery is handed over, but the
         # transport is no longer alive by then, so the consumer will not start it.
         close = frame.marshal(commands.Channel.Close(406, "PRECONDITION", 60, 80), 1)
-        link._wire.data_received(_delivery(3, b"c") + close)
+        link.data_received(_delivery(3, b"c") + close)
         assert [tag for _, tag, _ in owner.batches[1]] == [3] and not link.alive
         link.finished(3)
         link.requeue(3)
@@ -659,8 +657,8 @@ def test_link_acks_in_batches_and_at_half_the_prefetch() -> None:
 
     async def main() -> None:
         link, transport = _link()  # prefetch 8: a flush once 4 acks are due
-        owner = link._consumer
-        owner.waiting = 1  # a delivery waits to start: acks may be batched
+        waiting = link._consumer.waiting
+        waiting.append(None)  # a delivery waits to start: acks may be batched
         for tag in range(1, 4):
             link._acks.delivered(tag)
             link.finished(tag)
@@ -691,7 +689,7 @@ def test_link_acks_in_batches_and_at_half_the_prefetch() -> None:
         transport.written.clear()
         # Nothing waits to start any more: the prefetch window is what limits the consumer,
         # so each finished delivery is acked at once, even behind a gap.
-        owner.waiting = 0
+        waiting.clear()
         for tag in (13, 14):
             link._acks.delivered(tag)
         link.finished(14)

@@ -1,11 +1,12 @@
-"""Fuzzes the FastCGI response parser: the compiled `fcgi_codec` against its Python twin and
+"""Fuzzes the FastCGI response parser: the compiled `_fcgi_codec` against its Python twin and
 against a small whole-stream model written here.
 
 Streams are arbitrary bytes, records with arbitrary (often lying) header fields, and valid
 responses with bytes flipped, fed at arbitrary split points as bytes, bytearray or memoryview.
-For every feed both twins must return the same results or raise ProtocolError with the same
-message; nothing else may escape; no feed may take long; the head bytes a parser holds never
-exceed 2 * max_head per accepted request id; and what they return must match the model.
+For every feed both twins must return the same results (`Response`s) or raise
+RemoteProtocolError with the same message; nothing else may escape; no feed may take long; the
+head bytes a parser holds never exceed 2 * max_head per accepted request id; and what they
+return must match the model.
 """
 
 from __future__ import annotations
@@ -26,11 +27,12 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 from fastworker import fcgi_py  # noqa: E402
+from fastworker.fcgi_base import RemoteProtocolError, Response  # noqa: E402
 
 try:
-    import fcgi_codec  # noqa: E402
+    from fastworker import _fcgi_codec  # type: ignore[attr-defined]  # noqa: E402
 except ImportError as exc:  # pragma: no cover - reported by the test below
-    fcgi_codec = None  # type: ignore[assignment]
+    _fcgi_codec = None
     _IMPORT_ERROR: ImportError | None = exc
 else:
     _IMPORT_ERROR = None
@@ -61,9 +63,11 @@ FUZZ = settings(
 
 
 def twins() -> tuple[types.ModuleType, types.ModuleType]:
-    if fcgi_codec is None:
-        pytest.fail(f"the compiled codec `fcgi_codec` cannot be imported: {_IMPORT_ERROR}")
-    return fcgi_codec, fcgi_py
+    if _fcgi_codec is None:
+        pytest.fail(
+            f"the compiled codec `fastworker._fcgi_codec` cannot be imported: {_IMPORT_ERROR}"
+        )
+    return _fcgi_codec, fcgi_py
 
 
 # --------------------------------------------------------------------------------------------
@@ -73,7 +77,8 @@ def twins() -> tuple[types.ModuleType, types.ModuleType]:
 def model(
     stream: bytes, max_head: int, ids: frozenset[int]
 ) -> tuple[list[tuple[Any, ...]], str | None]:
-    """(results of every END_REQUEST completed in `stream`, the ProtocolError message or None)."""
+    """(results of every END_REQUEST completed in `stream`, the RemoteProtocolError message or
+    None)."""
     results: list[tuple[Any, ...]] = []
     open_: dict[int, list[Any]] = {}  # rid -> [stdout, stderr, stdout_size, stderr_size]
     pos = 0
@@ -226,10 +231,11 @@ def feed_both(parsers: list[Any], chunk: bytes, kind: str) -> list[tuple[Any, ..
         started = time.perf_counter()
         try:
             outcome: tuple[Any, ...] = ("ok", parser.feed(as_buffer(chunk, kind)))
-        except Exception as exc:  # noqa: BLE001 - anything but ProtocolError fails below
-            assert type(exc).__name__ == "ProtocolError", repr(exc)
-            assert isinstance(exc, ValueError)
+        except Exception as exc:  # noqa: BLE001 - anything but RemoteProtocolError fails below
+            assert type(exc) is RemoteProtocolError, repr(exc)
             outcome = ("error", str(exc))
+        else:
+            assert all(type(r) is Response for r in outcome[1]), outcome
         assert time.perf_counter() - started < FEED_TIME_LIMIT
         limit = 2 * parser.max_head * len(parser.request_ids)
         assert parser.buffered <= limit
@@ -322,5 +328,5 @@ def test_model_matches_a_known_stream() -> None:
     )
     for impl in twins():
         parser = impl.ResponseParser(3, [1])
-        with pytest.raises(impl.ProtocolError, match="request id 2, which this client"):
+        with pytest.raises(RemoteProtocolError, match="request id 2, which this client"):
             parser.feed(raw)

@@ -15,7 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Bottom to top; a module may import from its own layer and the ones listed before it.
 LAYERS: list[tuple[str, set[str]]] = [
     ("vocabulary", {"__init__", "endpoint", "outcome", "message", "callbacks"}),
-    ("codecs", {"fcgi_py", "amqp_py", "codec", "fcgi_codec", "amqp_codec"}),
+    ("codecs", {"fcgi_base", "fcgi_py", "codec", "_fcgi_codec", "amqp_py", "amqp_codec"}),
     ("message -> job", {"job", "formats", "targets"}),
     ("job -> request -> outcome", {"cgi", "fpm", "executor"}),
     ("settle", {"broker", "failures"}),

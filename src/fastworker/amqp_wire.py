@@ -3,10 +3,10 @@
 Why a client of our own: aiormq spends tens of microseconds per delivery (pamqp objects per
 frame, a task per delivery), more than the worker's whole budget per job. `AmqpWire` is an
 asyncio Protocol that feeds socket bytes to a frame codec (`amqp_codec.FrameReader`, or its
-pure-Python twin, chosen by the caller) and hands what comes out to its owner: deliveries are
-the owner's business (`fast_consumer`), this module answers everything else. pamqp marshals and
-unmarshals the rare frames (handshake, qos, consume, cancel, close). One connection, one
-consuming channel; it knows nothing of acks policy or jobs.
+pure-Python twin, chosen by the caller). Deliveries are a subclass's business (the fast
+transport in `fast_consumer` overrides `_received`); this module answers everything else. pamqp
+marshals and unmarshals the rare frames (handshake, qos, consume, cancel, close). One
+connection, one consuming channel; it knows nothing of the ack policy or of jobs.
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ import logging
 import ssl
 import struct
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, cast
@@ -89,10 +89,11 @@ def _negotiate(server: int, client: int) -> int:
 class AmqpWire(asyncio.Protocol):
     """One AMQP connection with one consuming channel.
 
-    `on_items(items)` gets everything each read decoded, in order; it handles the deliveries and
-    passes every other item to `on_frame`. Whatever it raises drops the connection (a delivery
-    must not vanish silently). `alive` is True from Qos-Ok until the connection or channel is
-    lost or `close()` is called; `closed` then resolves with the reason (never as an exception).
+    `_received(items)` gets everything each read decoded, in order; a subclass handles the
+    deliveries there and passes every other item to `on_frame`. Whatever it raises drops the
+    connection (a delivery must not vanish silently). `alive` is True from Qos-Ok until the
+    connection or channel is lost or `disconnect()` is called; `closed` then resolves with the
+    reason (never as an exception).
     """
 
     __slots__ = (
@@ -107,7 +108,6 @@ class AmqpWire(asyncio.Protocol):
         "_heartbeat",
         "_heartbeat_handle",
         "_loop",
-        "_on_items",
         "_reader",
         "_replies",
         "_reply_waiter",
@@ -116,15 +116,12 @@ class AmqpWire(asyncio.Protocol):
         "_silent_ticks",
     )
 
-    def __init__(
-        self, codec: ModuleType, on_items: Callable[[Items], None], *, max_body_size: int
-    ) -> None:
+    def __init__(self, codec: ModuleType, *, max_body_size: int) -> None:
         self._loop = asyncio.get_running_loop()
         self._codec = codec
-        self._on_items = on_items
         self.transport: asyncio.Transport | None = None
         self.alive = False
-        self.closed: asyncio.Future[BaseException] = self._loop.create_future()
+        self.closed: asyncio.Future[object] = self._loop.create_future()
         self.lost: asyncio.Future[None] = self._loop.create_future()  # the socket is gone
         self.consumer_tags: list[str] = []
         self.queue_by_tag: dict[str, str] = {}  # consumer tag -> queue
@@ -159,10 +156,16 @@ class AmqpWire(asyncio.Protocol):
         if not items:
             return
         try:
-            self._on_items(items)
+            self._received(items)
         except Exception as exc:  # e.g. an unknown consumer tag: a delivery must not vanish
             log.exception("dropping the broker connection: unexpected frame")
             self._drop(exc)
+
+    def _received(self, items: Items) -> None:
+        """Everything one read decoded; this class handles all but the deliveries."""
+        for item in items:
+            if len(item) != 9:
+                self.on_frame(item)
 
     def write(self, data: bytes) -> None:
         if self.transport is not None:
@@ -263,7 +266,9 @@ class AmqpWire(asyncio.Protocol):
 
     # ---------------------------------------------------------------- session steps
 
-    async def open(self, params: ConnectionParams, prefetch: int, queues: Sequence[str]) -> None:
+    async def connect(
+        self, params: ConnectionParams, prefetch: int, queues: Sequence[str]
+    ) -> None:
         """Connects, authenticates, tunes, opens channel 1, sets qos and consumes `queues`."""
         await self._loop.create_connection(
             lambda: self,
@@ -331,14 +336,14 @@ class AmqpWire(asyncio.Protocol):
             self.queue_by_tag[ok.consumer_tag] = queue
             self.consumer_tags.append(ok.consumer_tag)
 
-    async def cancel(self) -> None:
+    async def cancel_consumers(self) -> None:
         """Stops the broker from sending more deliveries; already sent ones still arrive."""
         for tag in self.consumer_tags:
             await self._call(
                 commands.Basic.Cancel(consumer_tag=tag), CHANNEL, commands.Basic.CancelOk
             )
 
-    async def close(self) -> None:
+    async def disconnect(self) -> None:
         """Connection.Close, then waits for the socket to go (the broker requeues unacked ones)."""
         self.alive = False
         transport = self.transport

@@ -3,8 +3,9 @@
 A consumer is this skeleton plus a transport. The skeleton owns the session loop (reconnects with
 capped, jittered backoff), the dispatch of deliveries to the job handler with at most
 `concurrency` jobs in flight, the drain on `stop()`, and the error policy. A transport
-(`Transport`, below) owns one broker connection: it connects, hands deliveries in through
-`ConsumerBase.deliver`, and acks or requeues what the skeleton tells it to. AMQP has two
+(`Transport`, below, where its contract is written down) owns one broker connection: it
+connects, hands deliveries in through `ConsumerBase.deliver`, and acks or requeues what the
+skeleton tells it to. AMQP has two
 (`fast_consumer`, `consumer`); a new broker is a new transport and a `ConsumerBase` subclass that
 creates it, nothing here changes.
 """
@@ -12,13 +13,13 @@ creates it, nothing here changes.
 from __future__ import annotations
 
 import asyncio
-import functools
 import logging
 import random
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Awaitable, Callable, Coroutine, Generator, Iterable, Sequence
-from typing import Any, ClassVar, Generic, Protocol, TypeVar
+from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence, Sized
+from functools import partial
+from typing import ClassVar, Generic, Protocol, TypeVar
 
 from fastworker.broker import Publisher
 from fastworker.message import Message, NotStarted
@@ -65,22 +66,27 @@ class Transport(ABC):
     """One broker connection, from connect to close: all a consumer needs from a broker.
 
     The skeleton creates one per session (`ConsumerBase.new_transport`), calls `open()`, then
-    waits for `stop()` or `closed`. Deliveries go to the skeleton with
-    `consumer.deliver([(transport, tag, message), ...])`; the skeleton then calls `finished(tag)`
-    or `requeue(tag)` once per delivery, on the transport it came from.
+    waits for `stop()` or `closed`. The transport hands deliveries to the skeleton with
+    `consumer.deliver([(transport, tag, message), ...])`, and may read `len(consumer.waiting)`
+    for its ack policy; nothing else of the skeleton is its business. The skeleton calls
+    `finished(tag)` or `requeue(tag)` once per delivery, on the transport it came from, and only
+    while that transport is alive. On `stop()`: `cancel()`, then (in-flight jobs done) `flush()`,
+    then `close()`; `close()` also ends every other session, whatever happened.
 
     What a transport must guarantee:
     - `alive` is True from when deliveries may arrive until the connection is lost or `close()`
-      is called; it turns False synchronously, never a loop iteration later.
-    - `finished` and `requeue` are no-ops once it is not alive: a delivery is never acked or
-      requeued on a connection other than the one it came on (the broker requeues the old
-      connection's unacked deliveries itself).
-    - A tag is acked once at most, and a requeue is never overtaken by a later ack that covers
-      it (a multiple ack): acks and requeues leave in the order they were asked for.
+      is called, and turns False at once (never a loop iteration later): the skeleton starts no
+      delivery and sends no ack or requeue through a transport that is not alive, so a delivery
+      is never acked on a connection other than the one it came on (the broker requeues the
+      old connection's unacked deliveries itself). `finished` and `requeue` must be no-ops
+      then anyway.
+    - A tag is acked once at most, and a requeue is never overtaken by a later multiple ack
+      that covers it: acks and requeues reach the broker in the order they were asked for.
     - `closed` resolves, with the reason as its result (never as an exception), once the
-      transport can no longer deliver or ack, or anything it needs for settling (a publisher)
-      is gone; `close()` resolves it too.
-    - `cancel()` and `flush()` never raise: they log what failed.
+      transport can no longer deliver or ack, or anything it needs for settling (its
+      publisher) is gone; `close()` resolves it too.
+    - `cancel()` and `flush()` do not raise: they log what failed. `close()` is safe after an
+      `open()` that failed halfway.
     """
 
     __slots__ = ()
@@ -122,35 +128,20 @@ class Transport(ABC):
 
     @abstractmethod
     async def close(self) -> None:
-        """Closes the connection (its unacked deliveries return to the queue); idempotent, and
-        safe after an `open()` that failed halfway."""
+        """Closes the connection; its unacked deliveries return to the queue."""
 
 
 Delivery = tuple[Transport, int, Message]  # (its transport, its delivery tag, the message)
 
 
-class _Later(functools.partial[Awaitable[None]]):
-    """A coroutine handler's call, not made yet. The runner makes it only while the delivery's
-    transport is alive: otherwise the broker delivers the message again, and running it now
-    would run it twice. (A partial: made and called in C, nothing on the hot path in Python.)"""
+def coroutine_start(handler: Handler) -> Start:
+    """The callback form of an `async def` handler: its call's coroutine, not started yet, is
+    what is left to await, which a runner task does."""
 
-    __slots__ = ()
+    def start(message: Message, publisher: Publisher, on_done: OnDone) -> None:
+        on_done(handler(message, publisher))
 
-    def __await__(self) -> Generator[Any, None, None]:
-        return self().__await__()
-
-
-def callback_form(handler: Handler) -> Start:
-    """The handler's `start` if it has one; otherwise `start` for an `async def` handler, whose
-    call is left to a runner task (`on_done(awaitable)`)."""
-    start: Start | None = getattr(handler, "start", None)
-    if start is not None:
-        return start
-
-    def start_later(message: Message, publisher: Publisher, on_done: OnDone) -> None:
-        on_done(_Later(handler, message, publisher))
-
-    return start_later
+    return start
 
 
 class ConsumerBase(ABC, Generic[C]):
@@ -187,10 +178,19 @@ class ConsumerBase(ABC, Generic[C]):
         self.processed = 0
         self.connected = asyncio.Event()  # set while consuming; tests and the CLI wait on it
         self._stopping = asyncio.Event()
-        self._start = callback_form(handler)
+        start: Start | None = getattr(handler, "start", None)
+        self._start: Start = start if start is not None else coroutine_start(handler)
+        # With an `async def` handler, every job's rest is the handler's call, not started yet:
+        # a runner skips it once its transport is gone (the broker delivers the message again,
+        # so running it then would run it twice).
+        self._rest_unstarted = start is None
         # Delivered, not started yet, in delivery order; `_dispatch` takes from the left while
         # fewer than `concurrency` jobs are in flight.
         self._pending: deque[Delivery] = deque()
+        # The same, for transports to read (only its length): while deliveries wait to start,
+        # acks may be batched; while none do, the prefetch window limits the consumer, and acks
+        # should go at once.
+        self.waiting: Sized = self._pending
         # Started jobs the runner tasks carry on: (transport, tag, message, what is left to await).
         self._ready: deque[tuple[Transport, int, Message, Awaitable[None]]] = deque()
         self._waiters: deque[asyncio.Future[None]] = deque()  # idle runners
@@ -215,12 +215,6 @@ class ConsumerBase(ABC, Generic[C]):
         """Takes deliveries, in the order received, and starts what the concurrency allows."""
         self._pending.extend(deliveries)
         self._dispatch()
-
-    @property
-    def waiting(self) -> int:
-        """Deliveries received but not started: while any wait, acks may be batched; while none
-        do, the prefetch window is what limits the consumer, and acks should go at once."""
-        return len(self._pending)
 
     # ---------------------------------------------------------------- the session loop
 
@@ -270,7 +264,7 @@ class ConsumerBase(ABC, Generic[C]):
                 self.connected.clear()
         finally:
             try:
-                await transport.close()  # not alive from its first line on
+                await transport.close()  # not alive from here on
             finally:
                 self._forget_pending(transport)
 
@@ -315,7 +309,7 @@ class ConsumerBase(ABC, Generic[C]):
         if self._dispatching or not self._running:
             return  # re-entered from a job that finished at once: the outer loop goes on
         self._dispatching = True
-        pending, start = self._pending, self._start
+        pending, start, done = self._pending, self._start, self._done
         try:
             while pending and self._in_flight < self.concurrency:
                 transport, tag, message = pending.popleft()
@@ -323,39 +317,34 @@ class ConsumerBase(ABC, Generic[C]):
                     continue  # its connection is gone: the broker requeues it
                 self._in_flight += 1
                 try:
-                    start(message, transport.publisher, self._on_done(transport, tag, message))
+                    start(message, transport.publisher, partial(done, transport, tag, message))
                 except Exception as exc:
-                    self._carry_on(transport, tag, message, _raise(exc))
+                    done(transport, tag, message, _raise(exc))
         finally:
             self._dispatching = False
 
-    def _on_done(self, transport: Transport, tag: int, message: Message) -> OnDone:
-        def on_done(rest: Awaitable[None] | None) -> None:
-            if rest is not None:
-                self._carry_on(transport, tag, message, rest)
-            else:
-                self.processed += 1
-                transport.finished(tag)
-                self._job_done()
-
-        return on_done
-
-    def _carry_on(
-        self, transport: Transport, tag: int, message: Message, rest: Awaitable[None]
+    def _done(
+        self, transport: Transport, tag: int, message: Message, rest: Awaitable[None] | None
     ) -> None:
-        """Hands a started job to a runner task."""
-        if not self._running:  # run() is over: as if its runner had been cancelled
+        """A job's `on_done` (bound to its delivery with a partial: no closure per job): acks it,
+        or hands what is left to await to a runner task."""
+        if rest is None:
+            self.processed += 1
+            if transport.alive:
+                transport.finished(tag)
+            self._job_done()
+        elif not self._running:  # run() is over: as if its runner had been cancelled
             if isinstance(rest, Coroutine):
                 rest.close()
             self._job_done()
-            return
-        self._ready.append((transport, tag, message, rest))
-        waiters = self._waiters
-        while waiters:
-            waiter = waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(None)
-                return
+        else:
+            self._ready.append((transport, tag, message, rest))
+            waiters = self._waiters
+            while waiters:
+                waiter = waiters.popleft()
+                if not waiter.done():
+                    waiter.set_result(None)
+                    return
 
     def _job_done(self) -> None:
         self._in_flight -= 1
@@ -370,7 +359,7 @@ class ConsumerBase(ABC, Generic[C]):
         returns -> ack; NotStarted -> requeue at once; any other exception -> log, wait
         REQUEUE_DELAY (no hot loop if the trouble persists), requeue."""
         loop = asyncio.get_running_loop()
-        ready, waiters = self._ready, self._waiters
+        ready, waiters, unstarted = self._ready, self._waiters, self._rest_unstarted
         while True:
             if not ready:
                 waiter = loop.create_future()
@@ -379,24 +368,27 @@ class ConsumerBase(ABC, Generic[C]):
                 continue
             transport, tag, message, rest = ready.popleft()
             try:
-                if type(rest) is _Later:
-                    if not transport.alive:
-                        continue  # not started, and its connection is gone
-                    rest = rest()
+                if unstarted and not transport.alive:
+                    if isinstance(rest, Coroutine):
+                        rest.close()
+                    continue  # not started, and its connection is gone
                 await rest
             except asyncio.CancelledError:
                 raise
             except NotStarted:
-                transport.requeue(tag)
+                if transport.alive:
+                    transport.requeue(tag)
             except Exception:
                 log.exception(
                     "job from %s not acknowledged; it goes back to the queue", message.queue
                 )
                 await asyncio.sleep(REQUEUE_DELAY)
-                transport.requeue(tag)
+                if transport.alive:
+                    transport.requeue(tag)
             else:
                 self.processed += 1
-                transport.finished(tag)
+                if transport.alive:
+                    transport.finished(tag)
             finally:
                 self._job_done()
 

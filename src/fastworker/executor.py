@@ -14,9 +14,8 @@ from urllib.parse import quote_from_bytes
 from fastworker import __version__, cgi
 from fastworker.callbacks import Answer
 from fastworker.endpoint import Endpoint
+from fastworker.fcgi_base import OVERLOADED, REQUEST_COMPLETE
 from fastworker.fpm import (
-    OVERLOADED,
-    REQUEST_COMPLETE,
     FpmBadRequest,
     FpmConnectionLost,
     FpmError,

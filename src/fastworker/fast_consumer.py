@@ -59,8 +59,8 @@ log = logging.getLogger("fastworker.consumer")
 _NO_PROPERTIES = b"\x00\x00"  # a content header's property flags when none is set
 
 
-class FastTransport(Transport):
-    """One session: the control connection (aiormq) and the fast connection (`AmqpWire`)."""
+class FastTransport(AmqpWire, Transport):
+    """One session: the fast connection (this AmqpWire) and the control connection (aiormq)."""
 
     errors: ClassVar[tuple[type[BaseException], ...]] = (
         aiormq.exceptions.AMQPError,
@@ -70,10 +70,8 @@ class FastTransport(Transport):
     )
 
     __slots__ = (
-        "closed",
         "publisher",
         "_acks",
-        "_codec",
         "_consumer",
         "_control",
         "_deliver",
@@ -82,32 +80,24 @@ class FastTransport(Transport):
         "_encode_nack",
         "_flush_at",
         "_flush_scheduled",
-        "_loop",
         "_observers",
-        "_queues",
-        "_wire",
+        "_waiting",
     )
 
     def __init__(self, consumer: FastAmqpConsumer) -> None:
-        self._loop = asyncio.get_running_loop()
+        # The codec is read per connection, so a swapped one counts from the next connection.
+        super().__init__(codec, max_body_size=consumer.max_message_size)
         self._consumer = consumer
         self._deliver = consumer.deliver
-        self._codec = codec  # read per connection, so a swapped codec counts from the next one
-        self._wire = AmqpWire(codec, self._received, max_body_size=consumer.max_message_size)
-        self._queues = self._wire.queue_by_tag
+        self._waiting = consumer.waiting
         self._control: AbstractConnection | None = None
         self._observers: list[asyncio.Future[Any]] = []
-        self.closed: asyncio.Future[object] = self._loop.create_future()
         self._acks = AckTracker()
         self._delivered = self._acks.delivered
         self._encode_acks = codec.encode_acks
         self._encode_nack = codec.encode_nack
         self._flush_at = max(1, consumer.prefetch // 2)
         self._flush_scheduled = False
-
-    @property
-    def alive(self) -> bool:
-        return self._wire.alive
 
     def describe(self) -> tuple[str, str]:
         how = "compiled" if self._codec is not amqp_py else "pure-Python"
@@ -117,11 +107,10 @@ class FastTransport(Transport):
     # ---------------------------------------------------------------- deliveries in
 
     def _received(self, items: Items) -> None:
-        """What one socket read decoded: deliveries go to the consumer, in one batch."""
+        """What one socket read decoded: its deliveries go to the consumer in one batch."""
         batch = []
         delivered = self._delivered
-        queues = self._queues
-        on_frame = self._wire.on_frame
+        queues = self.queue_by_tag
         for item in items:
             if len(item) == 9:
                 # (channel, tag, redelivered, exchange, routing_key, consumer_tag,
@@ -134,7 +123,7 @@ class FastTransport(Transport):
                     message = self._message(item, queues[item[5]])
                 batch.append((self, tag, message))
             else:
-                on_frame(item)
+                self.on_frame(item)
         if batch:
             self._deliver(batch)
 
@@ -159,11 +148,11 @@ class FastTransport(Transport):
     # ---------------------------------------------------------------- acks out
 
     def finished(self, tag: int) -> None:
-        if not self._wire.alive:
+        if not self.alive:
             return  # the broker requeues it when this connection goes away
         acks = self._acks
         acks.finished(tag)
-        if not self._consumer.waiting:
+        if not self._waiting:
             # Nothing received is waiting to start: the prefetch window is the limit, so an
             # ack now (gaps or not) is what lets the broker send the next delivery.
             self._send_acks()
@@ -173,31 +162,31 @@ class FastTransport(Transport):
 
     def _flush_later(self) -> None:
         """Arms the ~ACK_INTERVAL flush while acks (sent later or held) are outstanding."""
-        if not self._flush_scheduled and self._acks.unacked and self._wire.alive:
+        if not self._flush_scheduled and self._acks.unacked and self.alive:
             self._flush_scheduled = True
             self._loop.call_later(ACK_INTERVAL, self._flush_timer)
 
     def _flush_timer(self) -> None:
         self._flush_scheduled = False
-        self._send_acks(hold=bool(self._consumer.waiting))
+        self._send_acks(hold=bool(self._waiting))
         self._flush_later()  # held ones: ack them next round at the latest
 
     def _send_acks(self, hold: bool = False) -> None:
         """Writes the acks that are due, in one write; all of them unless `hold`, which keeps
         a delivery finished behind an unfinished one for up to ACK_HOLD (see AckTracker.take)."""
-        if not self._wire.alive:
+        if not self.alive:
             return
         taken = self._acks.take(self._loop.time(), ACK_HOLD if hold else 0.0)
         if taken:
-            self._wire.write(self._encode_acks(CHANNEL, taken))
+            self.write(self._encode_acks(CHANNEL, taken))
 
     def requeue(self, tag: int) -> None:
-        """Hands a delivery back to the broker without acking it, behind the acks written so
-        far (a later multiple ack cannot overtake it: it is written at once)."""
-        if not self._wire.alive:
+        """Hands a delivery back to the broker without acking it; written at once, so no later
+        multiple ack can overtake it."""
+        if not self.alive:
             return
         self._acks.discard(tag)
-        self._wire.write(self._encode_nack(CHANNEL, tag, False, True))
+        self.write(self._encode_nack(CHANNEL, tag, False, True))
 
     async def flush(self) -> None:
         self._send_acks()
@@ -216,54 +205,45 @@ class FastTransport(Transport):
         self.publisher = await Publisher.open(control)
         try:
             await asyncio.wait_for(
-                self._wire.open(consumer.params, consumer.prefetch, consumer.queues),
+                self.connect(consumer.params, consumer.prefetch, consumer.queues),
                 HANDSHAKE_TIMEOUT,
             )
         except TimeoutError:
             raise ConnectionError("AMQP handshake timed out") from None
-        self._close_on(self._wire.closed, control.closing, self.publisher.channel.closing)
+        self._close_on(control.closing, self.publisher.channel.closing)
 
     def _close_on(
-        self,
-        wire_closed: asyncio.Future[BaseException],
-        control_lost: asyncio.Future[Any],
-        publisher_lost: asyncio.Future[Any],
+        self, control_lost: asyncio.Future[Any], publisher_lost: asyncio.Future[Any]
     ) -> None:
-        """Resolves `closed` when the fast connection, the control connection or the publisher
-        channel goes (without the publisher no failed job could be retried or dead-lettered)."""
+        """Resolves `closed` (as the fast connection does on its own) when the control
+        connection or the publisher channel goes: without the publisher no failed job could be
+        retried or dead-lettered."""
 
         def on_loss(_: asyncio.Future[Any]) -> None:
             if self.closed.done():
                 return
             # Observers cancelled by close() count as done(): ask cancelled() before exception().
-            if wire_closed.done():
-                reason: object = wire_closed.result()
-            elif control_lost.done() and not control_lost.cancelled():
-                reason = f"control connection lost: {control_lost.exception()!r}"
+            if control_lost.done() and not control_lost.cancelled():
+                self.closed.set_result(f"control connection lost: {control_lost.exception()!r}")
             elif publisher_lost.done() and not publisher_lost.cancelled():
-                reason = f"publisher channel lost: {publisher_lost.exception()!r}"
-            else:
-                return
-            self.closed.set_result(reason)
+                self.closed.set_result(f"publisher channel lost: {publisher_lost.exception()!r}")
 
         self._observers = [control_lost, publisher_lost]  # independent observers: cancellable
-        for future in (wire_closed, control_lost, publisher_lost):
+        for future in self._observers:
             future.add_done_callback(on_loss)
 
     async def cancel(self) -> None:
         try:
-            await asyncio.wait_for(self._wire.cancel(), HANDSHAKE_TIMEOUT)
+            await asyncio.wait_for(self.cancel_consumers(), HANDSHAKE_TIMEOUT)
         except (TimeoutError, ConnectionError) as exc:
             log.warning("could not cancel the consumers (%r)", exc)
 
     async def close(self) -> None:
-        if not self.closed.done():
-            self.closed.set_result("closed")
         for observer in self._observers:
             if not observer.done():
                 observer.cancel()
         try:
-            await self._wire.close()  # not alive from its first line on
+            await self.disconnect()  # not alive from its first line on
         finally:
             control = self._control
             if control is not None and not control.is_closed:

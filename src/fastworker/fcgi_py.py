@@ -1,9 +1,10 @@
-"""Sans-IO FastCGI codec in pure Python: the reference twin of the compiled `fcgi_codec`.
+"""Sans-IO FastCGI codec in pure Python: the reference twin of the compiled `_fcgi_codec`.
 
-Same API, same results, same error types and messages, byte-identical output
-(tests/test_codec.py and tests/test_fcgi_fuzz.py check both against every vector and against
-each other). It is the fallback when the extension is not built or FASTWORKER_NO_EXTENSIONS is
-set; keep it in step with src/fcgi_codec.pyx.
+Same API, same results (`fcgi_base.Response`), the same exception classes and messages (both
+raise those of `fastworker.fcgi_base`), byte-identical output (tests/test_codec.py and
+tests/test_fcgi_fuzz.py check both against every vector and against each other). It is the
+fallback when the extension is not built or FASTWORKER_NO_EXTENSIONS is set; keep its loops in
+step with src/fastworker/_fcgi_codec.pyx.
 """
 
 from __future__ import annotations
@@ -12,53 +13,53 @@ import struct
 from collections.abc import Iterable, Mapping
 from typing import Any
 
-__all__ = ["ProtocolError", "ResponseParser", "encode_params", "encode_request"]
+from fastworker.fcgi_base import (
+    BEGIN_REQUEST,
+    END_REQUEST,
+    GET_VALUES_RESULT,
+    KEEP_CONN,
+    MAX_CONTENT,
+    PARAMS,
+    RESPONDER,
+    STDERR,
+    STDIN,
+    STDIN_CHUNK,
+    STDOUT,
+    TYPE_NAMES,
+    UNKNOWN_TYPE,
+    VERSION,
+    LocalProtocolError,
+    ProtocolError,
+    RemoteProtocolError,
+    Response,
+    byte_view,
+    check_max_head,
+    check_request_id,
+    check_request_ids,
+    not_str_or_bytes,
+    pair_too_big,
+    params_too_big,
+    shared_too_big,
+)
 
-_VERSION = 1
-_BEGIN_REQUEST = 1
-_END_REQUEST = 3
-_PARAMS = 4
-_STDIN = 5
-_STDOUT = 6
-_STDERR = 7
-_GET_VALUES_RESULT = 10
-_UNKNOWN_TYPE = 11
-_RESPONDER = 1
-_KEEP_CONN = 1
-_MAX_CONTENT = 65535
-_STDIN_CHUNK = 0xFFF8
+__all__ = [
+    "LocalProtocolError",
+    "ProtocolError",
+    "RemoteProtocolError",
+    "Response",
+    "ResponseParser",
+    "encode_params",
+    "encode_request",
+]
 
 _ST_HEADER = 0
 _ST_CONTENT = 1
 _ST_PADDING = 2
 
-_MAX_HEAD_LIMIT = 2**62  # the compiled twin keeps it in a C Py_ssize_t
-
-_TYPE_NAMES = {
-    1: "BEGIN_REQUEST",
-    2: "ABORT_REQUEST",
-    3: "END_REQUEST",
-    4: "PARAMS",
-    5: "STDIN",
-    6: "STDOUT",
-    7: "STDERR",
-    8: "DATA",
-    9: "GET_VALUES",
-    10: "GET_VALUES_RESULT",
-    11: "UNKNOWN_TYPE",
-}
-
 _HEADER = struct.Struct("!BBHHBx")
 _BEGIN_BODY = struct.Struct("!HB5x")
 _END_BODY = struct.Struct("!IB3x")
 _LEN4 = struct.Struct("!I")
-
-# (request_id, stdout_head, stderr_head, app_status, protocol_status, stdout_size, stderr_size)
-Response = tuple[int, bytes, bytes, int, int, int, int]
-
-
-class ProtocolError(ValueError):
-    """The FastCGI peer sent a stream this client cannot trust; the connection must be dropped."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -75,28 +76,7 @@ def _utf8(o: object, what: str) -> bytes:
         return o.encode("utf-8")
     if isinstance(o, bytes):
         return o
-    raise TypeError(f"FastCGI param {what}s must be str or bytes, not {type(o).__name__}")
-
-
-def _pair_too_big(name: object, size: int) -> str:
-    return (
-        f"FastCGI param {repr(name)[:80]} encodes to {size} bytes, more than the 65535 one "
-        f"PARAMS record can carry (PHP-FPM drops a pair split across records); send large "
-        f"data in the request body (stdin) instead"
-    )
-
-
-def _params_too_big(size: int) -> str:
-    return f"FastCGI params encode to {size} bytes, more than the 65535 one PARAMS record can carry"
-
-
-def _view(o: object, what: str) -> memoryview:
-    """A flat byte view of a bytes-like argument, or a TypeError naming it."""
-    try:
-        view = memoryview(o)  # type: ignore[arg-type]
-    except TypeError:
-        raise TypeError(f"{what} must be a bytes-like object, not {type(o).__name__}") from None
-    return view.cast("B")
+    raise not_str_or_bytes(what, o)
 
 
 def _pairs(d: dict[Any, Any]) -> tuple[list[tuple[bytes, bytes, int]], int]:
@@ -109,8 +89,8 @@ def _pairs(d: dict[Any, Any]) -> tuple[list[tuple[bytes, bytes, int]], int]:
         nlen = len(nb)
         vlen = len(vb)
         ps = (1 if nlen < 128 else 4) + (1 if vlen < 128 else 4) + nlen + vlen
-        if ps > _MAX_CONTENT:
-            raise ValueError(_pair_too_big(name, ps))
+        if ps > MAX_CONTENT:
+            raise pair_too_big(name, ps)
         pairs.append((nb, vb, ps))
         total += ps
     return pairs, total
@@ -135,14 +115,14 @@ def encode_params(params: Mapping[str | bytes, str | bytes]) -> bytes:
     """The name-value pairs of `params`, encoded as the content of one PARAMS record.
 
     What `encode_request` takes as `shared`: params many requests share, encoded once.
-    Raises ValueError when they take more than the 65535 bytes of one record (after checking
-    every pair, in order, as `encode_request` does), TypeError for names/values that are
-    neither str nor bytes.
+    Raises LocalProtocolError (a ValueError) when they take more than the 65535 bytes of one
+    record (after checking every pair, in order, as `encode_request` does), TypeError for
+    names/values that are neither str nor bytes.
     """
     d = params if type(params) is dict else dict(params)
     pairs, total = _pairs(d)
-    if total > _MAX_CONTENT:
-        raise ValueError(_params_too_big(total))
+    if total > MAX_CONTENT:
+        raise params_too_big(total)
     buf = bytearray(total)
     pos = 0
     for nb, vb, _ in pairs:
@@ -164,22 +144,20 @@ def encode_request(
     `encode_params` (at most 65535 bytes): they start the first PARAMS record, ahead of
     `params`, so params many requests share are encoded once and still cost FPM no extra record.
 
-    Arguments are checked in this order, by both twins: request_id (TypeError, then ValueError
-    outside 1..65535), params (turned into a dict), stdin (TypeError if not bytes-like), shared
-    (TypeError if not bytes-like, ValueError over 65535 bytes), then each pair in order
-    (TypeError for a name/value neither str nor bytes, ValueError for a pair over 65535 bytes).
+    Arguments are checked in this order, by both twins: request_id (TypeError, then
+    LocalProtocolError outside 1..65535), params (turned into a dict), stdin (TypeError if not
+    bytes-like), shared (TypeError if not bytes-like, LocalProtocolError over 65535 bytes), then
+    each pair in order (TypeError for a name/value neither str nor bytes, LocalProtocolError for
+    a pair over 65535 bytes). LocalProtocolError is a ValueError.
     """
-    if not isinstance(request_id, int):
-        raise TypeError(f"request_id must be an int, not {type(request_id).__name__}")
-    if not 0 < request_id < 65536:
-        raise ValueError(f"request_id must be in 1..65535, got {request_id}")
-    flags = _KEEP_CONN if keep_conn else 0
+    request_id = check_request_id(request_id)
+    flags = KEEP_CONN if keep_conn else 0
     d = params if type(params) is dict else dict(params)
-    body = stdin if type(stdin) is bytes else _view(stdin, "stdin")
+    body = stdin if type(stdin) is bytes else byte_view(stdin, "stdin")
     if type(shared) is not bytes:
-        shared = bytes(_view(shared, "shared"))
-    if len(shared) > _MAX_CONTENT:
-        raise ValueError(f"shared params of {len(shared)} bytes do not fit in one PARAMS record")
+        shared = bytes(byte_view(shared, "shared"))
+    if len(shared) > MAX_CONTENT:
+        raise shared_too_big(len(shared))
 
     # pass 1: validate, encode, and group the pairs into records (the first starts with shared)
     records: list[list[tuple[bytes, bytes, int]]] = []
@@ -188,7 +166,7 @@ def encode_request(
     cur = len(shared)
     for pair in _pairs(d)[0]:
         ps = pair[2]
-        if cur + ps > _MAX_CONTENT:
+        if cur + ps > MAX_CONTENT:
             records.append(current)
             sizes.append(cur)
             current = []
@@ -199,19 +177,19 @@ def encode_request(
         records.append(current)
         sizes.append(cur)
     slen = len(body)
-    nfull, rem = divmod(slen, _STDIN_CHUNK)
-    total = 16 + sum(8 + s + _pad(s) for s in sizes) + 8 + nfull * (8 + _STDIN_CHUNK) + 8
+    nfull, rem = divmod(slen, STDIN_CHUNK)
+    total = 16 + sum(8 + s + _pad(s) for s in sizes) + 8 + nfull * (8 + STDIN_CHUNK) + 8
     if rem:
         total += 8 + rem + _pad(rem)
 
     # pass 2: write into one preallocated buffer (zero-filled, so padding needs no writes)
     buf = bytearray(total)
-    _HEADER.pack_into(buf, 0, _VERSION, _BEGIN_REQUEST, request_id, 8, 0)
-    _BEGIN_BODY.pack_into(buf, 8, _RESPONDER, flags)
+    _HEADER.pack_into(buf, 0, VERSION, BEGIN_REQUEST, request_id, 8, 0)
+    _BEGIN_BODY.pack_into(buf, 8, RESPONDER, flags)
     pos = 16
     for index, (pairs, size) in enumerate(zip(records, sizes, strict=True)):
         pad = _pad(size)
-        _HEADER.pack_into(buf, pos, _VERSION, _PARAMS, request_id, size, pad)
+        _HEADER.pack_into(buf, pos, VERSION, PARAMS, request_id, size, pad)
         pos += 8
         if index == 0 and shared:
             buf[pos : pos + len(shared)] = shared
@@ -219,47 +197,22 @@ def encode_request(
         for nb, vb, _ in pairs:
             pos = _put_pair(buf, pos, nb, vb)
         pos += pad
-    _HEADER.pack_into(buf, pos, _VERSION, _PARAMS, request_id, 0, 0)
+    _HEADER.pack_into(buf, pos, VERSION, PARAMS, request_id, 0, 0)
     pos += 8
-    for off in range(0, slen, _STDIN_CHUNK):
-        chunk = body[off : off + _STDIN_CHUNK]
+    for off in range(0, slen, STDIN_CHUNK):
+        chunk = body[off : off + STDIN_CHUNK]
         clen = len(chunk)
         pad = _pad(clen)
-        _HEADER.pack_into(buf, pos, _VERSION, _STDIN, request_id, clen, pad)
+        _HEADER.pack_into(buf, pos, VERSION, STDIN, request_id, clen, pad)
         pos += 8
         buf[pos : pos + clen] = chunk
         pos += clen + pad
-    _HEADER.pack_into(buf, pos, _VERSION, _STDIN, request_id, 0, 0)
+    _HEADER.pack_into(buf, pos, VERSION, STDIN, request_id, 0, 0)
     return bytes(buf)
 
 
 # --------------------------------------------------------------------------------------------
 # parsing
-
-
-def _check_max_head(max_head: object) -> int:
-    if not isinstance(max_head, int):
-        raise TypeError(f"max_head must be an int, not {type(max_head).__name__}")
-    if not 0 <= max_head <= _MAX_HEAD_LIMIT:
-        raise ValueError(f"max_head must be in 0..{_MAX_HEAD_LIMIT}, got {max_head}")
-    return max_head
-
-
-def _check_request_ids(request_ids: object) -> frozenset[int]:
-    try:
-        ids = tuple(request_ids)  # type: ignore[call-overload]
-    except TypeError:
-        raise TypeError(
-            f"request_ids must be an iterable of ints, not {type(request_ids).__name__}"
-        ) from None
-    if not ids:
-        raise ValueError("request_ids must name at least one request id")
-    for rid in ids:
-        if not isinstance(rid, int):
-            raise TypeError(f"request ids must be ints, not {type(rid).__name__}")
-        if not 0 < rid < 65536:
-            raise ValueError(f"request ids must be in 1..65535, got {rid}")
-    return frozenset(ids)
 
 
 class _Request:
@@ -277,21 +230,22 @@ class _Request:
 class ResponseParser:
     """Incremental FastCGI response parser: feed it bytes as they arrive, get finished requests.
 
-    `feed` returns one tuple per completed END_REQUEST: (request_id, stdout_head, stderr_head,
-    app_status, protocol_status, stdout_size, stderr_size). The heads are the first `max_head`
-    bytes of the request's STDOUT and STDERR; the sizes count every byte of each stream. The
+    `feed` returns one `Response` per completed END_REQUEST: (request_id, stdout, stderr,
+    app_status, protocol_status, stdout_size, stderr_size). stdout and stderr are the first
+    `max_head` bytes of the request's streams; the sizes count every byte of each stream. The
     rest of the output is counted and dropped, so a request holds at most 2 * `max_head` bytes
     however much it prints, and buffers grow only with the data that arrived.
 
     Only records for `request_ids` (the ids the client sends) are accepted: any other id is a
-    ProtocolError, which also bounds the open requests to len(request_ids). Besides that it
-    buffers one record header and one END_REQUEST body. After a ProtocolError it stays broken:
-    the connection is no longer in a known state.
+    RemoteProtocolError, which also bounds the open requests to len(request_ids). Besides that
+    it buffers one record header and one END_REQUEST body. `feed` raises RemoteProtocolError,
+    and nothing else, for whatever bytes it is given; after one it stays broken (every later
+    feed raises it again): the connection is no longer in a known state.
     """
 
     def __init__(self, max_head: int = 65536, request_ids: Iterable[int] = (1,)) -> None:
-        self._max_head = _check_max_head(max_head)
-        self._ids = _check_request_ids(request_ids)
+        self._max_head = check_max_head(max_head)
+        self._ids = check_request_ids(request_ids)
         self._received = 0
         self._hdr = bytearray()
         self._end = bytearray()
@@ -326,40 +280,40 @@ class ResponseParser:
 
     def _on_header(self, version: int, rtype: int, rid: int, clen: int, plen: int) -> None:
         req = None
-        if version != _VERSION:
-            raise ProtocolError(
+        if version != VERSION:
+            raise RemoteProtocolError(
                 f"unsupported FastCGI version {version} in record header (expected 1)"
             )
-        if rtype in (_STDOUT, _STDERR, _END_REQUEST):
+        if rtype in (STDOUT, STDERR, END_REQUEST):
             if rid == 0:
-                raise ProtocolError(
-                    f"{_TYPE_NAMES[rtype]} record with request id 0 (reserved for management)"
+                raise RemoteProtocolError(
+                    f"{TYPE_NAMES[rtype]} record with request id 0 (reserved for management)"
                 )
             if rid not in self._ids:
-                raise ProtocolError(
-                    f"{_TYPE_NAMES[rtype]} record for request id {rid}, which this client did "
+                raise RemoteProtocolError(
+                    f"{TYPE_NAMES[rtype]} record for request id {rid}, which this client did "
                     f"not send"
                 )
             req = self._requests.get(rid)
             if req is None:
                 req = self._requests[rid] = _Request()
-            if rtype == _END_REQUEST:
+            if rtype == END_REQUEST:
                 if clen != 8:
-                    raise ProtocolError(
+                    raise RemoteProtocolError(
                         f"END_REQUEST record with content length {clen} (expected 8)"
                     )
                 self._end.clear()
-        elif rtype in (_GET_VALUES_RESULT, _UNKNOWN_TYPE):
+        elif rtype in (GET_VALUES_RESULT, UNKNOWN_TYPE):
             if rid != 0:
-                raise ProtocolError(
-                    f"management record {_TYPE_NAMES[rtype]} with request id {rid} (expected 0)"
+                raise RemoteProtocolError(
+                    f"management record {TYPE_NAMES[rtype]} with request id {rid} (expected 0)"
                 )
         elif 1 <= rtype <= 9:
-            raise ProtocolError(
-                f"request-side record type {rtype} ({_TYPE_NAMES[rtype]}) received from the server"
+            raise RemoteProtocolError(
+                f"request-side record type {rtype} ({TYPE_NAMES[rtype]}) received from the server"
             )
         else:
-            raise ProtocolError(f"unknown FastCGI record type {rtype}")
+            raise RemoteProtocolError(f"unknown FastCGI record type {rtype}")
         self._type = rtype
         self._rid = rid
         self._req = req
@@ -368,11 +322,11 @@ class ResponseParser:
         self._state = _ST_CONTENT if clen else _ST_PADDING
 
     def _finish(self) -> Response:
-        """Turns the completed END_REQUEST into a result tuple; forgets the request."""
+        """Turns the completed END_REQUEST into a Response; forgets the request."""
         req = self._requests.pop(self._rid)
         self._req = None
         app_status, protocol_status = _END_BODY.unpack(self._end)
-        return (
+        return Response(
             self._rid,
             bytes(req.out),
             bytes(req.err),
@@ -385,7 +339,7 @@ class ResponseParser:
     def feed(self, data: bytes | bytearray | memoryview) -> list[Response]:
         """Consumes bytes (any split); returns requests whose END_REQUEST completed in them."""
         if self._error is not None:
-            raise ProtocolError(f"parser is unusable after an earlier error: {self._error}")
+            raise RemoteProtocolError(f"parser is unusable after an earlier error: {self._error}")
         mv = memoryview(data).cast("B")
         n = len(mv)
         pos = 0
@@ -413,17 +367,17 @@ class ResponseParser:
                     take = min(self._content_left, n - pos)
                     rtype = self._type
                     req: Any = self._req  # set by _on_header for STDOUT/STDERR/END_REQUEST
-                    if rtype == _STDOUT:
+                    if rtype == STDOUT:
                         req.out_size += take
                         room = max_head - len(req.out)
                         if room > 0:
                             req.out += mv[pos : pos + min(take, room)]
-                    elif rtype == _STDERR:
+                    elif rtype == STDERR:
                         req.err_size += take
                         room = max_head - len(req.err)
                         if room > 0:
                             req.err += mv[pos : pos + min(take, room)]
-                    elif rtype == _END_REQUEST:
+                    elif rtype == END_REQUEST:
                         self._end += mv[pos : pos + take]
                     pos += take
                     self._content_left -= take
@@ -435,7 +389,7 @@ class ResponseParser:
                     self._pad_left -= take
                 if self._state == _ST_PADDING and not self._pad_left:
                     self._state = _ST_HEADER
-                    if self._type == _END_REQUEST:
+                    if self._type == END_REQUEST:
                         results.append(self._finish())
                         recv = 0
                         mark = pos

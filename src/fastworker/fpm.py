@@ -20,18 +20,18 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastworker.callbacks import Answer
-from fastworker.codec import ProtocolError, ResponseParser, encode_params, encode_request
+from fastworker.codec import (
+    RemoteProtocolError,
+    Response,
+    ResponseParser,
+    encode_params,
+    encode_request,
+)
 from fastworker.endpoint import Endpoint
 
 log = logging.getLogger("fastworker.fpm")
 
 REQUEST_ID = 1  # one request per connection at a time, so the id never needs to vary
-
-# FastCGI protocolStatus values (END_REQUEST).
-REQUEST_COMPLETE = 0
-CANT_MPX_CONN = 1
-OVERLOADED = 2
-UNKNOWN_ROLE = 3
 
 # How many times a request moves to another connection when FPM closed one without reading it.
 _STALE_RETRIES = 3
@@ -207,7 +207,7 @@ class _Connection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         try:
             done = self.parser.feed(data)
-        except ProtocolError as exc:
+        except RemoteProtocolError as exc:
             self.close()
             self._fail(FpmProtocolError(f"{self.pool.endpoint}: {exc}"))
             return
@@ -518,15 +518,21 @@ class FpmPool:
             best, best_queued, best_sent = conn, queued, sent_at
         return best
 
-    def _answered(self, conn: _Connection, callback: ResponseCallback, done: tuple) -> None:
+    def _answered(self, conn: _Connection, callback: ResponseCallback, done: Response) -> None:
         """A request's response is complete (called from data_received)."""
         self._release(conn)
         if self._backlog:  # the connection may take a pipelined request now
             self._serve_backlog()
         self.completed += 1
-        _, stdout, stderr, app_status, protocol_status, stdout_size, stderr_size = done
         callback(
-            FpmResponse(stdout, stderr, app_status, protocol_status, stdout_size, stderr_size),
+            FpmResponse(
+                done.stdout,
+                done.stderr,
+                done.app_status,
+                done.protocol_status,
+                done.stdout_size,
+                done.stderr_size,
+            ),
             None,
         )
 

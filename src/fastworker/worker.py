@@ -72,7 +72,7 @@ def check_codecs() -> str:
     missing = [
         f"{name} ({error})"
         for name, error in (
-            ("fcgi_codec", codec.IMPORT_ERROR),
+            ("fastworker._fcgi_codec", codec.IMPORT_ERROR),
             ("amqp_codec", fast_consumer.IMPORT_ERROR),
         )
         if error
