@@ -234,8 +234,7 @@ class AmqpWire(asyncio.Protocol):
     def _method(self, payload: bytes, channel: int) -> Frame:
         """Decodes a raw method frame's payload with pamqp (only rare frames come here)."""
         header = _FRAME_HEADER.pack(self._codec.FRAME_METHOD, channel, len(payload))
-        method: Frame = frame.unmarshal(header + payload + b"\xce")[2]
-        return method
+        return cast(Frame, frame.unmarshal(header + payload + b"\xce")[2])
 
     def _wake_reply(self) -> None:
         waiter = self._reply_waiter

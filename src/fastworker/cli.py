@@ -94,6 +94,15 @@ def worker_parser() -> argparse.ArgumentParser:
         "(default: 127.0.0.1:9000; 'localhost' in messages means 127.0.0.1)",
     )
     p.add_argument(
+        "--fpm-alias",
+        action="append",
+        metavar="NAMED=ACTUAL",
+        default=[],
+        help="a message naming the endpoint NAMED runs on ACTUAL, which must be listed with "
+        "--fpm; repeat for several (e.g. localhost:9000=unix:/run/php/php8.2-fpm.sock: the "
+        "bundle's default endpoint, on Debian's stock pool)",
+    )
+    p.add_argument(
         "--script",
         default=Settings.script,
         metavar="PATH",
@@ -238,6 +247,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         amqp_client=args.amqp_client,
         queues=args.queues or ["sf_deferred_events"],
         fpm=args.fpm or ["127.0.0.1:9000"],
+        fpm_alias=args.fpm_alias,
         script=args.script,
         allow_script=args.allow_script,
         concurrency=args.concurrency,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar
 
 import aiormq
@@ -57,6 +57,18 @@ def _decode_properties_per_message() -> None:
 
     unmarshal.__fastworker__ = True  # type: ignore[attr-defined]
     ContentHeader.unmarshal = unmarshal  # type: ignore[method-assign]
+
+
+async def connect(consumer: ConsumerBase[AbstractConnection], name: str) -> AbstractConnection:
+    """An aiormq connection with the consumer's queues ready: each declared if missing, then
+    `prepare`d. Both AMQP transports open one per session (the fast one for declares, the
+    `prepare` hook and the publisher only)."""
+    connection = await aiormq.connect(consumer.url, client_properties={"connection_name": name})
+    for queue in consumer.queues:
+        await ensure_queue(connection, queue)
+        if consumer.prepare is not None:
+            await consumer.prepare(connection, queue)
+    return connection
 
 
 class _Session:
@@ -160,25 +172,23 @@ class AiormqTransport(Transport):
 
     async def open(self) -> None:
         consumer = self.consumer
-        connection = self.connection = await aiormq.connect(
-            consumer.url, client_properties={"connection_name": "fastworker"}
-        )
-        for queue in consumer.queues:
-            await ensure_queue(connection, queue)
-            if consumer.prepare is not None:
-                await consumer.prepare(connection, queue)
+        connection = self.connection = await connect(consumer, "fastworker")
         publisher = self.publisher = await Publisher.open(connection)
         channel = await connection.channel(publisher_confirms=False)
         # aiormq only logs a broker-sent Basic.Cancel (queue deleted): end the session on it.
         cancelled: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        channel.on_consumer_cancel_callbacks.add(
-            lambda frame: cancelled.done() or cancelled.set_result(None)
-        )
+
+        def on_cancel(frame: object) -> None:
+            if not cancelled.done():
+                cancelled.set_result(None)
+
+        channel.on_consumer_cancel_callbacks.add(on_cancel)
         await channel.basic_qos(prefetch_count=consumer.prefetch)
         session = self.session = _Session(channel, publisher)
         for queue in consumer.queues:
             ok = await channel.basic_consume(queue, self._on_delivery(session, queue))
-            session.consumer_tags.append(ok.consumer_tag)
+            if ok.consumer_tag is not None:  # the broker always names it
+                session.consumer_tags.append(ok.consumer_tag)
         self._close_on(connection, (channel, publisher.channel), cancelled)
 
     def _close_on(
@@ -207,7 +217,7 @@ class AiormqTransport(Transport):
 
     def _on_delivery(
         self, session: _Session, queue: str
-    ) -> Callable[[DeliveredMessage], Awaitable[None]]:
+    ) -> Callable[[DeliveredMessage], Coroutine[Any, Any, None]]:
         deliver = self.consumer.deliver
 
         async def on_delivery(delivered: DeliveredMessage) -> None:

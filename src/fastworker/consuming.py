@@ -19,7 +19,7 @@ from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence, Sized
 from functools import partial
-from typing import ClassVar, Generic, Protocol, TypeVar
+from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from fastworker.broker import Publisher
 from fastworker.message import Message, NotStarted
@@ -271,8 +271,9 @@ class ConsumerBase(ABC, Generic[C]):
     async def _until_lost_or_stopped(self, transport: Transport) -> None:
         """Returns on stop; raises when the transport is closed or lost."""
         stop = asyncio.ensure_future(self._stopping.wait())
+        watched: set[asyncio.Future[Any]] = {stop, transport.closed}
         try:
-            await asyncio.wait({stop, transport.closed}, return_when=asyncio.FIRST_COMPLETED)
+            await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
         finally:
             if not stop.done():
                 stop.cancel()

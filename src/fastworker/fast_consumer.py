@@ -1,15 +1,15 @@
 """The default AMQP transport: deliveries in and acks out on the compiled frame codec.
 
 Why: aiormq spends 62-89 us of CPU per message on consume + ack, more than the worker's whole
-per-job budget of about 30 us. Here `amqp_wire.AmqpWire` reads the socket through
-`amqp_codec.FrameReader`, which returns one tuple per delivery; this module turns each into a
-`Message` (properties decoded per delivery, so one bad message is that message's `problem`
-alone) and hands them to the consumer skeleton (`consuming`), which starts jobs straight from the
-data callback. Acks leave as pre-encoded frames, many per write: batched `multiple=True` acks
-every ~2 ms, at once when nothing waits to start, or as soon as half the prefetch window is
-finished, so the broker never stalls. aiormq stays for everything that is not the hot path:
-queue declares, the `prepare` hook and the confirmed `Publisher`, on a second ("control")
-connection per session.
+per-job budget of about 30 us. `FastTransport` is an `amqp_wire.AmqpWire` (the client side of
+the connection, reading the socket through `amqp_codec.FrameReader`) that adds what is per
+delivery: each delivery tuple becomes a `Message` (properties decoded per delivery, so one bad
+message is that message's `problem` alone), and each read's deliveries go to the consumer
+skeleton (`consuming`) in one batch, which starts jobs straight from the data callback. Acks
+leave as pre-encoded frames, many per write: batched `multiple=True` acks every ~2 ms, at once
+when nothing waits to start, or as soon as half the prefetch window is finished, so the broker
+never stalls. aiormq stays for what is not the hot path: queue declares, the `prepare` hook and
+the confirmed `Publisher`, on a second ("control") connection per session.
 
 `codec` is the frame codec new connections use: the compiled one, or the pure-Python twin when
 FASTWORKER_NO_EXTENSIONS is set or the build is missing (tests and benches may swap it).
@@ -35,7 +35,8 @@ from fastworker.amqp_wire import (
     ConnectionParams,
     Items,
 )
-from fastworker.broker import Publisher, ensure_queue
+from fastworker.broker import Publisher
+from fastworker.consumer import connect
 from fastworker.consuming import ACK_HOLD, ACK_INTERVAL, ConsumerBase, Transport
 from fastworker.message import Message
 
@@ -195,13 +196,7 @@ class FastTransport(AmqpWire, Transport):
 
     async def open(self) -> None:
         consumer = self._consumer
-        control = self._control = await aiormq.connect(
-            consumer.url, client_properties={"connection_name": "fastworker-control"}
-        )
-        for queue in consumer.queues:
-            await ensure_queue(control, queue)
-            if consumer.prepare is not None:
-                await consumer.prepare(control, queue)
+        control = self._control = await connect(consumer, "fastworker-control")
         self.publisher = await Publisher.open(control)
         try:
             await asyncio.wait_for(

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import fnmatch
 import posixpath
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from fastworker.endpoint import Endpoint
 from fastworker.job import BadMessage, Job, NotAllowed
@@ -16,8 +16,28 @@ from fastworker.job import BadMessage, Job, NotAllowed
 PATH_MAX = 4096
 
 
+def parse_alias(text: str) -> tuple[Endpoint, Endpoint]:
+    """`NAMED=ACTUAL` (--fpm-alias): both FPM addresses, as `Endpoint.parse` reads them."""
+    named, sep, actual = text.partition("=")
+    if not sep or not named.strip() or not actual.strip():
+        raise ValueError(
+            f"--fpm-alias {text!r}: expected NAMED=ACTUAL, "
+            "e.g. localhost:9000=unix:/run/php/php8.2-fpm.sock"
+        )
+    return Endpoint.parse(named), Endpoint.parse(actual)
+
+
 class TargetPolicy:
-    def __init__(self, endpoints: Sequence[Endpoint], script_globs: Sequence[str]) -> None:
+    """Vets where a job may run. `aliases` maps an endpoint a message names to the one it runs
+    on (a bundle's default `localhost:9000` to the pool's real socket); the target must be
+    listed itself, so an alias never opens an endpoint the worker was not given."""
+
+    def __init__(
+        self,
+        endpoints: Sequence[Endpoint],
+        script_globs: Sequence[str],
+        aliases: Mapping[Endpoint, Endpoint] | None = None,
+    ) -> None:
         if not endpoints:
             raise ValueError("at least one FPM endpoint is needed")
         if not script_globs:
@@ -26,13 +46,23 @@ class TargetPolicy:
         self.default_endpoint = self.endpoints[0]
         self._allowed = frozenset(self.endpoints)
         self.script_globs = tuple(script_globs)
+        self.aliases = dict(aliases or {})
+        for named, actual in self.aliases.items():
+            if actual not in self._allowed:
+                raise ValueError(
+                    f"--fpm-alias {named}={actual}: {actual} is not listed with --fpm"
+                )
 
     def resolve(self, job: Job) -> tuple[Endpoint, str]:
         """The endpoint and normalized script for `job`, or NotAllowed."""
         endpoint = job.endpoint or self.default_endpoint
+        endpoint = self.aliases.get(endpoint, endpoint)
         if endpoint not in self._allowed:
             allowed = ", ".join(map(str, self.endpoints))
-            raise NotAllowed(f"FPM endpoint {endpoint} is not listed with --fpm ({allowed})")
+            raise NotAllowed(
+                f"FPM endpoint {endpoint} is not listed with --fpm ({allowed}); if the job "
+                f"should run on one of those, map it: --fpm-alias {endpoint}=ADDR"
+            )
         return endpoint, self._check_script(job.script)
 
     def _check_script(self, script: str) -> str:

@@ -19,7 +19,7 @@ from fastworker.fast_consumer import FastAmqpConsumer
 from fastworker.formats import parser_for
 from fastworker.fpm import Endpoint, FpmPools
 from fastworker.handler import JobHandler
-from fastworker.targets import TargetPolicy
+from fastworker.targets import TargetPolicy, parse_alias
 
 log = logging.getLogger("fastworker")
 
@@ -35,6 +35,7 @@ class Settings:
     amqp_client: str = "fast"  # "fast": own connection + compiled codec; "aiormq": reference
     queues: list[str] = field(default_factory=lambda: ["sf_deferred_events"])
     fpm: list[str] = field(default_factory=lambda: ["127.0.0.1:9000"])
+    fpm_alias: list[str] = field(default_factory=list)  # "NAMED=ACTUAL"
     script: str = "/var/www/bin/dispatch.php"
     allow_script: list[str] = field(default_factory=list)
     concurrency: int = 4  # connections per FPM endpoint, <= pm.max_children
@@ -102,7 +103,8 @@ def build(settings: Settings) -> tuple[Consumer, FpmPools, FailureHandler]:
             settings.jobs_in_flight,
         )
     endpoints = [Endpoint.parse(text) for text in settings.fpm]
-    policy = TargetPolicy(endpoints, settings.allow_script or [settings.script])
+    aliases = dict(parse_alias(text) for text in settings.fpm_alias)
+    policy = TargetPolicy(endpoints, settings.allow_script or [settings.script], aliases)
     pools = FpmPools(
         settings.concurrency,
         connect_timeout=settings.connect_timeout,

@@ -1,0 +1,97 @@
+"""A new user's first contact: pointing fastworker at an existing PHP-FPM and broker.
+
+Real RabbitMQ, a real PHP-FPM started by the test, the worker as a subprocess.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from fastworker.endpoint import Endpoint
+from fastworker.job import Job, NotAllowed
+from fastworker.targets import TargetPolicy, parse_alias
+from helpers import bundle_message, wait_for
+from services import PHP_DIR
+from services.rabbitmq import amqp_get_all, amqp_publish, amqp_queue_count
+from services.worker import Worker, worker_args
+
+RECORD = str(PHP_DIR / "record.php")
+SOCK = Endpoint(path="/run/php/php8.2-fpm.sock")
+
+
+def test_an_alias_maps_the_endpoint_a_message_names_onto_a_listed_one() -> None:
+    named, actual = parse_alias("localhost:9000=unix:/run/php/php8.2-fpm.sock")
+    assert (named, actual) == (Endpoint("127.0.0.1", 9000), SOCK)
+    policy = TargetPolicy([SOCK], ["/srv/*.php"], {named: actual})
+    assert policy.resolve(Job("/srv/a.php", endpoint=Endpoint("127.0.0.1", 9000))) == (
+        SOCK,
+        "/srv/a.php",
+    )
+    with pytest.raises(NotAllowed, match="--fpm-alias 127.0.0.1:9001=ADDR"):
+        policy.resolve(Job("/srv/a.php", endpoint=Endpoint("127.0.0.1", 9001)))
+    with pytest.raises(ValueError, match="is not listed with --fpm"):
+        TargetPolicy([SOCK], ["/srv/*.php"], {named: Endpoint("127.0.0.1", 9002)})
+    for bad in ("localhost:9000", "=unix:/x", "localhost:9000=", "localhost:x=unix:/s"):
+        with pytest.raises(ValueError):
+            parse_alias(bad)
+
+
+def test_bundle_messages_naming_localhost_9000_run_on_a_unix_socket_pool(
+    fpm_factory, rabbitmq_url: str, queue_name: str, tmp_path: Path
+) -> None:
+    # The bundle's defaults name localhost:9000; Debian's stock pool listens on a Unix socket.
+    fpm = fpm_factory(children=2, unix_socket=True)
+    datas = [f"aliased-{i}" for i in range(200)]
+    amqp_publish(
+        rabbitmq_url, queue_name, [bundle_message(d, RECORD, "localhost", 9000) for d in datas]
+    )
+    worker = Worker(
+        worker_args(
+            rabbitmq_url, queue_name, fpm.address, "--fpm-alias", f"localhost:9000={fpm.address}",
+            "--concurrency", "2",
+        ),
+        tmp_path / "worker.log",
+    )
+    try:
+        wait_for(lambda: len(fpm.records()) >= len(datas), 60, what="200 jobs")
+    finally:
+        code = worker.stop()
+    assert code == 0, worker.log()
+    runs = Counter(sha for _, sha, _ in fpm.records())
+    assert runs == Counter(hashlib.sha1(d.encode()).hexdigest() for d in datas)
+    assert amqp_queue_count(rabbitmq_url, f"{queue_name}.failed") == 0
+
+
+def test_without_the_alias_the_dead_letter_says_how_to_map_it(
+    fpm_factory, rabbitmq_url: str, queue_name: str, tmp_path: Path
+) -> None:
+    fpm = fpm_factory(children=1, unix_socket=True)
+    amqp_publish(rabbitmq_url, queue_name, [bundle_message("unmapped", RECORD, "localhost", 9000)])
+    worker = Worker(worker_args(rabbitmq_url, queue_name, fpm.address), tmp_path / "worker.log")
+    dead_letters = f"{queue_name}.failed"
+    try:
+        worker.wait_consuming()
+        wait_for(lambda: amqp_queue_count(rabbitmq_url, dead_letters) == 1, 30, what="dead letter")
+    finally:
+        code = worker.stop()
+    assert code == 0, worker.log()
+    (letter,) = amqp_get_all(rabbitmq_url, dead_letters)
+    error = json.loads(letter.header.properties.headers["x-fastworker-error"])
+    assert error["kind"] == "not_allowed"
+    assert "--fpm-alias 127.0.0.1:9000=ADDR" in error["message"]
+
+
+def test_an_alias_to_an_unlisted_endpoint_stops_the_worker_at_start(tmp_path: Path) -> None:
+    worker = Worker(
+        ["--amqp-url", "amqp://guest:guest@127.0.0.1:1/", "--fpm", "127.0.0.1:9000",
+         "--fpm-alias", "localhost:9001=unix:/nowhere.sock"],
+        tmp_path / "worker.log",
+    )
+    code = worker.proc.wait(30)
+    assert code == 2, worker.log()
+    assert "unix:/nowhere.sock is not listed with --fpm" in worker.log()
