@@ -95,3 +95,34 @@ def test_an_alias_to_an_unlisted_endpoint_stops_the_worker_at_start(tmp_path: Pa
     code = worker.proc.wait(30)
     assert code == 2, worker.log()
     assert "unix:/nowhere.sock is not listed with --fpm" in worker.log()
+
+
+def test_concurrency_above_a_dynamic_pool_s_children_costs_no_job_its_timeout(
+    fpm_factory, rabbitmq_url: str, queue_name: str, tmp_path: Path
+) -> None:
+    # The run: a dynamic pool of at most 2 children on a Unix socket, 200 bundle
+    # messages naming the bundle's default localhost:9000, and --concurrency 4. Two of the
+    # four connections wait in FPM's backlog; the pool frees children for them and keeps to
+    # two connections, so no job waits for --job-timeout (300 s by default).
+    fpm = fpm_factory(children=2, unix_socket=True, pm="dynamic")
+    datas = [f"dynamic-{i}" for i in range(200)]
+    amqp_publish(
+        rabbitmq_url, queue_name, [bundle_message(d, RECORD, "localhost", 9000) for d in datas]
+    )
+    worker = Worker(
+        worker_args(
+            rabbitmq_url, queue_name, fpm.address, "--fpm-alias", f"localhost:9000={fpm.address}",
+            "--concurrency", "4",
+        ),
+        tmp_path / "worker.log",
+    )
+    try:
+        wait_for(lambda: len(fpm.records()) >= len(datas), 30, what="200 jobs within 30 s")
+    finally:
+        code = worker.stop()
+    assert code == 0, worker.log()
+    runs = Counter(sha for _, sha, _ in fpm.records())
+    assert runs == Counter(hashlib.sha1(d.encode()).hexdigest() for d in datas)
+    assert amqp_queue_count(rabbitmq_url, f"{queue_name}.failed") == 0
+    assert "timeout" not in worker.log()
+    assert "waits in its backlog" in worker.log()  # the case did arise, and was named

@@ -36,6 +36,9 @@ REQUEST_ID = 1  # one request per connection at a time, so the id never needs to
 # How many times a request moves to another connection when FPM closed one without reading it.
 _STALE_RETRIES = 3
 
+# Seconds after which a pool kept below max_connections (FPM served fewer) tries one more.
+LIMIT_RECHECK = 300.0
+
 # A request is pipelined only behind one that has run for less than this: a request that has
 # already run long is likely a long job, and whatever waits behind it waits as long.
 PIPELINE_MAX_HEAD_AGE = 0.05
@@ -178,6 +181,7 @@ class _Connection(asyncio.Protocol):
         "sent_at",
         "completed_at_send",
         "stall_reported",
+        "draining",
     )
 
     def __init__(self, pool: FpmPool) -> None:
@@ -199,6 +203,7 @@ class _Connection(asyncio.Protocol):
         self.deadline = 0.0
         self.completed_at_send = 0
         self.stall_reported = False
+        self.draining = False  # close once its requests are done: its child is needed elsewhere
 
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -373,6 +378,12 @@ class FpmPool:
         self.stall_warning_after = stall_warning_after
         self.loop = asyncio.get_running_loop()
         self.completed = 0  # requests answered, for the stall check
+        # Connections this pool opens at most: max_connections, lowered while FPM serves
+        # fewer (its children are fewer than --concurrency; see _unstick), raised again later.
+        self.limit = max_connections
+        self._limited_at = 0.0
+        self._children_wanted = 0  # stuck connections still waiting for a child
+        self._draining = 0  # served connections marked to close for them
         self.opened = 0  # connections ever opened, for tests and stats
         self.pipelined = 0  # requests ever written behind another, for tests and stats
         self._open = 0  # connections open or being opened
@@ -431,7 +442,7 @@ class FpmPool:
         if conn is not None:
             conn.send(payload, timeout, callback, stale_left)
             return True
-        if self._open < self.max_connections:
+        if self._open < self.limit:
             self._open += 1  # reserved now, so the requests right behind do not open more
             task = self.loop.create_task(
                 self._open_and_send(payload, timeout, callback, stale_left)
@@ -513,7 +524,7 @@ class FpmPool:
                 continue
             if queued == best_queued and sent_at <= best_sent:
                 continue
-            if conn.closed or not conn.served or conn.callback is None:
+            if conn.closed or not conn.served or conn.callback is None or conn.draining:
                 continue
             best, best_queued, best_sent = conn, queued, sent_at
         return best
@@ -622,6 +633,9 @@ class FpmPool:
         if self._closing:
             conn.close()
             return
+        if conn.draining:
+            self._free_child(conn)
+            return
         conn.last_used = self.loop.time()
         self._idle.append(conn)
         if self._backlog:
@@ -629,6 +643,9 @@ class FpmPool:
 
     def _on_closed(self, conn: _Connection) -> None:
         self._busy.discard(conn)
+        if conn.draining:  # closed before its turn (FPM closed it, a timeout): free another
+            conn.draining = False
+            self._draining -= 1
         self._slot_freed()
 
     def _slot_freed(self) -> None:
@@ -649,26 +666,75 @@ class FpmPool:
             else:
                 keep.append(conn)
         self._idle[:] = keep
+        stuck = [
+            conn
+            for conn in self._busy
+            if conn.served == 0
+            and not conn.stall_reported
+            and conn.in_flight
+            and conn.parser.bytes_received == 0
+            and now - conn.sent_at > self.stall_warning_after
+            and self.completed > conn.completed_at_send
+        ]
+        if stuck:
+            self._unstick(stuck, now)
+        elif self.limit < self.max_connections and now - self._limited_at > LIMIT_RECHECK:
+            self.limit += 1  # FPM may have more children by now: try one more connection
+            self._limited_at = now
+            log.info("%s: trying %d connections again", self.endpoint, self.limit)
+
+    def _unstick(self, stuck: list[_Connection], now: float) -> None:
+        """Connections that no PHP child took (they wait in FPM's listen backlog) while others
+        are served: FPM has fewer children than --concurrency. Keep only as many connections
+        as FPM serves, and free one child per stuck connection by closing a served connection
+        once its requests are done; FPM then accepts the stuck one and its request runs.
+
+        Closing the stuck connection instead would be faster, but from this side it looks the
+        same as a child running a long first request, which must not run twice.
+        """
+        served = sum(1 for conn in (*self._busy, *self._idle) if conn.served and not conn.closed)
+        for conn in stuck:
+            conn.stall_reported = True
+        self._children_wanted += len(stuck)
+        oldest = min(stuck, key=lambda conn: conn.sent_at)
+        limited = bool(served) and served < self.limit
+        if limited:
+            self.limit = served
+            self._limited_at = now
+        log.warning(
+            "%s: a request on a new connection has had no answer for %.0f s while other "
+            "connections completed %d requests; FPM has fewer children than --concurrency (%d) "
+            "and this connection waits in its backlog. %sFreeing a PHP child for each waiting "
+            "request. Set --concurrency to the pool's pm.max_children to avoid the wait.",
+            self.endpoint,
+            now - oldest.sent_at,
+            self.completed - oldest.completed_at_send,
+            self.max_connections,
+            f"Keeping at most {served} connections to it (FPM served that many; one more is "
+            f"tried every {LIMIT_RECHECK:.0f} s). "
+            if limited
+            else "",
+        )
+        # Idle served connections go at once; busy ones once their requests are done.
+        for conn in [*self._idle]:
+            if self._children_wanted <= self._draining or not conn.served or conn.closed:
+                continue
+            self._idle.remove(conn)
+            self._free_child(conn, counted=False)
         for conn in self._busy:
-            if (
-                conn.served == 0
-                and not conn.stall_reported
-                and conn.in_flight
-                and conn.parser.bytes_received == 0
-                and now - conn.sent_at > self.stall_warning_after
-                and self.completed > conn.completed_at_send
-            ):
-                conn.stall_reported = True
-                log.warning(
-                    "%s: a request on a new connection has had no answer for %.0f s while other "
-                    "connections completed %d requests; FPM has fewer children than "
-                    "--concurrency (%d) and this connection waits in its backlog. Lower "
-                    "--concurrency to the pool's pm.max_children.",
-                    self.endpoint,
-                    now - conn.sent_at,
-                    self.completed - conn.completed_at_send,
-                    self.max_connections,
-                )
+            if self._children_wanted <= self._draining:
+                break
+            if conn.served and not conn.draining and not conn.closed:
+                conn.draining = True
+                self._draining += 1
+
+    def _free_child(self, conn: _Connection, counted: bool = True) -> None:
+        """Closes a served connection so that its PHP child can accept a stuck one."""
+        if counted:
+            conn.draining = False
+            self._draining -= 1
+        self._children_wanted = max(0, self._children_wanted - 1)
+        conn.close()
 
     def stop_starting(self) -> None:
         """From now on requests not yet written to FPM fail with FpmNotStarted (shutdown):

@@ -161,8 +161,10 @@ def pool_config(
     pid_file: Path,
     error_log: Path,
     log_limit: int = 0,
+    pm: str = "static",
 ) -> str:
-    """The php-fpm.conf of a private server: one static pool named fwtest."""
+    """The php-fpm.conf of a private server: one pool named fwtest (static unless `pm` says
+    dynamic: then it starts with one child and grows to `children`, as Debian's stock pool)."""
     lines = [
         "[global]",
         f"pid = {pid_file}",
@@ -176,8 +178,13 @@ def pool_config(
         "group = root",
         f"listen = {listen}",
         f"listen.backlog = {listen_backlog}",
-        "pm = static",
+        f"pm = {pm}",
         f"pm.max_children = {children}",
+        *(
+            ["pm.start_servers = 1", "pm.min_spare_servers = 1", "pm.max_spare_servers = 1"]
+            if pm == "dynamic"
+            else []
+        ),
         "catch_workers_output = yes",
         "decorate_workers_output = no",
         "clear_env = no",
@@ -226,6 +233,7 @@ def start_fpm(
     env: dict[str, str] | None = None,
     unix_socket: bool = False,
     log_limit: int = 0,
+    pm: str = "static",
 ) -> FpmServer:
     """Start a private PHP-FPM (pm = static) on a free loopback port and wait until it serves.
 
@@ -272,6 +280,7 @@ def start_fpm(
             pid_file=workdir / "php-fpm.pid",
             error_log=error_log,
             log_limit=log_limit,
+            pm=pm,
         )
     )
     with open(output_log, "wb") as out:
@@ -289,7 +298,8 @@ def start_fpm(
                 f"php-fpm exited with {proc.returncode} while starting ({conf_path}):\n"
                 f"{server.log_text()}"
             )
-        if len(server.child_pids()) >= children and server.connect_probe():
+        ready = children if pm == "static" else 1
+        if len(server.child_pids()) >= ready and server.connect_probe():
             return server
         if time.monotonic() >= deadline:
             pids = server.child_pids()
