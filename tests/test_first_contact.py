@@ -126,3 +126,45 @@ def test_concurrency_above_a_dynamic_pool_s_children_costs_no_job_its_timeout(
     assert amqp_queue_count(rabbitmq_url, f"{queue_name}.failed") == 0
     assert "timeout" not in worker.log()
     assert "waits in its backlog" in worker.log()  # the case did arise, and was named
+
+
+@pytest.mark.parametrize("client", ["fast", "aiormq"])
+@pytest.mark.parametrize(
+    "url, says",
+    [
+        ("amqp://guest:wrong@127.0.0.1:5672/", "refused the login of user 'guest'"),
+        ("amqp://guest:guest@127.0.0.1:5672/no-such-vhost", "asked for vhost 'no-such-vhost'"),
+    ],
+    ids=["password", "vhost"],
+)
+def test_a_refused_login_or_vhost_ends_the_worker_at_once(
+    rabbitmq_url: str, tmp_path: Path, client: str, url: str, says: str
+) -> None:
+    worker = Worker(
+        ["--amqp-url", url, "--amqp-client", client, "--fpm", "127.0.0.1:9000"],
+        tmp_path / "worker.log",
+    )
+    code = worker.proc.wait(10)  # the issue: non-zero within 10 s, not retried forever
+    log = worker.log()
+    assert code == 2, log
+    assert says in log and "--amqp-url" in log
+    assert "wrong" not in log.replace("guest:wrong", "")  # the password is never shown
+    assert ":***@" in log or "vhost" in says
+    assert "retrying" not in log
+
+
+def test_nothing_listening_is_retried_with_a_hint(tmp_path: Path) -> None:
+    from services.process import free_loopback_port
+
+    port = free_loopback_port()
+    worker = Worker(
+        ["--amqp-url", f"amqp://guest:secret@127.0.0.1:{port}/", "--fpm", "127.0.0.1:9000"],
+        tmp_path / "worker.log",
+    )
+    try:
+        wait_for(lambda: "retrying in" in worker.log(), 15, what="a retry")
+        assert worker.alive()  # systemd-friendly: the broker may be starting
+    finally:
+        worker.stop()
+    assert f"is RabbitMQ running at 127.0.0.1:{port}?" in worker.log()
+    assert "secret" not in worker.log()

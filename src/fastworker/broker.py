@@ -6,8 +6,10 @@ RabbitMQ closes a channel on a failed declare, so each probe gets a channel of i
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 from typing import Any
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiormq
 from aiormq.abc import AbstractChannel, AbstractConnection
@@ -89,3 +91,54 @@ class Publisher:
     async def close(self) -> None:
         if not self.channel.is_closed:
             await self.channel.close()
+
+
+def masked(url: str) -> str:
+    """`url` with its password replaced by ***, for logs and errors."""
+    parts = urlsplit(url)
+    if parts.password is None:
+        return url
+    netloc = parts.netloc.rsplit("@", 1)
+    user = (parts.username or "") + ":***"
+    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[-1]}"))
+
+
+def refusal(url: str, exc: BaseException) -> str | None:
+    """What to check when RabbitMQ refuses this URL's login, vhost or permissions; None for
+    trouble that retrying may cure (the broker down, a lost connection)."""
+    parts = urlsplit(url)
+    where = f"RabbitMQ at {parts.hostname or 'localhost'}:{parts.port or 5672}"
+    user = unquote(parts.username) if parts.username is not None else "guest"
+    path = parts.path[1:] if parts.path.startswith("/") else parts.path
+    vhost = unquote(path) if path else "/"
+    if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
+        return (
+            f"{where} refused the login of user {user!r} ({exc.args[0] if exc.args else exc}): "
+            f"check the user name and password in --amqp-url {masked(url)}"
+        )
+    if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
+        return (
+            f"{where} closed the connection when user {user!r} asked for vhost {vhost!r}: check "
+            f"that the vhost exists and that the user may use it (--amqp-url {masked(url)})"
+        )
+    if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
+        return (
+            f"{where} refused user {user!r} access ({exc.args[0] if exc.args else exc}): check "
+            f"the user's permissions on vhost {vhost!r} (--amqp-url {masked(url)})"
+        )
+    return None
+
+
+def unreachable(url: str, exc: BaseException) -> str | None:
+    """A hint when nothing answers where the broker should be."""
+    if isinstance(exc, ConnectionRefusedError) or (
+        isinstance(exc, aiormq.exceptions.AMQPConnectionError)
+        and exc.args
+        and exc.args[0] == errno.ECONNREFUSED
+    ):
+        parts = urlsplit(url)
+        return (
+            f"is RabbitMQ running at {parts.hostname or 'localhost'}:{parts.port or 5672}? "
+            f"(--amqp-url {masked(url)})"
+        )
+    return None

@@ -280,11 +280,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     settings = settings_from(args)
+    from fastworker.consuming import BrokerRefused
     from fastworker.worker import run
 
     try:
         run(settings)
-    except ValueError as exc:  # bad --fpm address, bad retry settings, ...
+    except (ValueError, BrokerRefused) as exc:  # bad --fpm address, a refused login, ...
         print(f"fastworker: {exc}", file=sys.stderr)
         return 2
     return 0

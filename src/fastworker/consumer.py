@@ -21,6 +21,7 @@ import aiormq
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from pamqp.header import ContentHeader
 
+from fastworker import broker
 from fastworker.acks import AckTracker
 from fastworker.amqp_py import PropertyError, decode_properties
 from fastworker.broker import Publisher, ensure_queue
@@ -166,6 +167,12 @@ class AiormqTransport(Transport):
             and connection is not None
             and not connection.is_closed
         )
+
+    def refusal(self, exc: BaseException) -> str | None:
+        return broker.refusal(self.consumer.url, exc)
+
+    def unreachable(self, exc: BaseException) -> str | None:
+        return broker.unreachable(self.consumer.url, exc)
 
     def describe(self) -> tuple[str, str]:
         return ", ".join(self.consumer.queues), f"prefetch {self.consumer.prefetch}"

@@ -49,6 +49,11 @@ C = TypeVar("C")
 Prepare = Callable[[C, str], Awaitable[None]]
 
 
+class BrokerRefused(Exception):
+    """The broker refused the worker at start (login, vhost, access): a configuration error,
+    which retrying cannot fix. The message says what to check."""
+
+
 class Consumer(Protocol):
     """What the worker sees of any consumer."""
 
@@ -93,6 +98,15 @@ class Transport(ABC):
 
     # What `open()` and a lost session raise that is worth a reconnect with backoff.
     errors: ClassVar[tuple[type[BaseException], ...]] = (ConnectionError, OSError)
+
+    def refusal(self, exc: BaseException) -> str | None:
+        """If `exc` says the broker refuses this configuration (a wrong password, a missing
+        vhost, no permission), what to check; None for trouble that retrying may cure."""
+        return None
+
+    def unreachable(self, exc: BaseException) -> str | None:
+        """If `exc` says nothing listens where the broker should be, a hint for the log."""
+        return None
     # Handed to the handler with each delivery, for publishing retries and dead letters.
     publisher: Publisher
     closed: asyncio.Future[object]
@@ -176,6 +190,8 @@ class ConsumerBase(ABC, Generic[C]):
         self.max_backoff = max_backoff
         self.max_message_size = max_message_size  # larger messages are the message's problem
         self.processed = 0
+        # How the start line names `concurrency` (the worker says where the number comes from).
+        self.in_flight_note = f"{concurrency} jobs in flight"
         self.connected = asyncio.Event()  # set while consuming; tests and the CLI wait on it
         self._stopping = asyncio.Event()
         start: Start | None = getattr(handler, "start", None)
@@ -198,6 +214,7 @@ class ConsumerBase(ABC, Generic[C]):
         self._dispatching = False
         self._running = False  # runner tasks are up; nothing is started or carried on without
         self._idle_waiter: asyncio.Future[None] | None = None
+        self._started = False  # consumed at least once: later losses are retried
         self.configure()
 
     # ---------------------------------------------------------------- for subclasses
@@ -235,9 +252,18 @@ class ConsumerBase(ABC, Generic[C]):
                 except transport.errors as exc:
                     if self._stopping.is_set():
                         break
+                    # At start a refusal is a configuration error: say so and end. Once the
+                    # worker has consumed, the broker may come back to its senses: retry.
+                    reason = None if self._started else transport.refusal(exc)
+                    if reason is not None:
+                        raise BrokerRefused(reason) from None
                     delay = backoff * random.uniform(0.5, 1.0)
+                    hint = transport.unreachable(exc)
                     log.warning(
-                        "broker connection lost or refused (%r); retrying in %.1f s", exc, delay
+                        "broker connection lost or refused (%r)%s; retrying in %.1f s",
+                        exc,
+                        f": {hint}" if hint else "",
+                        delay,
                     )
                     backoff = min(backoff * 2, self.max_backoff)
                     try:
@@ -253,8 +279,9 @@ class ConsumerBase(ABC, Generic[C]):
     async def _session(self, transport: Transport) -> None:
         try:
             await transport.open()
+            self._started = True
             sources, details = transport.describe()
-            log.info("consuming %s (concurrency %d, %s)", sources, self.concurrency, details)
+            log.info("consuming %s (%s, %s)", sources, self.in_flight_note, details)
             self.connected.set()
             try:
                 await self._until_lost_or_stopped(transport)

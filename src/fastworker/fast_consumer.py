@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import aiormq
 from aiormq.abc import AbstractConnection
 
-from fastworker import amqp_py
+from fastworker import amqp_py, broker
 from fastworker.acks import AckTracker
 from fastworker.amqp_py import PropertyError, decode_properties
 from fastworker.amqp_wire import (
@@ -99,6 +99,12 @@ class FastTransport(AmqpWire, Transport):
         self._encode_nack = codec.encode_nack
         self._flush_at = max(1, consumer.prefetch // 2)
         self._flush_scheduled = False
+
+    def refusal(self, exc: BaseException) -> str | None:
+        return broker.refusal(self._consumer.url, exc)
+
+    def unreachable(self, exc: BaseException) -> str | None:
+        return broker.unreachable(self._consumer.url, exc)
 
     def describe(self) -> tuple[str, str]:
         how = "compiled" if self._codec is not amqp_py else "pure-Python"

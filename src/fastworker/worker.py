@@ -141,6 +141,10 @@ def build(settings: Settings) -> tuple[Consumer, FpmPools, FailureHandler]:
         shutdown_timeout=settings.shutdown_timeout,
         max_message_size=settings.max_message_size,
     )
+    consumer.in_flight_note = (
+        f"{settings.concurrency} connections per FPM endpoint x pipeline {settings.pipeline} = "
+        f"{settings.jobs_in_flight} jobs in flight"
+    )
     return consumer, pools, failures
 
 
