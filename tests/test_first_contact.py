@@ -168,3 +168,34 @@ def test_nothing_listening_is_retried_with_a_hint(tmp_path: Path) -> None:
         worker.stop()
     assert f"is RabbitMQ running at 127.0.0.1:{port}?" in worker.log()
     assert "secret" not in worker.log()
+
+
+def _check(*args: str) -> tuple[int, str]:
+    import subprocess
+    import sys
+
+    from services.worker import worker_env
+
+    result = subprocess.run(
+        [sys.executable, "-m", "fastworker", "check", *args],
+        capture_output=True, text=True, timeout=60, env=worker_env(),
+    )
+    return result.returncode, result.stdout + result.stderr
+
+
+def test_check_says_what_works_and_what_to_fix(fpm_factory, rabbitmq_url: str) -> None:
+    fpm = fpm_factory(children=1, unix_socket=True)
+    common = ["--fpm", fpm.address, "--script", RECORD, "--allow-script", f"{PHP_DIR}/*.php"]
+    code, out = _check("--amqp-url", rabbitmq_url, *common,
+                       "--fpm-alias", f"localhost:9000={fpm.address}")
+    assert code == 0, out
+    assert "5 of 5 checks passed" in out and f"ok   PHP-FPM {fpm.address}" in out
+    assert "messages naming it run on" in out
+
+    code, out = _check("--amqp-url", rabbitmq_url.replace("guest:guest", "guest:wrong"),
+                       "--fpm", fpm.address, "--script", f"{PHP_DIR}/missing.php",
+                       "--allow-script", f"{PHP_DIR}/*.php")
+    assert code == 1, out
+    assert "refused the login of user 'guest'" in out and "wrong" not in out
+    assert "--fpm-alias localhost:9000=" in out  # the bundle's default endpoint is not mapped
+    assert "missing.php does not exist where PHP-FPM runs" in out

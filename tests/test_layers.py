@@ -21,7 +21,7 @@ LAYERS: list[tuple[str, set[str]]] = [
     ("settle", {"broker", "failures"}),
     ("handler", {"handler"}),
     ("consumers", {"acks", "consuming", "amqp_wire", "consumer", "fast_consumer"}),
-    ("process", {"worker", "cli", "dlq", "__main__"}),
+    ("process", {"worker", "cli", "dlq", "check", "__main__"}),
 ]
 LAYER = {module: index for index, (_, modules) in enumerate(LAYERS) for module in modules}
 

@@ -1,4 +1,5 @@
-"""The `fastworker` command: run the worker, or inspect and replay dead letters (`dlq`)."""
+"""The `fastworker` command: run the worker, try its settings (`check`), or inspect and replay
+dead letters (`dlq`)."""
 
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ example:
   fastworker --amqp-url amqp://guest:guest@127.0.0.1:5672/ --queue sf_deferred_events \\
       --fpm 127.0.0.1:9000 --allow-script '/srv/app/vendor/*/dispatch.php' --concurrency 4
 
+  fastworker check --fpm 127.0.0.1:9000 --script /srv/app/bin/dispatch.php   # try first
   fastworker dlq show --queue sf_deferred_events     # what failed, and why
   fastworker dlq --help
 """
@@ -275,6 +277,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fastworker.dlq import main as dlq_main
 
         return dlq_main(argv[1:])
+    if argv[:1] == ["check"]:
+        return check_main(argv[1:])
     args = worker_parser().parse_args(argv)
     logging.basicConfig(
         level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -289,6 +293,31 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fastworker: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def check_main(argv: list[str]) -> int:
+    """`fastworker check`: the worker's flags, tried once (see fastworker.check)."""
+    parser = worker_parser()
+    parser.prog = "fastworker check"
+    parser.description = (
+        "Tries the settings the worker would run with: the broker and its queues, one FastCGI "
+        "request for --script to each --fpm endpoint, and the allow-lists against the "
+        "deferred-event bundle's defaults. Exit 0 when everything works, 1 otherwise."
+    )
+    parser.epilog = None
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    import asyncio
+
+    from fastworker.check import check, report
+
+    try:
+        findings = asyncio.run(check(settings_from(args)))
+    except ValueError as exc:  # a bad --fpm or --fpm-alias
+        print(f"fastworker check: {exc}", file=sys.stderr)
+        return 2
+    print(report(findings))
+    return 0 if all(finding.ok for finding in findings) else 1
 
 
 if __name__ == "__main__":
