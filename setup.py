@@ -7,7 +7,9 @@ extensions = [
     Extension(
         "fastworker._fcgi_codec", ["src/fastworker/_fcgi_codec.pyx"], extra_compile_args=["-O2"]
     ),
-    Extension("amqp_codec", ["src/amqp_codec.pyx"], extra_compile_args=["-O2"]),
+    Extension(
+        "fastworker._amqp_codec", ["src/fastworker/_amqp_codec.pyx"], extra_compile_args=["-O2"]
+    ),
 ]
 
 setup(

@@ -30,12 +30,13 @@ import uvloop
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from fastworker import amqp_py, fast_consumer  # noqa: E402
+from fastworker import codec as selector  # noqa: E402
 from fastworker.consumer import AmqpConsumer  # noqa: E402
 from fastworker.fast_consumer import FastAmqpConsumer  # noqa: E402
 from fastworker.message import Message  # noqa: E402
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
-SELECTED_CODEC = fast_consumer.codec  # the compiled one unless FASTWORKER_NO_EXTENSIONS is set
+SELECTED_CODEC = selector.amqp  # the compiled one unless FASTWORKER_NO_EXTENSIONS is set
 PUBLISH_WINDOW = 1000  # unconfirmed publishes in flight while filling the queue
 
 
@@ -152,8 +153,12 @@ def main() -> int:
     p.add_argument("--json", action="store_true", help="one JSON object per run on stdout")
     args = p.parse_args()
     kinds = [k.strip() for k in args.consumers.split(",") if k.strip()]
-    if "fast" in kinds and not fast_consumer.COMPILED:
-        print("amqp_codec is not built: python setup.py build_ext --inplace", file=sys.stderr)
+    if "fast" in kinds and not selector.AMQP_COMPILED:
+        print(
+            f"fastworker._amqp_codec did not load ({selector.AMQP_IMPORT_ERROR or 'forced off'}):"
+            " python setup.py build_ext --inplace",
+            file=sys.stderr,
+        )
         return 2
     if not beam_pids():
         print("note: no beam.smp process visible; broker CPU will read 0", file=sys.stderr)

@@ -915,7 +915,7 @@ def machine_info() -> dict[str, Any]:
             if line.startswith("model name"):
                 model = line.split(":", 1)[1].strip()
                 break
-    from fastworker.codec import COMPILED, fcgi
+    from fastworker.codec import AMQP_COMPILED, FCGI_COMPILED, amqp, fcgi
 
     return {
         "host": socket.gethostname(),
@@ -924,7 +924,10 @@ def machine_info() -> dict[str, Any]:
         "cpu_model": model,
         "loadavg_at_start": os.getloadavg(),
         "python": platform.python_version(),
-        "codec": f"{'compiled' if COMPILED else 'pure-python'} ({fcgi.__name__})",
+        "codec": (
+            f"FastCGI {'compiled' if FCGI_COMPILED else 'pure-python'} ({fcgi.__name__}), "
+            f"AMQP {'compiled' if AMQP_COMPILED else 'pure-python'} ({amqp.__name__})"
+        ),
     }
 
 

@@ -5,11 +5,12 @@
     python bench/fuzz_amqp_atheris.py --random 100000    # no atheris: seeded random inputs
 
 Each input chooses frame_max, max_body_size and split points, then is fed as a byte stream to
-the compiled `amqp_codec` and the pure-Python `fastworker.amqp_py` (the compiled module is
-instrumented only if atheris can see it; the differential check needs no instrumentation).
-A crash is: the twins disagree, `feed` raises anything but AMQPFrameError, `buffered` reaches
-frame_max, a broken reader accepts data again, or `decode_properties` raises anything but
-PropertyError. tests/test_amqp_fuzz.py runs the same checks with hypothesis, briefly.
+the compiled `fastworker._amqp_codec` and the pure-Python `fastworker.amqp_py` (the compiled
+module is instrumented only if atheris can see it; the differential check needs no
+instrumentation). A crash is: the twins disagree (items, their types, errors), `feed` raises
+anything but RemoteProtocolError, `buffered` reaches frame_max, a broken reader accepts data
+again, or `decode_properties` raises anything but PropertyError. tests/test_amqp_fuzz.py runs
+the same checks with hypothesis, briefly.
 """
 
 from __future__ import annotations
@@ -22,11 +23,10 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-import amqp_codec  # noqa: E402
+from fastworker import _amqp_codec, amqp_py  # noqa: E402
+from fastworker.amqp_base import Delivery, PropertyError, RemoteProtocolError  # noqa: E402
 
-from fastworker import amqp_py  # noqa: E402
-
-TWINS = (amqp_codec, amqp_py)
+TWINS = (_amqp_codec, amqp_py)
 FRAME_MAX = (4096, 5000, 131072)
 MAX_BODY = (0, 3, 100, 5000, amqp_py.DEFAULT_MAX_BODY_SIZE)
 UNUSABLE = "reader is unusable after an earlier error: "
@@ -41,18 +41,18 @@ def run(impl: Any, data: bytes, cuts: list[int], frame_max: int, max_body: int) 
         view: Any = (chunk, bytearray(chunk), memoryview(chunk))[i % 3]
         try:
             items += reader.feed(view)
-        except impl.AMQPFrameError as exc:
+        except RemoteProtocolError as exc:
             try:
                 reader.feed(impl.HEARTBEAT)
-            except impl.AMQPFrameError as again:
+            except RemoteProtocolError as again:
                 if str(again) != UNUSABLE + str(exc):
                     raise AssertionError(f"{impl.__name__}: {again!r} after {exc!r}") from None
             else:
                 raise AssertionError(f"{impl.__name__}: a broken reader accepted data") from None
-            return ("error", str(exc))
+            return ("error", type(exc), str(exc))
         if not 0 <= reader.buffered < frame_max:
             raise AssertionError(f"{impl.__name__}: buffered {reader.buffered}")
-    return ("ok", items, reader.buffered)
+    return ("ok", items, [type(item) for item in items], reader.buffered)
 
 
 def check(blob: bytes) -> None:
@@ -66,11 +66,13 @@ def check(blob: bytes) -> None:
     results = [run(impl, data, cuts, frame_max, max_body) for impl in TWINS]
     if results[0] != results[1]:
         raise AssertionError(f"twins disagree: {results[0]!r} != {results[1]!r}")
-    raws = [item[6] for item in results[0][1] if len(item) == 9] if results[0][0] == "ok" else []
+    raws = []
+    if results[0][0] == "ok":
+        raws = [item.properties_raw for item in results[0][1] if type(item) is Delivery]
     for raw in [*raws, data, b"\x20\x00" + data]:
         try:
             amqp_py.decode_properties(raw)
-        except amqp_py.PropertyError:
+        except PropertyError:
             pass
 
 

@@ -95,10 +95,11 @@ fi
 
 # Reinstall when what the build reads changed (the .pyx must be recompiled), or imports fail.
 stamp_file=.venv/.fastworker-install-stamp
-stamp=$({ cat pyproject.toml setup.py src/*.pyx src/*.pxd src/fastworker/*.pyx src/fastworker/*.pxd \
+stamp=$({ cat pyproject.toml setup.py src/fastworker/*.pyx src/fastworker/*.pxd \
     2>/dev/null || true; } | sha256sum | cut -d' ' -f1)
 if [[ ${FASTWORKER_FORCE_INSTALL:-} == 1 || ! -f $stamp_file || $(cat "$stamp_file") != "$stamp" ]] \
-    || ! .venv/bin/python -c 'import fastworker._fcgi_codec, pytest, hypothesis' >/dev/null 2>&1; then
+    || ! .venv/bin/python -c 'import fastworker._fcgi_codec, fastworker._amqp_codec, pytest, hypothesis' \
+        >/dev/null 2>&1; then
     log "pip install -e '.[test]' into .venv"
     .venv/bin/python -m pip install -q --upgrade pip
     .venv/bin/python -m pip install -q -e '.[test]'

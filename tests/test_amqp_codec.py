@@ -1,12 +1,13 @@
-"""AMQP frame codec tests: every vector runs through the compiled `amqp_codec` and the Python twin.
+"""AMQP frame codec tests: every vector runs through the compiled `_amqp_codec` and the Python twin.
 
 Streams are built with pamqp (`pamqp.frame.marshal` of `pamqp.commands` objects), the library
 aiormq and the broker-facing code already trust, so the expected deliveries come from pamqp's own
 decoding, not from the code under test. Streams are fed whole, split at every byte boundary and
 split at random points; hypothesis also compares the two implementations on garbage: same
-results, or the same error with the same message. A delivery is
-`(channel, tag, redelivered, exchange, routing_key, consumer_tag, properties_raw, body,
-body_size)`; `decode_properties(properties_raw)` must give what pamqp decodes. The regression
+results, or the same error with the same message. A delivery is an `amqp_base.Delivery`
+`(channel, delivery_tag, redelivered, exchange, routing_key, consumer_tag, properties_raw, body,
+body_size)`, any other frame an `amqp_base.Frame`; `decode_properties(properties_raw)` must give
+what pamqp decodes. The regression
 tests at the end reproduce the findings of the differential fuzz (issue 8); tests/test_amqp_fuzz.py
 fuzzes further.
 """
@@ -37,14 +38,22 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT / "src") not in sys.path:  # a source checkout need not be installed to be tested
     sys.path.insert(0, str(ROOT / "src"))
 
-from fastworker import amqp_py  # noqa: E402
+from fastworker import amqp_base, amqp_py  # noqa: E402
+from fastworker.amqp_base import (  # noqa: E402
+    Delivery,
+    Frame,
+    LocalProtocolError,
+    PropertyError,
+    ProtocolError,
+    RemoteProtocolError,
+)
 
 try:
-    import amqp_codec  # noqa: E402
+    from fastworker import _amqp_codec  # type: ignore[attr-defined]  # noqa: E402
 
     _IMPORT_ERROR: ImportError | None = None
 except ImportError as exc:  # reported by the tests below, not hidden by a skip
-    amqp_codec = None  # type: ignore[assignment]
+    _amqp_codec = None
     _IMPORT_ERROR = exc
 
 SETTINGS = settings(
@@ -70,9 +79,11 @@ FRAME_MAX = 131072
 
 
 def _compiled() -> types.ModuleType:
-    if amqp_codec is None:
-        pytest.fail(f"the compiled codec `amqp_codec` cannot be imported: {_IMPORT_ERROR}")
-    return amqp_codec
+    if _amqp_codec is None:
+        pytest.fail(
+            f"the compiled codec `fastworker._amqp_codec` cannot be imported: {_IMPORT_ERROR}"
+        )
+    return _amqp_codec
 
 
 @pytest.fixture(params=["compiled", "python"])
@@ -151,15 +162,15 @@ def expected(frames: bytes) -> list[tuple[Any, ...]]:
                 out.append(_delivery(channel, p, body))
                 del partial[channel]
         elif isinstance(value, Heartbeat):
-            out.append((8, channel, b""))
+            out.append(Frame(8, channel, b""))
         else:
-            out.append((ftype, channel, raw))
+            out.append(Frame(ftype, channel, raw))
     return out
 
 
-def _delivery(channel: int, p: dict[str, Any], body: bytes) -> tuple[Any, ...]:
+def _delivery(channel: int, p: dict[str, Any], body: bytes) -> Delivery:
     d = p["deliver"]
-    return (
+    return Delivery(
         channel,
         d.delivery_tag,
         bool(d.redelivered),
@@ -265,21 +276,30 @@ def mixed_stream() -> bytes:
 
 
 def test_compiled_extension_is_built_and_selected() -> None:
-    """`python setup.py build_ext --inplace` must have built it; the consumer must pick it."""
-    _compiled()
+    """`python setup.py build_ext --inplace` must have built it; fastworker.codec must pick it,
+    and the fast consumer's connections must use what it picked."""
+    compiled = _compiled()
+    assert Path(compiled.__file__).suffix in (".so", ".pyd"), compiled.__file__
+    assert compiled.__name__ == "fastworker._amqp_codec"
+    from fastworker import codec as selector
     from fastworker import fast_consumer
 
     if os.environ.get("FASTWORKER_NO_EXTENSIONS"):  # the twin is forced; both are still tested
-        assert (fast_consumer.COMPILED, fast_consumer.codec) == (False, amqp_py)
-        return
-    assert fast_consumer.COMPILED
-    assert fast_consumer.codec is amqp_codec
+        assert (selector.AMQP_COMPILED, selector.amqp) == (False, amqp_py)
+    else:
+        assert selector.AMQP_COMPILED is True, "_amqp_codec did not load in fastworker.codec"
+        assert selector.amqp is compiled
+    assert selector.AMQP_IMPORT_ERROR == ""
+    assert fast_consumer.codec is selector.amqp
 
 
-def test_no_extensions_env_selects_the_twin() -> None:
+def test_no_extensions_env_selects_the_twins() -> None:
     import subprocess
 
-    code = "from fastworker import fast_consumer as f; print(f.COMPILED, f.codec.__name__)"
+    code = (
+        "from fastworker import codec as c, fast_consumer as f; "
+        "print(c.AMQP_COMPILED, c.FCGI_COMPILED, c.COMPILED, f.codec.__name__, c.fcgi.__name__)"
+    )
     out = subprocess.run(
         [sys.executable, "-c", code],
         env={"PYTHONPATH": str(ROOT / "src"), "FASTWORKER_NO_EXTENSIONS": "1"},
@@ -287,20 +307,57 @@ def test_no_extensions_env_selects_the_twin() -> None:
         text=True,
         check=True,
     )
-    assert out.stdout.split() == ["False", "fastworker.amqp_py"]
+    assert out.stdout.split() == [
+        "False",
+        "False",
+        "False",
+        "fastworker.amqp_py",
+        "fastworker.fcgi_py",
+    ]
 
 
-def test_frame_error_is_a_value_error(codec: types.ModuleType) -> None:
-    assert issubclass(codec.AMQPFrameError, ValueError)
+def test_twins_share_the_exceptions_and_the_result_types(codec: types.ModuleType) -> None:
+    """Both twins raise and return amqp_base's classes, not look-alikes of their own."""
+    names = ("ProtocolError", "LocalProtocolError", "RemoteProtocolError", "PropertyError")
+    for name in (*names, "Delivery", "Frame", "decode_properties"):
+        assert getattr(codec, name) is getattr(amqp_base, name)
+        assert name in codec.__all__
+    assert issubclass(LocalProtocolError, ProtocolError)
+    assert issubclass(LocalProtocolError, ValueError)  # callers' `except ValueError` holds
+    assert issubclass(RemoteProtocolError, ProtocolError)
+    assert not issubclass(RemoteProtocolError, ValueError)  # never the caller's mistake
+    assert not issubclass(ProtocolError, ValueError)
+    assert Delivery._fields == (
+        "channel",
+        "delivery_tag",
+        "redelivered",
+        "exchange",
+        "routing_key",
+        "consumer_tag",
+        "properties_raw",
+        "body",
+        "body_size",
+    )
+    assert Frame._fields == ("frame_type", "channel", "payload")
 
 
-def test_property_error_is_shared_and_not_a_frame_error(codec: types.ModuleType) -> None:
+def test_property_error_is_not_a_protocol_error(codec: types.ModuleType) -> None:
     """A bad property is one message's fault: it must never look like a corrupt stream."""
-    assert codec.PropertyError is amqp_py.PropertyError
-    assert codec.decode_properties is amqp_py.decode_properties
-    assert issubclass(codec.PropertyError, Exception)
-    assert not issubclass(codec.PropertyError, ValueError)
-    assert not issubclass(codec.PropertyError, codec.AMQPFrameError)
+    assert not issubclass(PropertyError, ValueError)
+    assert not issubclass(PropertyError, ProtocolError)
+    with pytest.raises(PropertyError):
+        codec.decode_properties(b"\x80\x00\x05ab")
+
+
+def test_results_are_deliveries_and_frames(codec: types.ModuleType) -> None:
+    data = b"".join(deliver_frames(7, b"body", redelivered=True)) + codec.HEARTBEAT
+    delivery, heartbeat = codec.FrameReader().feed(data)
+    assert type(delivery) is Delivery and type(heartbeat) is Frame
+    assert delivery == (1, 7, True, "", "q", "ctag", b"\x00\x00", b"body", 4)
+    assert (delivery.delivery_tag, delivery.redelivered, delivery.body) == (7, True, b"body")
+    assert delivery._replace(body=None).body is None  # a NamedTuple like any other
+    assert (heartbeat.frame_type, heartbeat.channel, heartbeat.payload) == (8, 0, b"")
+    assert repr(heartbeat) == "Frame(frame_type=8, channel=0, payload=b'')"
 
 
 def test_default_max_body_size(codec: types.ModuleType) -> None:
@@ -325,7 +382,8 @@ def test_mixed_stream_whole(codec: types.ModuleType) -> None:
     got = reader.feed(data)
     assert got == expected(data)
     assert reader.buffered == 0
-    deliveries = [item for item in got if len(item) == 9]
+    assert [type(item) for item in got] == [type(item) for item in expected(data)]
+    deliveries = [item for item in got if type(item) is Delivery]
     want = header_properties(data)
     del want[-2]  # the GetOk's content header: returned raw, not a delivery
     assert [codec.decode_properties(item[6]) for item in deliveries] == want
@@ -335,7 +393,9 @@ def test_mixed_stream_split_at_every_byte(codec: types.ModuleType) -> None:
     data = mixed_stream()
     want = expected(data)
     reader = codec.FrameReader()
-    assert feed_bytewise(reader, data) == want
+    got = feed_bytewise(reader, data)
+    assert got == want
+    assert [type(item) for item in got] == [type(item) for item in want]
     assert reader.buffered == 0
 
 
@@ -445,9 +505,9 @@ def test_frame_max_is_settable_within_limits(codec: types.ModuleType) -> None:
     reader.frame_max = 4096
     assert reader.frame_max == 4096
     for bad in (0, 4095, 2**32):
-        with pytest.raises(ValueError, match="frame_max"):
+        with pytest.raises(LocalProtocolError, match="frame_max"):
             reader.frame_max = bad
-    with pytest.raises(ValueError, match="frame_max"):
+    with pytest.raises(LocalProtocolError, match="frame_max"):
         codec.FrameReader(frame_max=100)
     with pytest.raises(ValueError, match="max_body_size"):
         codec.FrameReader(max_body_size=-1)
@@ -456,7 +516,7 @@ def test_frame_max_is_settable_within_limits(codec: types.ModuleType) -> None:
 def test_partial_frame_is_bounded_by_frame_max(codec: types.ModuleType) -> None:
     """A frame header announcing more than frame_max fails at once, before buffering its body."""
     reader = codec.FrameReader(frame_max=4096)
-    with pytest.raises(codec.AMQPFrameError, match="exceeds frame_max 4096"):
+    with pytest.raises(codec.RemoteProtocolError, match="exceeds frame_max 4096"):
         reader.feed(struct.pack(">BHI", 3, 1, 4089))
     reader = codec.FrameReader(frame_max=4096)
     assert reader.feed(struct.pack(">BHI", 3, 1, 4088) + b"x" * 100) == []
@@ -538,9 +598,9 @@ BAD_PROPERTIES = [
 
 @pytest.mark.parametrize(("data", "message"), BAD_STREAMS)
 def test_malformed_streams(codec: types.ModuleType, data: bytes, message: str) -> None:
-    with pytest.raises(codec.AMQPFrameError, match=message):
+    with pytest.raises(codec.RemoteProtocolError, match=message):
         codec.FrameReader().feed(data)
-    with pytest.raises(codec.AMQPFrameError, match=message):
+    with pytest.raises(codec.RemoteProtocolError, match=message):
         feed_bytewise(codec.FrameReader(), data)
 
 
@@ -548,7 +608,7 @@ def test_malformed_streams(codec: types.ModuleType, data: bytes, message: str) -
 def test_malformed_streams_give_identical_messages(data: bytes, message: str) -> None:
     errors = []
     for impl in both():
-        with pytest.raises(impl.AMQPFrameError) as info:
+        with pytest.raises(impl.RemoteProtocolError) as info:
             impl.FrameReader().feed(data)
         errors.append(str(info.value))
     assert errors[0] == errors[1]
@@ -650,7 +710,7 @@ def test_encode_rejects_bad_channel(codec: types.ModuleType, channel: int) -> No
         lambda: codec.encode_nack(channel, 1),
         lambda: codec.encode_acks(channel, [(1, False)]),
     ):
-        with pytest.raises(ValueError, match="channel .* out of range"):
+        with pytest.raises(LocalProtocolError, match="channel .* out of range"):
             call()
 
 
@@ -689,7 +749,7 @@ def test_encode_rejects_bad_tag(codec: types.ModuleType, tag: int) -> None:
         lambda: codec.encode_nack(1, tag),
         lambda: codec.encode_acks(1, [(1, False), (tag, False)]),
     ):
-        with pytest.raises(ValueError, match="delivery tag .* out of range"):
+        with pytest.raises(LocalProtocolError, match="delivery tag .* out of range"):
             call()
 
 
@@ -762,15 +822,18 @@ def test_round_trip_random_splits(
         frames.insert(min(position, len(frames)), frame.marshal(Heartbeat(), 0))
     data = b"".join(frames)
     want = expected(data)
-    assert sum(len(item) == 9 for item in want) == len(deliveries)
+    assert sum(type(item) is Delivery for item in want) == len(deliveries)
     rng = random.Random(seed)
     cuts = sorted(rng.randrange(len(data) + 1) for _ in range(rng.randrange(0, 12)))
     props = header_properties(data)
     for impl in both():
         got = feed_all(impl.FrameReader(frame_max=frame_max), data, cuts)
         assert got == want
+        assert [type(item) for item in got] == [type(item) for item in want]
         assert impl.FrameReader(frame_max=frame_max).feed(data) == want
-        assert [impl.decode_properties(i[6]) for i in got if len(i) == 9] == props
+        assert [impl.decode_properties(i.properties_raw) for i in got if type(i) is Delivery] == (
+            props
+        )
 
 
 _GARBAGE_FRAME = st.tuples(
@@ -796,9 +859,10 @@ def test_twins_agree_on_garbage(frames: list[tuple[int, int, bytes, bytes]], see
     for impl in both():
         reader = impl.FrameReader(frame_max=4096)
         try:
-            results.append(("ok", feed_all(reader, data, cuts), reader.buffered))
-        except impl.AMQPFrameError as exc:
-            results.append(("error", str(exc)))
+            items = feed_all(reader, data, cuts)
+            results.append(("ok", items, [type(i) for i in items], reader.buffered))
+        except impl.RemoteProtocolError as exc:
+            results.append(("error", type(exc), str(exc)))
     assert results[0] == results[1]
 
 
@@ -897,10 +961,10 @@ def test_reader_is_unusable_after_an_error(
     reader = codec.FrameReader()
     for chunk in chunks[:-1]:
         assert reader.feed(chunk) == []
-    with pytest.raises(codec.AMQPFrameError, match=message) as first:
+    with pytest.raises(codec.RemoteProtocolError, match=message) as first:
         reader.feed(chunks[-1])
     for later in (b"x", codec.HEARTBEAT, b"\xce", b"", bytearray(codec.HEARTBEAT), DELIVER):
-        with pytest.raises(codec.AMQPFrameError) as again:
+        with pytest.raises(codec.RemoteProtocolError) as again:
             reader.feed(later)
         assert str(again.value) == f"reader is unusable after an earlier error: {first.value}"
     assert reader.buffered < 4096
@@ -911,9 +975,9 @@ def test_every_malformed_stream_breaks_the_reader_in_both_twins(data: bytes, mes
     errors = []
     for impl in both():
         reader = impl.FrameReader()
-        with pytest.raises(impl.AMQPFrameError, match=message):
+        with pytest.raises(impl.RemoteProtocolError, match=message):
             feed_bytewise(reader, data)
-        with pytest.raises(impl.AMQPFrameError) as info:
+        with pytest.raises(impl.RemoteProtocolError) as info:
             reader.feed(impl.HEARTBEAT)
         errors.append(str(info.value))
     assert errors[0] == errors[1]
@@ -963,7 +1027,7 @@ def test_no_allocation_ahead_of_a_partial_frame(codec: types.ModuleType) -> None
 
 
 def test_oversize_body_is_skipped_and_the_stream_stays_usable(codec: types.ModuleType) -> None:
-    """Was: body_size over the limit was an AMQPFrameError: the connection dropped, and the
+    """Was: body_size over the limit was a stream error: the connection dropped, and the
     message came back on the next connection, forever. Now: emitted with body None."""
     big = deliver_frames(1, b"B" * 10_000, FULL_PROPERTIES, frame_max=4096)
     small = deliver_frames(2, b"small", frame_max=4096)
@@ -994,7 +1058,7 @@ def test_oversize_body_is_skipped_and_the_stream_stays_usable(codec: types.Modul
 def test_oversize_body_may_not_overrun_its_announced_size(codec: types.ModuleType) -> None:
     errors = []
     for impl in both():
-        with pytest.raises(impl.AMQPFrameError) as info:
+        with pytest.raises(impl.RemoteProtocolError) as info:
             impl.FrameReader(max_body_size=0).feed(DELIVER + _hdr(2) + BODY3)
         errors.append(str(info.value))
     assert (
@@ -1006,5 +1070,5 @@ def test_body_size_beyond_63_bits(codec: types.ModuleType) -> None:
     """An absurd announced size is just skipped: it never completes, but nothing is reserved."""
     reader = codec.FrameReader()
     assert reader.feed(DELIVER + _hdr(2**64 - 1) + BODY3) == []
-    with pytest.raises(codec.AMQPFrameError, match="while a delivery's content is incomplete"):
+    with pytest.raises(codec.RemoteProtocolError, match="while a delivery's content is incomplete"):
         reader.feed(DELIVER)

@@ -1,8 +1,9 @@
-"""Differential fuzz of the AMQP reader twins (compiled `amqp_codec`, pure-Python `amqp_py`).
+"""Differential fuzz of the AMQP reader twins (compiled `_amqp_codec`, pure-Python `amqp_py`).
 
 Every stream is fed, with the same split points and buffer types, to both twins in-process.
-The contract checked for ANY input: both return the same items, or both raise AMQPFrameError with
-the same message (nothing else escapes `feed`); `buffered` stays below frame_max; after an error
+The contract checked for ANY input: both return the same items of the same types (`Delivery`,
+`Frame`), or both raise the same RemoteProtocolError with the same message (nothing else escapes
+`feed`); `buffered` stays below frame_max; after an error
 every later feed raises again, in both. `decode_properties` gives pamqp's values for well-formed
 property blocks and raises only PropertyError for anything else. See also the regression tests
 at the end of tests/test_amqp_codec.py; bench/fuzz_amqp_atheris.py is a longer, opt-in run.
@@ -29,13 +30,14 @@ if str(ROOT / "src") not in sys.path:  # a source checkout need not be installed
     sys.path.insert(0, str(ROOT / "src"))
 
 from fastworker import amqp_py  # noqa: E402
+from fastworker.amqp_base import Delivery, RemoteProtocolError  # noqa: E402
 
 try:
-    import amqp_codec  # noqa: E402
+    from fastworker import _amqp_codec  # type: ignore[attr-defined]  # noqa: E402
 except ImportError:  # tests/test_amqp_codec.py reports a missing build; nothing to compare here
-    amqp_codec = None  # type: ignore[assignment]
+    _amqp_codec = None
 
-pytestmark = pytest.mark.skipif(amqp_codec is None, reason="amqp_codec is not built")
+pytestmark = pytest.mark.skipif(_amqp_codec is None, reason="fastworker._amqp_codec is not built")
 
 FUZZ = settings(
     deadline=None,
@@ -46,8 +48,8 @@ UNUSABLE = "reader is unusable after an earlier error: "
 
 
 def twins() -> tuple[types.ModuleType, types.ModuleType]:
-    assert amqp_codec is not None
-    return amqp_codec, amqp_py
+    assert _amqp_codec is not None
+    return _amqp_codec, amqp_py
 
 
 def raw_frame(ftype: int, channel: int, payload: bytes, end: bytes = b"\xce") -> bytes:
@@ -80,7 +82,8 @@ def run(
     max_body: int,
     after: bytes,
 ) -> tuple[Any, ...]:
-    """Feeds `data` split at `cuts`; returns ('ok', items, buffered) or ('error', messages)."""
+    """Feeds `data` split at `cuts`; returns ('ok', items, their types, buffered) or
+    ('error', the error's type, its message)."""
     reader = impl.FrameReader(frame_max=frame_max, max_body_size=max_body)
     items: list[Any] = []
     bounds = [0, *sorted(cuts), len(data)]
@@ -88,19 +91,20 @@ def run(
         chunk = as_type(data[bounds[i] : bounds[i + 1]], kinds[i % len(kinds)])
         try:
             items += reader.feed(chunk)
-        except impl.AMQPFrameError as exc:
+        except RemoteProtocolError as exc:
             first = str(exc)
             assert not first.startswith(UNUSABLE)
             again = []
             for later in (after, b"", impl.HEARTBEAT):
-                with pytest.raises(impl.AMQPFrameError) as info:
+                with pytest.raises(RemoteProtocolError) as info:
                     reader.feed(later)
+                assert type(info.value) is RemoteProtocolError
                 again.append(str(info.value))
             assert again == [UNUSABLE + first] * 3
-            return ("error", first)
+            return ("error", type(exc), first)
         # Anything else (RecursionError, MemoryError, struct.error, ...) fails the test here.
         assert 0 <= reader.buffered < frame_max
-    return ("ok", items, reader.buffered)
+    return ("ok", items, [type(item) for item in items], reader.buffered)
 
 
 def compare(data: bytes, cuts: list[int], kinds: list[int], frame_max: int, max_body: int) -> Any:
@@ -108,12 +112,12 @@ def compare(data: bytes, cuts: list[int], kinds: list[int], frame_max: int, max_
     assert results[0] == results[1]
     if results[0][0] == "ok":
         for item in results[0][1]:
-            if len(item) == 9:
+            if type(item) is Delivery:
                 check_delivery(item, max_body)
     return results[0]
 
 
-def check_delivery(item: tuple[Any, ...], max_body: int) -> None:
+def check_delivery(item: Delivery, max_body: int) -> None:
     _, tag, redelivered, exchange, rk, ctag, raw, body, body_size = item
     assert type(raw) is bytes and type(body_size) is int
     assert (body is None) == (body_size > max_body)
@@ -233,10 +237,12 @@ def test_mutated_deliveries(
     result = compare(blob, *_cuts(blob, split), frame_max, max_body)
     if not mutations:
         assert result[0] == "ok"
-        got = [item for item in result[1] if len(item) == 9]
-        assert [(item[1], item[6]) for item in got] == [(t, p) for _, t, _, p in deliveries]
+        got = [item for item in result[1] if type(item) is Delivery]
+        assert [(item.delivery_tag, item.properties_raw) for item in got] == [
+            (t, p) for _, t, _, p in deliveries
+        ]
         bodies = [body if len(body) <= max_body else None for _, _, body, _ in deliveries]
-        assert [item[7] for item in got] == bodies
+        assert [item.body for item in got] == bodies
 
 
 # --------------------------------------------------------------------------------------------

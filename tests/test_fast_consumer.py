@@ -32,6 +32,7 @@ if str(ROOT / "src") not in sys.path:
     sys.path.insert(0, str(ROOT / "src"))
 
 from fastworker import amqp_py, fast_consumer  # noqa: E402
+from fastworker import codec as selector  # noqa: E402
 from fastworker.consumer import AmqpConsumer  # noqa: E402
 from fastworker.consuming import ACK_HOLD  # noqa: E402
 from fastworker.fast_consumer import FastAmqpConsumer  # noqa: E402
@@ -62,7 +63,10 @@ def kind2(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> st
 
 def _select(name: str, monkeypatch: pytest.MonkeyPatch) -> str:
     if name == "fast":
-        assert fast_consumer.COMPILED, "amqp_codec is not built: python setup.py build_ext -i"
+        assert selector.AMQP_COMPILED, (
+            f"fastworker._amqp_codec did not load ({selector.AMQP_IMPORT_ERROR or 'forced off'}):"
+            " python setup.py build_ext -i"
+        )
     if name == "fast-py":
         monkeypatch.setattr(fast_consumer, "codec", amqp_py)
     return name

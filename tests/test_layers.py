@@ -15,7 +15,10 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Bottom to top; a module may import from its own layer and the ones listed before it.
 LAYERS: list[tuple[str, set[str]]] = [
     ("vocabulary", {"__init__", "endpoint", "outcome", "message", "callbacks"}),
-    ("codecs", {"fcgi_base", "fcgi_py", "codec", "_fcgi_codec", "amqp_py", "amqp_codec"}),
+    (
+        "codecs",
+        {"fcgi_base", "fcgi_py", "_fcgi_codec", "amqp_base", "amqp_py", "_amqp_codec", "codec"},
+    ),
     ("message -> job", {"job", "formats", "targets"}),
     ("job -> request -> outcome", {"cgi", "fpm", "executor"}),
     ("settle", {"broker", "failures"}),
@@ -33,7 +36,7 @@ def sources() -> dict[str, str]:
 
 
 def imported(source: str, is_pyx: bool) -> set[str]:
-    """fastworker modules (and the compiled codecs) a module imports, at any depth."""
+    """fastworker modules (the compiled codecs among them) a module imports, at any depth."""
     names: set[str] = set()
     if is_pyx:  # Cython: plain import lines are enough
         for line in source.splitlines():
@@ -48,14 +51,10 @@ def imported(source: str, is_pyx: bool) -> set[str]:
                 names.update(alias.name for alias in node.names)
             elif node.module.startswith("fastworker."):
                 names.add(node.module.split(".")[1])
-            elif node.module in ("fcgi_codec", "amqp_codec"):
-                names.add(node.module)
         elif isinstance(node, ast.Import):
             for alias in node.names:
                 if alias.name.startswith("fastworker."):
                     names.add(alias.name.split(".")[1])
-                elif alias.name in ("fcgi_codec", "amqp_codec"):
-                    names.add(alias.name)
     return names
 
 
@@ -66,7 +65,7 @@ def test_every_module_has_a_layer() -> None:
 def test_no_module_imports_one_above_it() -> None:
     upward = []
     for module, source in sorted(sources().items()):
-        is_pyx = module in ("fcgi_codec", "amqp_codec") or source.lstrip().startswith("# cython")
+        is_pyx = source.lstrip().startswith("# cython")
         for name in sorted(imported(source, is_pyx)):
             if name in LAYER and LAYER[name] > LAYER[module]:
                 upward.append(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -438,13 +439,20 @@ def test_progress_lines_count_jobs_retries_and_dead_letters(
 
 def test_refuses_to_start_without_the_compiled_codecs(tmp_path: Path) -> None:
     # A broken build must not quietly run on the pure-Python twins (several times the CPU):
-    # the worker names what failed and how to proceed, before it connects to anything.
-    (tmp_path / "amqp_codec.py").write_text("raise ImportError('simulated: no build')\n")
-    env = {"PYTHONPATH": f"{tmp_path}:{ROOT / 'src'}", "PATH": "/usr/bin:/bin"}
+    # the worker names what failed and how to proceed, before it connects to anything. The
+    # build is simulated missing by a copy of the package without its compiled modules, found
+    # first on PYTHONPATH.
+    shutil.copytree(
+        ROOT / "src" / "fastworker",
+        tmp_path / "fastworker",
+        ignore=shutil.ignore_patterns("*.so", "*.pyd", "__pycache__"),
+    )
+    env = {"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"}
     args = [sys.executable, "-m", "fastworker", "--amqp-url", "amqp://nobody@127.0.0.1:1/"]
     result = subprocess.run(args, capture_output=True, text=True, timeout=30, env=env)
     assert result.returncode == 2, result.stderr
-    assert "the compiled codecs did not load: amqp_codec (simulated: no build)" in result.stderr
+    assert "the compiled codecs did not load: fastworker._fcgi_codec (" in result.stderr
+    assert "), fastworker._amqp_codec (" in result.stderr
     assert "FASTWORKER_NO_EXTENSIONS=1" in result.stderr
     assert "broker connection" not in result.stderr  # it never tried to connect
     # Asked for, the twins run (here the broker is unreachable: it keeps retrying).

@@ -2,7 +2,7 @@
 
 Why a client of our own: aiormq spends tens of microseconds per delivery (pamqp objects per
 frame, a task per delivery), more than the worker's whole budget per job. `AmqpWire` is an
-asyncio Protocol that feeds socket bytes to a frame codec (`amqp_codec.FrameReader`, or its
+asyncio Protocol that feeds socket bytes to a frame codec (`FrameReader` of `_amqp_codec`, or its
 pure-Python twin, chosen by the caller). Deliveries are a subclass's business (the fast
 transport in `fast_consumer` overrides `_received`); this module answers everything else. pamqp
 marshals and unmarshals the rare frames (handshake, qos, consume, cancel, close). One
@@ -26,6 +26,7 @@ from pamqp import commands, frame
 from pamqp.base import Frame
 
 from fastworker import __version__
+from fastworker.amqp_base import Delivery, Frame
 
 log = logging.getLogger("fastworker.consumer")
 
@@ -36,10 +37,8 @@ _WANTED_FRAME_MAX = 131072
 _WANTED_HEARTBEAT = 60
 _FRAME_HEADER = struct.Struct(">BHI")
 
-# What the codec's FrameReader.feed returns: deliveries as 9-tuples (channel, tag, redelivered,
-# exchange, routing_key, consumer_tag, properties_raw, body, body_size), other frames as
-# (frame_type, channel, payload).
-Items = list[tuple[Any, ...]]
+# What the codec's FrameReader.feed returns: a `Delivery` per delivery, a `Frame` per other frame.
+Items = list[Delivery | Frame]
 
 
 class AmqpProtocolError(ConnectionError):
@@ -149,7 +148,7 @@ class AmqpWire(asyncio.Protocol):
         self._rx += 1
         try:
             items = self._feed(data)
-        except Exception as exc:  # AMQPFrameError: the stream cannot be trusted any more
+        except Exception as exc:  # RemoteProtocolError: the stream cannot be trusted any more
             log.error("dropping the broker connection: %s", exc)
             self._drop(exc)
             return
@@ -164,7 +163,7 @@ class AmqpWire(asyncio.Protocol):
     def _received(self, items: Items) -> None:
         """Everything one read decoded; this class handles all but the deliveries."""
         for item in items:
-            if len(item) != 9:
+            if type(item) is Frame:
                 self.on_frame(item)
 
     def write(self, data: bytes) -> None:
@@ -188,7 +187,7 @@ class AmqpWire(asyncio.Protocol):
 
     # ---------------------------------------------------------------- rare frames
 
-    def on_frame(self, item: tuple[int, int, bytes]) -> None:
+    def on_frame(self, item: Frame) -> None:
         """A frame that is not part of a delivery: a method (decoded by pamqp) or a heartbeat."""
         ftype, channel, payload = item
         codec = self._codec

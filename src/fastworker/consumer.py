@@ -23,7 +23,7 @@ from pamqp.header import ContentHeader
 
 from fastworker import broker
 from fastworker.acks import AckTracker
-from fastworker.amqp_py import PropertyError, decode_properties
+from fastworker.amqp_base import PropertyError, decode_properties
 from fastworker.broker import Publisher, ensure_queue
 from fastworker.consuming import ACK_INTERVAL, ConsumerBase, Transport
 from fastworker.message import PROPERTY_NAMES, Message

@@ -2,8 +2,8 @@
 
 Why: aiormq spends 62-89 us of CPU per message on consume + ack, more than the worker's whole
 per-job budget of about 30 us. `FastTransport` is an `amqp_wire.AmqpWire` (the client side of
-the connection, reading the socket through `amqp_codec.FrameReader`) that adds what is per
-delivery: each delivery tuple becomes a `Message` (properties decoded per delivery, so one bad
+the connection, reading the socket through the frame codec's `FrameReader`) that adds what is
+per delivery: each `Delivery` becomes a `Message` (properties decoded per delivery, so one bad
 message is that message's `problem` alone), and each read's deliveries go to the consumer
 skeleton (`consuming`) in one batch, which starts jobs straight from the data callback. Acks
 leave as pre-encoded frames, many per write: batched `multiple=True` acks every ~2 ms, at once
@@ -11,23 +11,24 @@ when nothing waits to start, or as soon as half the prefetch window is finished,
 never stalls. aiormq stays for what is not the hot path: queue declares, the `prepare` hook and
 the confirmed `Publisher`, on a second ("control") connection per session.
 
-`codec` is the frame codec new connections use: the compiled one, or the pure-Python twin when
-FASTWORKER_NO_EXTENSIONS is set or the build is missing (tests and benches may swap it).
+`codec` is the frame codec new connections use, as `fastworker.codec` chose it (`amqp`): the
+compiled `_amqp_codec`, or the pure-Python twin `amqp_py` when FASTWORKER_NO_EXTENSIONS is set or
+the build is missing. Tests and benches swap it here; both return `amqp_base.Delivery` and `Frame`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from typing import Any, ClassVar
 
 import aiormq
 from aiormq.abc import AbstractConnection
 
 from fastworker import amqp_py, broker
+from fastworker import codec as selected
 from fastworker.acks import AckTracker
-from fastworker.amqp_py import PropertyError, decode_properties
+from fastworker.amqp_base import Delivery, PropertyError, RemoteProtocolError, decode_properties
 from fastworker.amqp_wire import (
     CHANNEL,
     HANDSHAKE_TIMEOUT,
@@ -40,20 +41,9 @@ from fastworker.consumer import connect
 from fastworker.consuming import ACK_HOLD, ACK_INTERVAL, ConsumerBase, Transport
 from fastworker.message import Message
 
-__all__ = ["ACK_HOLD", "COMPILED", "IMPORT_ERROR", "FastAmqpConsumer", "FastTransport", "codec"]
+__all__ = ["ACK_HOLD", "FastAmqpConsumer", "FastTransport", "codec"]
 
-COMPILED = False
-IMPORT_ERROR = ""  # why the compiled codec did not load, if it did not (see fastworker.codec)
-if not os.environ.get("FASTWORKER_NO_EXTENSIONS"):
-    try:
-        import amqp_codec as codec  # type: ignore[import-not-found]
-
-        COMPILED = True
-    except ImportError as exc:  # pragma: no cover - exercised only without a build
-        IMPORT_ERROR = str(exc)
-        codec = amqp_py
-else:
-    codec = amqp_py
+codec = selected.amqp  # read per connection (FastTransport.__init__): swap it to switch twins
 
 log = logging.getLogger("fastworker.consumer")
 
@@ -67,7 +57,8 @@ class FastTransport(AmqpWire, Transport):
         aiormq.exceptions.AMQPError,
         ConnectionError,
         OSError,
-        ValueError,  # the codec's AMQPFrameError, or a broker answer pamqp rejects
+        RemoteProtocolError,  # the frame codec's: a byte stream that cannot be trusted
+        ValueError,  # a broker answer pamqp rejects
     )
 
     __slots__ = (
@@ -119,38 +110,37 @@ class FastTransport(AmqpWire, Transport):
         delivered = self._delivered
         queues = self.queue_by_tag
         for item in items:
-            if len(item) == 9:
-                # (channel, tag, redelivered, exchange, routing_key, consumer_tag,
-                # properties_raw, body, body_size)
-                tag = item[1]
+            if type(item) is Delivery:
+                tag = item.delivery_tag
                 delivered(tag)
-                if item[6] == _NO_PROPERTIES and item[7] is not None:  # the bundle's case
-                    message = Message(item[7], queues[item[5]], {}, {}, item[2])
+                body = item.body
+                if item.properties_raw == _NO_PROPERTIES and body is not None:  # the bundle's
+                    message = Message(body, queues[item.consumer_tag], {}, {}, item.redelivered)
                 else:
-                    message = self._message(item, queues[item[5]])
+                    message = self._message(item, queues[item.consumer_tag])
                 batch.append((self, tag, message))
             else:
                 self.on_frame(item)
         if batch:
             self._deliver(batch)
 
-    def _message(self, item: tuple[Any, ...], queue: str) -> Message:
+    def _message(self, item: Delivery, queue: str) -> Message:
         """A delivery with properties or with a body too large to keep: whatever is wrong
         with it is the message's problem (a bad_message), never the connection's."""
         problem = ""
         try:
-            properties, headers = decode_properties(item[6])
+            properties, headers = decode_properties(item.properties_raw)
         except PropertyError as exc:
             properties, headers = {}, {}
             problem = f"AMQP properties cannot be decoded: {exc}"
-        body = item[7]
+        body = item.body
         if body is None:
             body = b""
             problem = (
-                f"message of {item[8]} bytes exceeds --max-message-size "
+                f"message of {item.body_size} bytes exceeds --max-message-size "
                 f"{self._consumer.max_message_size}; its body was not read"
             )
-        return Message(body, queue, headers, properties, item[2], problem)
+        return Message(body, queue, headers, properties, item.redelivered, problem)
 
     # ---------------------------------------------------------------- acks out
 

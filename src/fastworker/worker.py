@@ -68,13 +68,13 @@ def check_codecs() -> str:
     """Which codecs the worker runs on, for the log. Raises ValueError if a compiled codec
     failed to import and the pure-Python twins were not asked for: they cost several times
     the CPU, which nobody should find out from a slow queue."""
-    from fastworker import codec, fast_consumer
+    from fastworker import codec
 
     missing = [
         f"{name} ({error})"
         for name, error in (
-            ("fastworker._fcgi_codec", codec.IMPORT_ERROR),
-            ("amqp_codec", fast_consumer.IMPORT_ERROR),
+            ("fastworker._fcgi_codec", codec.FCGI_IMPORT_ERROR),
+            ("fastworker._amqp_codec", codec.AMQP_IMPORT_ERROR),
         )
         if error
     ]
@@ -86,7 +86,7 @@ def check_codecs() -> str:
         )
     return ", ".join(
         f"{name} {'compiled' if compiled else 'pure-Python (FASTWORKER_NO_EXTENSIONS)'}"
-        for name, compiled in (("FastCGI", codec.COMPILED), ("AMQP", fast_consumer.COMPILED))
+        for name, compiled in (("FastCGI", codec.FCGI_COMPILED), ("AMQP", codec.AMQP_COMPILED))
     )
 
 

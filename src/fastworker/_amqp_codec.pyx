@@ -4,28 +4,33 @@
 Why compiled: aiormq spends 62-89 us of CPU per message on consume + ack (pamqp objects for
 every frame, a task per delivery), while the whole per-job budget is ~60 us. Here the
 Basic.Deliver method, the content header and the body frames of a delivery are walked with C
-ints and turned into one tuple; consumer tags, exchanges, routing keys and property blocks
+ints and turned into one `Delivery`; consumer tags, exchanges, routing keys and property blocks
 repeat, so the last object of each is reused instead of built again; a body that fits one frame
 is copied once from the input; acks are written straight into one bytes object. Everything else
-(handshake, qos, consume-ok, cancel, close, heartbeats) is returned raw for the Python side.
+(handshake, qos, consume-ok, cancel, close, heartbeats) is returned raw, as a `Frame`, for the
+Python side.
 
-The pure-Python twin `fastworker.amqp_py` has the same API, the same error messages and the
-same results; tests/test_amqp_codec.py and tests/test_amqp_fuzz.py run every vector through both.
-Keep them in step.
+The pure-Python twin `fastworker.amqp_py` has the same API, the same results, the same error
+types and messages, and byte-identical acks; tests/test_amqp_codec.py and
+tests/test_amqp_fuzz.py run every vector through both. What the twins share (the exceptions,
+`Delivery` and `Frame`, the argument checks and error messages, `decode_properties`, the
+protocol's numbers) lives in `fastworker.amqp_base`; this module repeats the numbers as C enums
+for its loops and refuses to import if they ever disagree. Keep the loops in step with the twin.
 
-`FrameReader(frame_max, max_body_size).feed(data)` returns, in stream order, a 9-tuple
-`(channel, delivery_tag, redelivered, exchange, routing_key, consumer_tag, properties_raw, body,
-body_size)` per completed delivery and a 3-tuple `(frame_type, channel, payload)` per other
-frame. `properties_raw` is the content header from the property-flags word on, undecoded: the
-per-message path decodes no properties; `decode_properties` (the twin's, re-exported) turns it
-into `(properties, headers)` and raises only `PropertyError`, a fault of that one message.
+`FrameReader(frame_max, max_body_size).feed(data)` returns, in stream order, a
+`Delivery(channel, delivery_tag, redelivered, exchange, routing_key, consumer_tag,
+properties_raw, body, body_size)` per completed delivery and a `Frame(frame_type, channel,
+payload)` per other frame. `properties_raw` is the content header from the property-flags word
+on, undecoded: the per-message path decodes no properties; `decode_properties` turns it into
+`(properties, headers)` and raises only `PropertyError`, a fault of that one message.
 `body` is None when `body_size > max_body_size`: that body is counted and discarded frame by
 frame, the stream stays usable. A body of several frames is kept as the frames received (joined
 at the end), never reserved ahead of the data; a partial frame buffer grows with the data too.
 
-`feed` raises only `AMQPFrameError` (a ValueError): drop the connection. The reader then stays
-unusable: every later `feed` raises `AMQPFrameError("reader is unusable after an earlier error:
-<first error>")`.
+`feed` raises only `RemoteProtocolError` (not a ValueError): drop the connection. The reader then
+stays unusable: every later `feed` raises `RemoteProtocolError("reader is unusable after an
+earlier error: <first error>")`. The encoders raise TypeError for a channel or tag that is no
+int, LocalProtocolError (a ValueError) for one out of range.
 """
 
 from cpython.buffer cimport PyBUF_SIMPLE, PyBuffer_Release, PyObject_GetBuffer
@@ -38,43 +43,79 @@ from cpython.bytes cimport (
 from cpython.list cimport PyList_GET_SIZE
 from cpython.long cimport PyLong_CheckExact
 from cpython.mem cimport PyMem_Free, PyMem_Realloc
+from cpython.object cimport PyTypeObject
+from cpython.ref cimport Py_INCREF
+from cpython.tuple cimport PyTuple_SET_ITEM
 from cpython.unicode cimport PyUnicode_DecodeUTF8
 from libc.stdint cimport uint32_t, uint64_t
 from libc.string cimport memcmp, memcpy
 
-from fastworker.amqp_py import MAX_TABLE_DEPTH, PropertyError, decode_properties
+from fastworker import amqp_base
+from fastworker.amqp_base import (
+    DEFAULT_FRAME_MAX,
+    DEFAULT_MAX_BODY_SIZE,
+    FRAME_BODY,
+    FRAME_HEADER,
+    FRAME_HEARTBEAT,
+    FRAME_METHOD,
+    HEARTBEAT,
+    MAX_TABLE_DEPTH,
+    MAX_TAG,
+    MIN_FRAME_MAX,
+    PROTOCOL_HEADER,
+    Delivery,
+    Frame,
+    LocalProtocolError,
+    PropertyError,
+    ProtocolError,
+    RemoteProtocolError,
+    bad_frame_end,
+    body_before_header,
+    body_overrun,
+    check_channel,
+    check_frame_max,
+    check_max_body_size,
+    check_tag,
+    content_header_class,
+    content_header_truncated,
+    decode_properties,
+    deliver_truncated,
+    frame_too_large,
+    header_during_body,
+    heartbeat_with_payload,
+    method_during_content,
+    method_too_short,
+    protocol_header_received,
+    unknown_frame_type,
+    unusable,
+)
 
 __all__ = [
-    "AMQPFrameError",
     "DEFAULT_FRAME_MAX",
     "DEFAULT_MAX_BODY_SIZE",
+    "Delivery",
     "FRAME_BODY",
     "FRAME_HEADER",
     "FRAME_HEARTBEAT",
     "FRAME_METHOD",
+    "Frame",
     "FrameReader",
     "HEARTBEAT",
+    "LocalProtocolError",
     "MAX_TABLE_DEPTH",
+    "MAX_TAG",
+    "MIN_FRAME_MAX",
     "PROTOCOL_HEADER",
     "PropertyError",
+    "ProtocolError",
+    "RemoteProtocolError",
     "decode_properties",
     "encode_ack",
     "encode_acks",
     "encode_nack",
 ]
 
-FRAME_METHOD = 1
-FRAME_HEADER = 2
-FRAME_BODY = 3
-FRAME_HEARTBEAT = 8
-PROTOCOL_HEADER = b"AMQP\x00\x00\x09\x01"
-HEARTBEAT = b"\x08\x00\x00\x00\x00\x00\x00\xce"
-DEFAULT_FRAME_MAX = 131072
-MIN_FRAME_MAX = 4096
-DEFAULT_MAX_BODY_SIZE = 8 * 1024 * 1024
-MAX_TAG = 0xFFFFFFFFFFFFFFFF
-UNUSABLE = "reader is unusable after an earlier error: "
-
+# amqp_base's numbers, as C constants for the loops (checked against amqp_base below)
 cdef enum:
     _METHOD = 1
     _HEADER = 2
@@ -86,7 +127,10 @@ cdef enum:
     _ACK_METHOD = 80
     _NACK_METHOD = 120
     _ACK_SIZE = 21
-    _MIN_CAP = 4096
+    _MAX_CHANNEL = 0xFFFF
+
+cdef enum:
+    _MIN_CAP = 4096  # smallest partial-frame buffer allocated
 
 cdef enum:  # assembly states
     _IDLE = 0
@@ -96,8 +140,47 @@ cdef enum:  # assembly states
 cdef bytes _EMPTY = b""
 
 
-class AMQPFrameError(ValueError):
-    """The broker sent a byte stream this client cannot trust; the connection must be dropped."""
+cdef int _agree_with_base() except -1:
+    cdef dict ours = {
+        "FRAME_METHOD": _METHOD, "FRAME_HEADER": _HEADER, "FRAME_BODY": _BODY,
+        "FRAME_HEARTBEAT": _HEARTBEAT, "FRAME_END": _FRAME_END, "CLASS_BASIC": _CLASS_BASIC,
+        "BASIC_DELIVER": _DELIVER, "BASIC_ACK": _ACK_METHOD, "BASIC_NACK": _NACK_METHOD,
+        "ACK_SIZE": _ACK_SIZE, "MAX_CHANNEL": _MAX_CHANNEL, "MAX_TAG": 0xFFFFFFFFFFFFFFFF,
+        "MAX_FRAME_MAX": 0xFFFFFFFF,
+    }
+    cdef list differ = [name for name, value in ours.items() if getattr(amqp_base, name) != value]
+    if differ:
+        raise ImportError(
+            f"fastworker._amqp_codec disagrees with fastworker.amqp_base on {differ}: rebuild it"
+        )
+    return 0
+
+
+_agree_with_base()
+
+cdef extern from "Python.h":
+    object PyType_GenericAlloc(PyTypeObject* t, Py_ssize_t nitems)
+
+cdef object _Delivery = Delivery
+cdef object _Frame = Frame
+for _cls in (Delivery, Frame):
+    if _cls.__base__ is not tuple or _cls.__basicsize__ != tuple.__basicsize__:
+        raise ImportError(f"fastworker.amqp_base.{_cls.__name__} is no longer a plain NamedTuple")
+del _cls
+
+
+cdef inline void _put(object t, Py_ssize_t i, object item) noexcept:
+    Py_INCREF(item)
+    PyTuple_SET_ITEM(t, i, item)
+
+
+cdef inline object _new_frame(int ftype, int channel, bytes payload):
+    """A Frame, built the way tuple.__new__(Frame, ...) builds it, minus the calls."""
+    cdef object f = PyType_GenericAlloc(<PyTypeObject*>_Frame, 3)
+    _put(f, 0, ftype)
+    _put(f, 1, channel)
+    _put(f, 2, payload)
+    return f
 
 
 cdef inline unsigned int _u16(const unsigned char* p) noexcept nogil:
@@ -167,22 +250,18 @@ cdef class _Assembly:
     cdef uint64_t received
 
 
-cdef _check_header(
+cdef inline int _check_header(
     const unsigned char* h, int ftype, int channel, uint64_t size, Py_ssize_t frame_max
-):
+) except -1:
     if ftype != _METHOD and ftype != _HEADER and ftype != _BODY and ftype != _HEARTBEAT:
         if memcmp(h, b"AMQP", 4) == 0:
-            raise AMQPFrameError(
-                "the broker sent a protocol header instead of a frame: "
-                "it does not accept AMQP 0-9-1"
-            )
-        raise AMQPFrameError(f"unknown frame type {ftype} on channel {channel}")
+            raise protocol_header_received()
+        raise unknown_frame_type(ftype, channel)
     if size + 8 > <uint64_t>frame_max:
-        raise AMQPFrameError(
-            f"frame of {size + 8} bytes on channel {channel} exceeds frame_max {frame_max}"
-        )
+        raise frame_too_large(size, channel, frame_max)
     if ftype == _HEARTBEAT and size:
-        raise AMQPFrameError(f"heartbeat frame with a payload of {size} bytes")
+        raise heartbeat_with_payload(size)
+    return 0
 
 
 cdef inline Py_ssize_t _short_end(
@@ -193,12 +272,6 @@ cdef inline Py_ssize_t _short_end(
         return -1
     cdef Py_ssize_t stop = off + 1 + p[off]
     return -1 if stop > end else stop
-
-
-cdef inline int _check_int(str name, object value) except -1:
-    if not PyLong_CheckExact(value) and (not isinstance(value, int) or isinstance(value, bool)):
-        raise TypeError(f"{name} must be an int, not {type(value).__name__}")
-    return 0
 
 
 cdef class FrameReader:
@@ -246,10 +319,7 @@ cdef class FrameReader:
 
     @frame_max.setter
     def frame_max(self, value):
-        _check_int("frame_max", value)
-        if not MIN_FRAME_MAX <= value <= 0xFFFFFFFF:
-            raise ValueError(f"frame_max must be in {MIN_FRAME_MAX}..4294967295, got {value}")
-        self._frame_max = value
+        self._frame_max = check_frame_max(value)
 
     @property
     def max_body_size(self):
@@ -258,10 +328,7 @@ cdef class FrameReader:
 
     @max_body_size.setter
     def max_body_size(self, value):
-        _check_int("max_body_size", value)
-        if not 0 <= value <= MAX_TAG:
-            raise ValueError(f"max_body_size must be in 0..{MAX_TAG}, got {value}")
-        self._max_body = value
+        self._max_body = check_max_body_size(value)
 
     @property
     def buffered(self):
@@ -295,7 +362,7 @@ cdef class FrameReader:
         cdef const unsigned char* p
         cdef Py_ssize_t n
         if self._error is not None:
-            raise AMQPFrameError(UNUSABLE + self._error)
+            raise unusable(self._error)
         if PyBytes_CheckExact(data):
             p = <const unsigned char*>PyBytes_AS_STRING(data)
             n = PyBytes_GET_SIZE(data)
@@ -306,7 +373,7 @@ cdef class FrameReader:
             n = view.len
         try:
             return self._feed(p, n)
-        except AMQPFrameError as exc:
+        except RemoteProtocolError as exc:
             self._error = str(exc)
             raise
         except BaseException as exc:  # e.g. MemoryError: the state is no longer trustworthy
@@ -367,10 +434,7 @@ cdef class FrameReader:
         cdef int channel = _u16(f + 1)
         cdef unsigned char end = f[7 + size]
         if end != _FRAME_END:
-            raise AMQPFrameError(
-                f"frame end octet is 0x{end:02x}, not 0xce "
-                f"(frame type {ftype}, channel {channel}, size {size})"
-            )
+            raise bad_frame_end(end, ftype, channel, size)
         return self._frame(ftype, channel, f + 7, <Py_ssize_t>size)
 
     cdef inline _Assembly _assembly(self, int channel):
@@ -388,13 +452,9 @@ cdef class FrameReader:
         cdef _Assembly a = self._assembly(channel)
         if ftype == _METHOD:
             if size < 4:
-                raise AMQPFrameError(
-                    f"method frame of {size} bytes on channel {channel} is too short"
-                )
+                raise method_too_short(size, channel)
             if a is not None and a.state != _IDLE:
-                raise AMQPFrameError(
-                    f"method frame on channel {channel} while a delivery's content is incomplete"
-                )
+                raise method_during_content(channel)
             if _u16(p) == _CLASS_BASIC and _u16(p + 2) == _DELIVER:
                 if a is None:
                     a = _Assembly()
@@ -402,29 +462,29 @@ cdef class FrameReader:
                     self._last_channel = channel
                     self._last = a
                 return self._deliver(a, channel, p, size)
-            self._out.append((ftype, channel, PyBytes_FromStringAndSize(<const char*>p, size)))
+            self._out.append(
+                _new_frame(ftype, channel, PyBytes_FromStringAndSize(<const char*>p, size))
+            )
             return 0
         if ftype == _HEADER:
             if a is None or a.state == _IDLE:
                 self._out.append(
-                    (ftype, channel, PyBytes_FromStringAndSize(<const char*>p, size))
+                    _new_frame(ftype, channel, PyBytes_FromStringAndSize(<const char*>p, size))
                 )
                 return 0
             if a.state == _WANT_BODY:
-                raise AMQPFrameError(
-                    f"content header on channel {channel} while the body is incomplete"
-                )
+                raise header_during_body(channel)
             return self._content_header(a, channel, p, size)
         if ftype == _BODY:
             if a is None or a.state == _IDLE:
                 self._out.append(
-                    (ftype, channel, PyBytes_FromStringAndSize(<const char*>p, size))
+                    _new_frame(ftype, channel, PyBytes_FromStringAndSize(<const char*>p, size))
                 )
                 return 0
             if a.state == _WANT_HEADER:
-                raise AMQPFrameError(f"body frame on channel {channel} before the content header")
+                raise body_before_header(channel)
             return self._body(a, channel, p, size)
-        self._out.append((ftype, channel, _EMPTY))
+        self._out.append(_new_frame(ftype, channel, _EMPTY))
         return 0
 
     cdef int _deliver(
@@ -433,7 +493,7 @@ cdef class FrameReader:
         cdef Py_ssize_t off = 4, stop
         stop = _short_end(p, off, end)
         if stop < 0 or stop + 9 > end:
-            raise AMQPFrameError(f"Basic.Deliver on channel {channel} is truncated")
+            raise deliver_truncated(channel)
         consumer_tag = self._tags.get(p + off + 1, stop - off - 1)
         off = stop
         a.delivery_tag = _u64(p + off)
@@ -441,12 +501,12 @@ cdef class FrameReader:
         off += 9
         stop = _short_end(p, off, end)
         if stop < 0:
-            raise AMQPFrameError(f"Basic.Deliver on channel {channel} is truncated")
+            raise deliver_truncated(channel)
         exchange = self._exchanges.get(p + off + 1, stop - off - 1)
         off = stop
         stop = _short_end(p, off, end)
         if stop < 0:
-            raise AMQPFrameError(f"Basic.Deliver on channel {channel} is truncated")
+            raise deliver_truncated(channel)
         a.routing_key = self._keys.get(p + off + 1, stop - off - 1)
         a.consumer_tag = consumer_tag
         a.exchange = exchange
@@ -460,12 +520,10 @@ cdef class FrameReader:
         cdef unsigned int class_id
         cdef uint64_t body_size
         if end < 12:
-            raise AMQPFrameError(f"content header on channel {channel} is truncated")
+            raise content_header_truncated(channel)
         class_id = _u16(p)
         if class_id != _CLASS_BASIC:
-            raise AMQPFrameError(
-                f"content header of class {class_id} on channel {channel} after Basic.Deliver"
-            )
+            raise content_header_class(class_id, channel)
         body_size = _u64(p + 4)
         a.properties = self._props.get(p + 12, end - 12)
         a.body_size = body_size
@@ -484,10 +542,7 @@ cdef class FrameReader:
         cdef uint64_t received = a.received + <uint64_t>size
         cdef bytes body
         if received > a.body_size:
-            raise AMQPFrameError(
-                f"body frames on channel {channel} carry more than the "
-                f"{a.body_size} bytes announced"
-            )
+            raise body_overrun(channel, a.body_size)
         a.received = received
         if a.skip:  # over max_body_size: counted and discarded, the stream stays in sync
             if received == a.body_size:
@@ -506,23 +561,26 @@ cdef class FrameReader:
             self._emit(a, channel, body)
         return 0
 
-    cdef inline void _emit(self, _Assembly a, int channel, bytes body):
-        self._out.append(
-            (
-                channel,
-                a.delivery_tag,
-                a.redelivered,
-                a.exchange,
-                a.routing_key,
-                a.consumer_tag,
-                a.properties,
-                body,
-                a.body_size,
-            )
-        )
+    cdef inline int _emit(self, _Assembly a, int channel, bytes body) except -1:
+        # A Delivery, built the way tuple.__new__(Delivery, ...) builds it, minus the calls and
+        # the temporary tuple.
+        cdef object ch = channel, tag = a.delivery_tag, size = a.body_size
+        cdef object redelivered = True if a.redelivered else False
+        cdef object d = PyType_GenericAlloc(<PyTypeObject*>_Delivery, 9)
+        _put(d, 0, ch)
+        _put(d, 1, tag)
+        _put(d, 2, redelivered)
+        _put(d, 3, a.exchange)
+        _put(d, 4, a.routing_key)
+        _put(d, 5, a.consumer_tag)
+        _put(d, 6, a.properties)
+        _put(d, 7, body)
+        _put(d, 8, size)
+        self._out.append(d)
         a.state = _IDLE
         a.parts = None
         a.properties = None
+        return 0
 
 
 # --------------------------------------------------------------------------------------------
@@ -551,21 +609,22 @@ cdef inline void _put_ack(
 
 
 cdef inline unsigned int _channel(object channel) except? 0:
-    _check_int("channel", channel)
-    if not 0 <= channel <= 0xFFFF:
-        raise ValueError(f"channel {channel} out of range 0..65535")
-    return channel
+    """The common case inline; amqp_base.check_channel raises the twin's errors."""
+    if PyLong_CheckExact(channel) and 0 <= channel <= _MAX_CHANNEL:
+        return channel
+    return check_channel(channel)
 
 
 cdef inline uint64_t _tag(object tag) except? 0:
-    _check_int("delivery tag", tag)
-    if not 0 <= tag <= MAX_TAG:
-        raise ValueError(f"delivery tag {tag} out of range 0..{MAX_TAG}")
-    return tag
+    """The common case inline; amqp_base.check_tag raises the twin's errors."""
+    if PyLong_CheckExact(tag) and 0 <= tag <= 0xFFFFFFFFFFFFFFFF:
+        return tag
+    return check_tag(tag)
 
 
 def encode_ack(channel, delivery_tag, multiple=False):
-    """One Basic.Ack frame (21 bytes). channel and tag: int (not bool), else TypeError."""
+    """One Basic.Ack frame (21 bytes). channel and tag: int (not bool), else TypeError; out of
+    range, LocalProtocolError."""
     cdef unsigned int ch = _channel(channel)
     cdef uint64_t tag = _tag(delivery_tag)
     cdef bytes out = PyBytes_FromStringAndSize(NULL, _ACK_SIZE)
