@@ -26,7 +26,8 @@ from pamqp import commands, frame
 from pamqp.base import Frame
 
 from fastworker import __version__
-from fastworker.amqp_base import Delivery, Frame
+from fastworker.amqp_base import Delivery
+from fastworker.amqp_base import Frame as RawFrame
 
 log = logging.getLogger("fastworker.consumer")
 
@@ -37,8 +38,9 @@ _WANTED_FRAME_MAX = 131072
 _WANTED_HEARTBEAT = 60
 _FRAME_HEADER = struct.Struct(">BHI")
 
-# What the codec's FrameReader.feed returns: a `Delivery` per delivery, a `Frame` per other frame.
-Items = list[Delivery | Frame]
+# What the codec's FrameReader.feed returns: a `Delivery` per delivery, a raw `Frame` per other
+# frame (amqp_base.Frame; `Frame` here is pamqp's decoded method frame).
+Items = list[Delivery | RawFrame]
 
 
 class AmqpProtocolError(ConnectionError):
@@ -163,7 +165,7 @@ class AmqpWire(asyncio.Protocol):
     def _received(self, items: Items) -> None:
         """Everything one read decoded; this class handles all but the deliveries."""
         for item in items:
-            if type(item) is Frame:
+            if type(item) is RawFrame:
                 self.on_frame(item)
 
     def write(self, data: bytes) -> None:
@@ -187,7 +189,7 @@ class AmqpWire(asyncio.Protocol):
 
     # ---------------------------------------------------------------- rare frames
 
-    def on_frame(self, item: Frame) -> None:
+    def on_frame(self, item: RawFrame) -> None:
         """A frame that is not part of a delivery: a method (decoded by pamqp) or a heartbeat."""
         ftype, channel, payload = item
         codec = self._codec
