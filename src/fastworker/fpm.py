@@ -16,7 +16,6 @@ import logging
 import socket
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 from fastworker.callbacks import Answer
@@ -119,18 +118,9 @@ def _payload(params: Mapping[str | bytes, str | bytes], stdin: bytes, shared: by
         raise FpmBadRequest(str(exc)) from None
 
 
-@dataclass(slots=True)
-class FpmResponse:
-    """A completed request. `stdout` and `stderr` are the heads of PHP's output (at most the
-    pool's `max_response_head` bytes each); `stdout_size` and `stderr_size` count all of it."""
-
-    stdout: bytes
-    stderr: bytes
-    app_status: int
-    protocol_status: int
-    stdout_size: int
-    stderr_size: int
-
+# A completed request, as the codec made it: `stdout` and `stderr` are the heads of PHP's output
+# (at most the pool's `max_response_head` bytes each); `stdout_size` and `stderr_size` count all.
+FpmResponse = Response
 
 # `FpmPool.request`'s callback: (response, None) or (None, an FpmError).
 ResponseCallback = Answer[FpmResponse]
@@ -535,17 +525,7 @@ class FpmPool:
         if self._backlog:  # the connection may take a pipelined request now
             self._serve_backlog()
         self.completed += 1
-        callback(
-            FpmResponse(
-                done.stdout,
-                done.stderr,
-                done.app_status,
-                done.protocol_status,
-                done.stdout_size,
-                done.stderr_size,
-            ),
-            None,
-        )
+        callback(done, None)
 
     def _failed(self, conn: _Connection, callback: ResponseCallback, exc: Exception) -> None:
         """A request failed: the FpmError for its callback, or a move to another connection."""
