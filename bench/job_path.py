@@ -4,9 +4,9 @@ Feeds N bundle-format messages straight into the job handler (no RabbitMQ), `--c
 time, on a private PHP-FPM pool, and reports jobs/s, this process's user and system CPU per job,
 and FPM's CPU per job. Compare with `bench/e2e.py`: the difference is what the broker and the
 consume/ack path cost. It runs the callback path the fast consumer uses (`JobHandler.start`)
-and, with `--coroutine`, the coroutine path the aiormq consumer uses.
+(both consumers use it).
 
-    python bench/job_path.py [-n 30000] [--children 4] [--pipeline 4] [--script PATH] [--coroutine]
+    python bench/job_path.py [-n 30000] [--children 4] [--pipeline 4] [--script PATH]
 """
 
 from __future__ import annotations
@@ -50,23 +50,10 @@ def cpu_seconds(pids: list[int]) -> float:
 
 
 async def drain(
-    handler: JobHandler, body: bytes, jobs: int, concurrency: int, coro: bool
+    handler: JobHandler, body: bytes, jobs: int, concurrency: int
 ) -> None:
     remaining = jobs
     done = asyncio.get_running_loop().create_future()
-
-    if coro:
-
-        async def runner() -> None:
-            nonlocal remaining
-            while remaining > 0:
-                remaining -= 1
-                # The coroutine form; a failed job has no publisher here and raises.
-                await handler(Message(body, "bench"), None)  # type: ignore[arg-type]
-
-        await asyncio.gather(*(runner() for _ in range(concurrency)))
-        return
-
     in_flight = 0
 
     def start_one() -> None:
@@ -107,7 +94,6 @@ def main() -> int:
         "--pipeline", type=int, default=4, help="requests per connection (worker's --pipeline)"
     )
     parser.add_argument("--script", default=str(ROOT / "examples" / "php" / "dispatch.php"))
-    parser.add_argument("--coroutine", action="store_true", help="the aiormq consumer's path")
     args = parser.parse_args()
     concurrency = args.concurrency or args.children
     workdir = Path(tempfile.mkdtemp(prefix="fastworker-job-path-"))
@@ -128,20 +114,19 @@ def main() -> int:
             None,
             8 << 20,  # type: ignore[arg-type]
         )
-        await drain(handler, body, 200, in_flight, args.coroutine)  # warm-up
+        await drain(handler, body, 200, in_flight)  # warm-up
         children = fpm.child_pids()
         switches0 = context_switches()
         fpm0, times0, wall0 = cpu_seconds(children), os.times(), time.perf_counter()
-        await drain(handler, body, args.jobs, in_flight, args.coroutine)
+        await drain(handler, body, args.jobs, in_flight)
         wall, times1, fpm1 = time.perf_counter() - wall0, os.times(), cpu_seconds(children)
         switches = context_switches() - switches0
         await pools.close()
         per_job = 1e6 / args.jobs
-        path = "coroutine" if args.coroutine else "callback"
         print(
             f"{args.jobs} jobs, {args.children} FPM children, concurrency {concurrency}, "
             f"pipeline {args.pipeline}, "
-            f"{path} path, codec {'compiled' if COMPILED else 'pure Python'}, no broker"
+            f"codec {'compiled' if COMPILED else 'pure Python'}, no broker"
         )
         print(f"jobs/s              {args.jobs / wall:,.0f}")
         print(f"worker user CPU/job {(times1.user - times0.user) * per_job:.1f} us")

@@ -8,7 +8,6 @@ attempt: a message never cycles through the queue because of an exception of our
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import traceback
 from collections.abc import Awaitable, Callable
@@ -77,14 +76,6 @@ class JobHandler:
             if answered:
                 raise  # from the consumer's own on_done: not the job's outcome
             done(internal_error(message, exc), None)
-
-    async def __call__(self, message: Message, publisher: Publisher) -> None:
-        """`start`, awaited: returns when the message may be acked, raises when it may not."""
-        rest: asyncio.Future[Awaitable[None] | None] = asyncio.get_running_loop().create_future()
-        self.start(message, publisher, rest.set_result)
-        then = await rest
-        if then is not None:
-            await then
 
     async def _settle(self, message: Message, result: Result, publisher: Publisher) -> None:
         """Retry or dead letter; a bug on that path still ends in a dead letter, not a loop."""
