@@ -17,11 +17,37 @@ from fastworker.job import Job, NotAllowed
 from fastworker.targets import TargetPolicy, parse_alias
 from helpers import bundle_message, wait_for
 from services import PHP_DIR
+from services.fpm import FpmServer
 from services.rabbitmq import amqp_get_all, amqp_publish, amqp_queue_count
 from services.worker import Worker, worker_args
 
 RECORD = str(PHP_DIR / "record.php")
 SOCK = Endpoint(path="/run/php/php8.2-fpm.sock")
+
+
+def run_aliased_bundle_jobs(
+    fpm: FpmServer, url: str, queue: str, tmp_path: Path, concurrency: str, wait: float
+) -> str:
+    """200 bundle messages naming localhost:9000, run by a worker told that this means `fpm`:
+    each runs exactly once, none is dead-lettered. Returns the worker's log."""
+    datas = [f"aliased-{i}" for i in range(200)]
+    amqp_publish(url, queue, [bundle_message(d, RECORD, "localhost", 9000) for d in datas])
+    worker = Worker(
+        worker_args(
+            url, queue, fpm.address, "--fpm-alias", f"localhost:9000={fpm.address}",
+            "--concurrency", concurrency,
+        ),
+        tmp_path / "worker.log",
+    )
+    try:
+        wait_for(lambda: len(fpm.records()) >= len(datas), wait, what=f"200 jobs in {wait} s")
+    finally:
+        code = worker.stop()
+    assert code == 0, worker.log()
+    runs = Counter(sha for _, sha, _ in fpm.records())
+    assert runs == Counter(hashlib.sha1(d.encode()).hexdigest() for d in datas)
+    assert amqp_queue_count(url, f"{queue}.failed") == 0
+    return worker.log()
 
 
 def test_an_alias_maps_the_endpoint_a_message_names_onto_a_listed_one() -> None:
@@ -46,25 +72,7 @@ def test_bundle_messages_naming_localhost_9000_run_on_a_unix_socket_pool(
 ) -> None:
     # The bundle's defaults name localhost:9000; Debian's stock pool listens on a Unix socket.
     fpm = fpm_factory(children=2, unix_socket=True)
-    datas = [f"aliased-{i}" for i in range(200)]
-    amqp_publish(
-        rabbitmq_url, queue_name, [bundle_message(d, RECORD, "localhost", 9000) for d in datas]
-    )
-    worker = Worker(
-        worker_args(
-            rabbitmq_url, queue_name, fpm.address, "--fpm-alias", f"localhost:9000={fpm.address}",
-            "--concurrency", "2",
-        ),
-        tmp_path / "worker.log",
-    )
-    try:
-        wait_for(lambda: len(fpm.records()) >= len(datas), 60, what="200 jobs")
-    finally:
-        code = worker.stop()
-    assert code == 0, worker.log()
-    runs = Counter(sha for _, sha, _ in fpm.records())
-    assert runs == Counter(hashlib.sha1(d.encode()).hexdigest() for d in datas)
-    assert amqp_queue_count(rabbitmq_url, f"{queue_name}.failed") == 0
+    run_aliased_bundle_jobs(fpm, rabbitmq_url, queue_name, tmp_path, "2", wait=60)
 
 
 def test_without_the_alias_the_dead_letter_says_how_to_map_it(
@@ -105,27 +113,9 @@ def test_concurrency_above_a_dynamic_pool_s_children_costs_no_job_its_timeout(
     # four connections wait in FPM's backlog; the pool frees children for them and keeps to
     # two connections, so no job waits for --job-timeout (300 s by default).
     fpm = fpm_factory(children=2, unix_socket=True, pm="dynamic")
-    datas = [f"dynamic-{i}" for i in range(200)]
-    amqp_publish(
-        rabbitmq_url, queue_name, [bundle_message(d, RECORD, "localhost", 9000) for d in datas]
-    )
-    worker = Worker(
-        worker_args(
-            rabbitmq_url, queue_name, fpm.address, "--fpm-alias", f"localhost:9000={fpm.address}",
-            "--concurrency", "4",
-        ),
-        tmp_path / "worker.log",
-    )
-    try:
-        wait_for(lambda: len(fpm.records()) >= len(datas), 30, what="200 jobs within 30 s")
-    finally:
-        code = worker.stop()
-    assert code == 0, worker.log()
-    runs = Counter(sha for _, sha, _ in fpm.records())
-    assert runs == Counter(hashlib.sha1(d.encode()).hexdigest() for d in datas)
-    assert amqp_queue_count(rabbitmq_url, f"{queue_name}.failed") == 0
-    assert "timeout" not in worker.log()
-    assert "waits in its backlog" in worker.log()  # the case did arise, and was named
+    log = run_aliased_bundle_jobs(fpm, rabbitmq_url, queue_name, tmp_path, "4", wait=30)
+    assert "timeout" not in log
+    assert "waits in its backlog" in log  # the case did arise, and was named
 
 
 @pytest.mark.parametrize("client", ["fast", "aiormq"])
