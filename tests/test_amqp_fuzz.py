@@ -31,6 +31,7 @@ if str(ROOT / "src") not in sys.path:  # a source checkout need not be installed
 
 from fastworker import amqp_py  # noqa: E402
 from fastworker.amqp_base import Delivery, RemoteProtocolError  # noqa: E402
+from fastworker.message import PROPERTY_NAMES  # noqa: E402
 
 try:
     from fastworker import _amqp_codec  # type: ignore[attr-defined]  # noqa: E402
@@ -370,20 +371,6 @@ _PROPERTIES = st.builds(
     app_id=st.none() | _SHORT,
     cluster_id=st.just(""),  # pamqp refuses anything else (None included)
 )
-_NAMES = (
-    "content_type",
-    "content_encoding",
-    "delivery_mode",
-    "priority",
-    "correlation_id",
-    "reply_to",
-    "expiration",
-    "message_id",
-    "timestamp",
-    "message_type",
-    "user_id",
-    "app_id",
-)
 
 
 @FUZZ
@@ -412,7 +399,7 @@ def test_property_blocks_valid_and_mutated(
     if not mutations:  # pamqp's own reading of what it wrote (it omits empty strings)
         decoded = frame.unmarshal(hdr)[2].properties
         want = (
-            {n: v for n in _NAMES if (v := getattr(decoded, n, None)) is not None},
+            {n: v for n in PROPERTY_NAMES if (v := getattr(decoded, n, None)) is not None},
             dict(decoded.headers or {}),
         )
         assert got == ("ok", repr(want))

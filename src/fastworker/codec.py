@@ -17,6 +17,7 @@ worker refuses to start on a twin unless it was asked for (worker.check_codecs).
 
 from __future__ import annotations
 
+import importlib
 import os
 from types import ModuleType
 
@@ -30,29 +31,19 @@ from fastworker.fcgi_base import (
 
 NO_EXTENSIONS = bool(os.environ.get("FASTWORKER_NO_EXTENSIONS"))
 
-FCGI_COMPILED = False
-FCGI_IMPORT_ERROR = ""
-fcgi: ModuleType = fcgi_py
-if not NO_EXTENSIONS:
-    try:
-        from fastworker import _fcgi_codec  # type: ignore[attr-defined]
-    except ImportError as exc:  # pragma: no cover - exercised only without a build
-        FCGI_IMPORT_ERROR = str(exc)
-    else:
-        fcgi = _fcgi_codec
-        FCGI_COMPILED = True
 
-AMQP_COMPILED = False
-AMQP_IMPORT_ERROR = ""
-amqp: ModuleType = amqp_py
-if not NO_EXTENSIONS:
+def _pick(compiled: str, twin: ModuleType) -> tuple[ModuleType, bool, str]:
+    """(module, compiled?, why the compiled one did not load) for one codec."""
+    if NO_EXTENSIONS:
+        return twin, False, ""
     try:
-        from fastworker import _amqp_codec  # type: ignore[attr-defined]
+        return importlib.import_module(compiled), True, ""
     except ImportError as exc:  # pragma: no cover - exercised only without a build
-        AMQP_IMPORT_ERROR = str(exc)
-    else:
-        amqp = _amqp_codec
-        AMQP_COMPILED = True
+        return twin, False, str(exc)
+
+
+fcgi, FCGI_COMPILED, FCGI_IMPORT_ERROR = _pick("fastworker._fcgi_codec", fcgi_py)
+amqp, AMQP_COMPILED, AMQP_IMPORT_ERROR = _pick("fastworker._amqp_codec", amqp_py)
 
 COMPILED = FCGI_COMPILED
 IMPORT_ERROR = FCGI_IMPORT_ERROR

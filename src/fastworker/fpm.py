@@ -27,6 +27,7 @@ from fastworker.codec import (
     encode_request,
 )
 from fastworker.endpoint import Endpoint
+from fastworker.fcgi_base import GET_VALUES, VERSION
 
 log = logging.getLogger("fastworker.fpm")
 
@@ -47,7 +48,7 @@ PIPELINE_MAX_HEAD_AGE = 0.05
 # FCGI_GET_VALUES record, which a child that reads on discards), wait this long for the kernel's
 # reset that says the child is gone (see _Connection.eof_received).
 PROBE_WAIT = 0.02
-_PROBE = b"\x01\x09\x00\x00\x00\x00\x00\x00"
+_PROBE = bytes((VERSION, GET_VALUES, 0, 0, 0, 0, 0, 0))
 _TCP_CLOSE = 7  # tcp_info.tcpi_state after a reset
 
 # _Connection.ending: how the connection is going away.
