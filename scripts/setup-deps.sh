@@ -12,7 +12,7 @@ export DEBIAN_FRONTEND=noninteractive
 
 PACKAGES=(
     php8.2-fpm php8.2-cli php-amqplib php-symfony-event-dispatcher
-    rabbitmq-server redis-server
+    rabbitmq-server redis-server ruby-sidekiq
     python3 python3-venv python3-dev gcc
     nginx-light wrk
 )

@@ -21,7 +21,6 @@ from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence, 
 from functools import partial
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
-from fastworker.broker import Publisher
 from fastworker.message import Message, NotStarted
 
 log = logging.getLogger("fastworker.consumer")
@@ -36,12 +35,12 @@ MAX_MESSAGE_SIZE = 8 * 1024 * 1024  # default --max-message-size
 FIRST_BACKOFF = 0.5  # seconds before the first reconnect; doubled per failure up to max_backoff
 
 # A handler, awaitable form: returns when the message may be acked, raises when it may not.
-Handler = Callable[[Message, Publisher], Awaitable[None]]
+Handler = Callable[[Message, Any], Awaitable[None]]
 # A handler's callback form, `start(message, publisher, on_done)`: it calls `on_done(None)` when
 # the message may be acked, or `on_done(awaitable)` with what is left to await (returns: ack;
 # raises: requeue), as `JobHandler.start` does. The skeleton only ever calls this form.
 OnDone = Callable[[Awaitable[None] | None], None]
-Start = Callable[[Message, Publisher, OnDone], None]
+Start = Callable[[Message, Any, OnDone], None]
 
 C = TypeVar("C")
 # Called once per connection and queue before consuming starts, e.g. to declare retry queues;
@@ -107,8 +106,9 @@ class Transport(ABC):
     def unreachable(self, exc: BaseException) -> str | None:
         """If `exc` says nothing listens where the broker should be, a hint for the log."""
         return None
-    # Handed to the handler with each delivery, for publishing retries and dead letters.
-    publisher: Publisher
+    # Handed to the handler with each delivery, for writing retries and dead letters: the
+    # backend's own (broker.Publisher for AMQP, sidekiq_store.SidekiqStore for Sidekiq).
+    publisher: Any
     closed: asyncio.Future[object]
 
     @property
@@ -132,6 +132,16 @@ class Transport(ABC):
     def finished(self, tag: int) -> None:
         """Delivery `tag` may be acked (now or batched with others, soon)."""
 
+    # A transport whose acks take a round trip (a Redis write, not a frame in a socket buffer)
+    # may hold each job's slot until its ack is stored: then a crash runs at most `concurrency`
+    # finished-but-unacked jobs again, whatever the load.
+    holds_slot: ClassVar[bool] = False
+
+    def finished_then(self, tag: int, release: Callable[[], None]) -> None:
+        """`finished(tag)`, and `release()` once the ack is stored or can no longer be."""
+        self.finished(tag)
+        release()
+
     @abstractmethod
     def requeue(self, tag: int) -> None:
         """Delivery `tag` goes back to the broker unacked."""
@@ -152,7 +162,7 @@ def coroutine_start(handler: Handler) -> Start:
     """The callback form of an `async def` handler: its call's coroutine, not started yet, is
     what is left to await, which a runner task does."""
 
-    def start(message: Message, publisher: Publisher, on_done: OnDone) -> None:
+    def start(message: Message, publisher: Any, on_done: OnDone) -> None:
         on_done(handler(message, publisher))
 
     return start
@@ -357,10 +367,7 @@ class ConsumerBase(ABC, Generic[C]):
         """A job's `on_done` (bound to its delivery with a partial: no closure per job): acks it,
         or hands what is left to await to a runner task."""
         if rest is None:
-            self.processed += 1
-            if transport.alive:
-                transport.finished(tag)
-            self._job_done()
+            self._succeeded(transport, tag)
         elif not self._running:  # run() is over: as if its runner had been cancelled
             if isinstance(rest, Coroutine):
                 rest.close()
@@ -373,6 +380,17 @@ class ConsumerBase(ABC, Generic[C]):
                 if not waiter.done():
                     waiter.set_result(None)
                     return
+
+    def _succeeded(self, transport: Transport, tag: int) -> None:
+        """Acks a job whose handler succeeded; its slot is free once the transport says so."""
+        self.processed += 1
+        if not transport.alive:
+            self._job_done()
+        elif transport.holds_slot:
+            transport.finished_then(tag, self._job_done)
+        else:
+            transport.finished(tag)
+            self._job_done()
 
     def _job_done(self) -> None:
         self._in_flight -= 1
@@ -395,6 +413,7 @@ class ConsumerBase(ABC, Generic[C]):
                 await waiter
                 continue
             transport, tag, message, rest = ready.popleft()
+            succeeded = False
             try:
                 if unstarted and not transport.alive:
                     if isinstance(rest, Coroutine):
@@ -414,11 +433,12 @@ class ConsumerBase(ABC, Generic[C]):
                 if transport.alive:
                     transport.requeue(tag)
             else:
-                self.processed += 1
-                if transport.alive:
-                    transport.finished(tag)
+                succeeded = True
             finally:
-                self._job_done()
+                if succeeded:
+                    self._succeeded(transport, tag)
+                else:
+                    self._job_done()
 
 
 async def _raise(exc: Exception) -> None:

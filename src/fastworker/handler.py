@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import logging
 import traceback
+from collections import Counter
 from collections.abc import Awaitable, Callable
+from typing import Any, Protocol
 
-from fastworker.broker import Publisher, PublishFailed
+from fastworker.broker import PublishFailed
 from fastworker.executor import Executor
-from fastworker.failures import FailureHandler
 from fastworker.formats import Parser
 from fastworker.job import BadMessage, Job
 from fastworker.message import Message, NotStarted
@@ -25,6 +26,21 @@ log = logging.getLogger("fastworker.handler")
 # `JobHandler.start`'s callback: None when the message may be acked, else what is left to
 # await, which returns when the message may be acked and raises when it may not.
 OnDone = Callable[[Awaitable[None] | None], None]
+
+
+class Failures(Protocol):
+    """What a backend does with a job that did not succeed (failures.FailureHandler for AMQP,
+    sidekiq_failures.SidekiqFailures): `publisher` is what its transport hands over with each
+    delivery to write with. Both return once the retry or dead letter is stored, and raise
+    PublishFailed when it was not."""
+
+    counts: Counter[str]  # "<kind> retried|dead-lettered|requeued" -> n
+
+    async def handle(self, message: Message, result: Result, publisher: Any) -> None: ...
+
+    async def dead_letter_internal(
+        self, message: Message, result: Result, publisher: Any
+    ) -> None: ...
 
 
 class JobHandler:
@@ -39,7 +55,7 @@ class JobHandler:
         parse: Parser,
         default_script: str,
         executor: Executor,
-        failures: FailureHandler,
+        failures: Failures,
         max_message_size: int,
     ) -> None:
         self.parse = parse
@@ -48,7 +64,7 @@ class JobHandler:
         self.failures = failures
         self.max_message_size = max_message_size
 
-    def start(self, message: Message, publisher: Publisher, on_done: OnDone) -> None:
+    def start(self, message: Message, publisher: Any, on_done: OnDone) -> None:
         """Starts `message`'s job; `on_done` is called exactly once, without a coroutine in the
         common case: `on_done(None)` once the message may be acked (the job succeeded), or
         `on_done(awaitable)` with what is left to do (a failed job's retry or dead letter)."""
@@ -77,7 +93,7 @@ class JobHandler:
                 raise  # from the consumer's own on_done: not the job's outcome
             done(internal_error(message, exc), None)
 
-    async def _settle(self, message: Message, result: Result, publisher: Publisher) -> None:
+    async def _settle(self, message: Message, result: Result, publisher: Any) -> None:
         """Retry or dead letter; a bug on that path still ends in a dead letter, not a loop."""
         try:
             await self.failures.handle(message, result, publisher)

@@ -1,0 +1,125 @@
+"""What happens to a Sidekiq job that did not succeed, the way Sidekiq itself does it, so that
+Sidekiq's API and web UI read fastworker's failures as their own.
+
+A failed run puts the job into sorted set `retry`, scored by when it runs again, with Sidekiq's
+fields: `retry_count` (0 after the first failure), `error_message`, `error_class`, `failed_at`,
+`retried_at`. When its runs are used up (the job's own `retry`: a number of retries, or false for
+none; else --max-attempts) it goes to sorted set `dead` instead. The delays are the AMQP
+backend's (--retry-delay doubled per retry up to --retry-max-delay, with jitter). A job that did
+not run for trouble that is not its own (FPM unreachable) waits in `schedule` without counting a
+run; a job that can never run (bad_message, not_allowed) goes to `dead` at once. The same
+protocol as `failures.FailureHandler`: `handle`, `dead_letter_internal`, `counts`.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from collections import Counter
+from typing import Any
+
+import orjson
+
+from fastworker import sidekiq_jobs as jobs
+from fastworker.failures import JITTER, RetryPolicy, error_json, worker_identity
+from fastworker.message import Message
+from fastworker.outcome import INFRASTRUCTURE, REFUSED, Result
+from fastworker.sidekiq_store import SidekiqStore
+
+log = logging.getLogger("fastworker.failures")
+
+
+class SidekiqFailures:
+    def __init__(self, policy: RetryPolicy) -> None:
+        self.policy = policy
+        self.worker = worker_identity()
+        self.counts: Counter[str] = Counter()  # "<kind> retried|dead-lettered|requeued" -> n
+
+    def _error(self, job: dict[str, Any], result: Result, attempts: int, now: float) -> Any:
+        """The AMQP dead letter's error record (kind, status, stderr, endpoint, ...)."""
+        first = job.get("failed_at")
+        first_failure = first if isinstance(first, int | float) else now
+        queue = job.get("queue")
+        queue = queue if isinstance(queue, str) else ""
+        return orjson.loads(error_json(result, attempts, queue, first_failure, now, self.worker))
+
+    async def handle(self, message: Message, result: Result, store: SidekiqStore) -> None:
+        """Writes the job to `retry`, `schedule` or `dead`; returns once Redis has it (raises
+        PublishFailed if not: the job then stays in progress and comes back)."""
+        job = dict(message.headers)
+        job.setdefault("queue", message.queue)
+        now = time.time()
+        if result.kind in INFRASTRUCTURE:
+            infra = job.get(jobs.INFRA_RETRIES)
+            infra = infra + 1 if isinstance(infra, int) and infra >= 0 else 1
+            job[jobs.INFRA_RETRIES] = infra
+            at = now + self._delay(infra)
+            await store.add_failed("schedule", at, jobs.encode(job))
+            self.counts[f"{result.kind} requeued"] += 1
+            log.warning(
+                "job %s from %s not run (%s); back to the queue after a delay",
+                job.get("jid"),
+                message.queue,
+                result.message,
+            )
+            return
+        attempts = jobs.failed_attempts(job) + 1
+        error = self._error(job, result, attempts, now)
+        record = jobs.failed(job, result, error, now)
+        runs = 1 if result.kind in REFUSED else jobs.max_runs(job, self.policy.max_attempts)
+        if attempts < runs:
+            delay = self._delay(attempts)
+            await store.add_failed("retry", now + delay, jobs.encode(record))
+            self.counts[f"{result.kind} retried"] += 1
+            log.warning(
+                "job %s from %s failed (%s%s): %s; attempt %d of %d, retry in %.1f s",
+                job.get("jid"),
+                message.queue,
+                result.kind,
+                f" {result.status}" if result.status else "",
+                result.message,
+                attempts,
+                runs,
+                delay,
+            )
+            return
+        await store.kill(jobs.encode(record))
+        self.counts[f"{result.kind} dead-lettered"] += 1
+        log.error(
+            "job %s from %s moved to Sidekiq's dead set (%s%s): %s; attempts %d",
+            job.get("jid"),
+            message.queue,
+            result.kind,
+            f" {result.status}" if result.status else "",
+            result.message,
+            attempts,
+        )
+
+    async def dead_letter_internal(
+        self, message: Message, result: Result, store: SidekiqStore
+    ) -> None:
+        """The plainest way to `dead` when handling a failure went wrong in fastworker: the
+        job's own fields and the error, nothing computed from what may have broken."""
+        now = time.time()
+        job = {k: v for k, v in message.headers.items() if k not in jobs.FAILURE_FIELDS}
+        job.setdefault("queue", message.queue)
+        job.update(
+            error_message=result.message[: jobs.ERROR_MESSAGE_LIMIT],
+            error_class=jobs.error_class(result),
+            failed_at=now,
+            retry_count=0,
+        )
+        job[jobs.ERROR] = orjson.loads(error_json(result, 0, message.queue, now, now, self.worker))
+        await store.kill(jobs.encode(job))
+        self.counts[f"{result.kind} dead-lettered"] += 1
+        log.error(
+            "job %s from %s moved to Sidekiq's dead set (%s): %s",
+            job.get("jid"),
+            message.queue,
+            result.kind,
+            result.message,
+        )
+
+    def _delay(self, retry: int) -> float:
+        return self.policy.delay_ms(retry) / 1000 * random.uniform(1 - JITTER, 1.0)
