@@ -4,6 +4,7 @@ real PHP-FPM by `fastworker --backend sidekiq`, failures read back with Sidekiq'
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import signal
 import subprocess
@@ -297,20 +298,48 @@ def test_dlq_show_replay_and_purge_on_sidekiqs_dead_set(
 
     shown = dlq("show")
     assert shown.returncode == 0, shown.stderr
-    assert "php_error" in shown.stdout and "listener failed for event" in shown.stdout
-    assert "3 of 3 dead jobs" in shown.stdout
+    assert "php_error" in shown.stdout and "RuntimeException: " in shown.stdout
+    assert "3 of 3 dead jobs of queue q shown" in shown.stdout
     assert r.zcard("dead") == 3  # showing takes nothing
-    # Fixed: the listener no longer throws; replayed jobs run and succeed.
+    as_json = [json.loads(line) for line in dlq("show", "--json").stdout.splitlines()]
+    assert sorted(job["args"][0] for job in as_json) == sorted(bad)
+    assert {job["kind"] for job in as_json} == {"php_error"}
+    # The listener is fixed: replayed jobs run, with their runs anew, and succeed.
+    fpm.clear_records()
     (Path(fpm.record_file).parent / "fixed").touch()
-    fixed_env = PHP_DIR / "_attempts.php"
-    assert fixed_env.exists()
     replayed = dlq("replay", "--limit", "2")
     assert replayed.returncode == 0, replayed.stderr
-    assert "replayed 2 dead jobs" in replayed.stdout
-    assert r.zcard("dead") in (1, 2, 3)  # 2 replayed; they may fail again (not fixed for real)
+    assert "replayed 2 dead jobs to queue:q" in replayed.stdout
+    wait_for(lambda: len(fpm.records()) == 2, timeout=20, what="2 replayed jobs run")
+    assert r.zcard("dead") == 1
+    # A dead job another operator replayed first is not replayed again.
+    entry = r.zrange("dead", 0, 0)[0]
+    r.zrem("dead", entry)
+    r.zadd("dead", {entry: time.time()})
+    store_script = (
+        "import asyncio, sys; from fastworker.sidekiq_store import SidekiqStore, connect\n"
+        "async def main():\n"
+        "    s = SidekiqStore(connect(sys.argv[1]))\n"
+        "    e = sys.argv[2].encode('latin-1')\n"
+        "    print(await s.replay(e, 'other', b'{}'), await s.replay(e, 'other', b'{}'))\n"
+        "    await s.close()\n"
+        "asyncio.run(main())\n"
+    )
+    twice = subprocess.run(
+        [sys.executable, "-c", store_script, sidekiq_url, entry.decode("latin-1")],
+        capture_output=True, text=True, timeout=30, check=False,
+        env={**os.environ, "PYTHONPATH": str(SRC_DIR)},
+    )
+    assert twice.stdout.split() == ["True", "False"], twice.stderr
+    assert r.llen("queue:other") == 1
     purged = dlq("purge", "--yes")
     assert purged.returncode == 0, purged.stderr
-    assert "purged" in purged.stdout
+    assert "purged 0 dead jobs of queue q" in purged.stdout
+    (Path(fpm.record_file).parent / "fixed").unlink()
+    sidekiq_push(sidekiq_url, "q", [order_placed_data(9, "FAIL again")], retry=False)
+    wait_for(lambda: r.zcard("dead") == 1, timeout=20, what="1 dead job")
+    assert "purged 1 dead jobs of queue q" in dlq("purge", "--yes").stdout
+    assert r.zcard("dead") == 0
 
 
 def test_a_killed_worker_is_recovered_at_once_on_the_same_host(
