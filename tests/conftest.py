@@ -38,6 +38,7 @@ from services.rabbitmq import (  # noqa: E402
     ensure_rabbitmq,
     sweep_test_queues,
 )
+from services.rabbitmq_tls import TlsRabbit, start_tls_rabbitmq  # noqa: E402
 from services.redis import ensure_redis  # noqa: E402
 from services.worker import Workers  # noqa: E402
 
@@ -134,6 +135,19 @@ def queue_name(request: pytest.FixtureRequest, rabbitmq_url: str) -> Iterator[st
         amqp_delete_queues(rabbitmq_url, [name, f"{name}.failed"])
     except Exception as exc:  # the broker may be down on purpose in some tests
         warnings.warn(f"could not delete test queue {name}: {exc!r}", stacklevel=1)
+
+
+@pytest.fixture(scope="session")
+def tls_rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRabbit]:
+    """A private RabbitMQ node whose TLS listener requires a client certificate signed by a CA
+    the test made (services/rabbitmq_tls.py); one per session, stopped at its end. Skips only
+    when rabbitmq-server (or openssl) is not installed."""
+    try:
+        node = start_tls_rabbitmq(tmp_path_factory.mktemp("rabbitmq-tls"))
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    yield node
+    node.stop()
 
 
 # --------------------------------------------------------------------------- Redis

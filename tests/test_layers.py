@@ -14,17 +14,24 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 
 # Bottom to top; a module may import from its own layer and the ones listed before it.
 LAYERS: list[tuple[str, set[str]]] = [
-    ("vocabulary", {"__init__", "endpoint", "outcome", "message", "callbacks"}),
+    ("vocabulary", {"__init__", "endpoint", "outcome", "message", "callbacks", "stats"}),
     (
         "codecs",
         {"fcgi_base", "fcgi_py", "_fcgi_codec", "amqp_base", "amqp_py", "_amqp_codec", "codec"},
     ),
-    ("message -> job", {"job", "formats", "targets"}),
-    ("job -> request -> outcome", {"cgi", "fpm", "executor"}),
-    ("settle", {"broker", "failures"}),
+    ("message -> job", {"job", "formats", "targets", "sidekiq_jobs"}),
+    ("job -> request -> outcome", {"cgi", "fpm", "executor", "console_executor"}),
+    ("broker address", {"amqp_url", "amqp_tls"}),
+    ("settle", {"broker", "failures", "sidekiq_store", "sidekiq_failures"}),
     ("handler", {"handler"}),
-    ("consumers", {"acks", "consuming", "amqp_wire", "consumer", "fast_consumer"}),
-    ("process", {"worker", "cli", "dlq", "check", "__main__"}),
+    (
+        "consumers",
+        {"acks", "consuming", "amqp_wire", "consumer", "fast_consumer", "sidekiq_consumer"},
+    ),
+    (
+        "process",
+        {"worker", "config", "metrics", "logs", "cli", "dlq", "sidekiq_dlq", "check", "__main__"},
+    ),
 ]
 LAYER = {module: index for index, (_, modules) in enumerate(LAYERS) for module in modules}
 

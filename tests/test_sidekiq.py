@@ -363,3 +363,28 @@ def test_a_killed_worker_is_recovered_at_once_on_the_same_host(
     )
     assert time.monotonic() - started < sidekiq_store.HEARTBEAT_TTL
     assert read_records(fpm.record_file)
+
+
+def test_lost_redis_connections_cost_no_job(
+    sidekiq_url: str, r: redis.Redis, fpm: FpmServer, workers: Workers
+) -> None:
+    """Redis drops the worker's connections mid-run (CLIENT KILL): the worker reconnects, puts
+    its unsettled jobs back, and every job runs."""
+    fpm.clear_records()
+    datas = [order_placed_data(i, f"through a cut {i}") for i in range(1500)]
+    sidekiq_push(sidekiq_url, "q", datas)
+    worker = workers.start(sidekiq_args(sidekiq_url, "q", fpm, "record.php"))
+    wait_for(lambda: len(fpm.records()) >= 200, timeout=60, what="200 jobs run")
+    own_id = r.client_id()
+    for client in r.client_list():
+        if int(client["id"]) != own_id:
+            r.client_kill_filter(_id=int(client["id"]))
+    wait_for(
+        lambda: {d for _, d, _ in fpm.records()} >= {sha1(d) for d in datas},
+        timeout=120,
+        interval=0.5,
+        what="every job run",
+    )
+    assert "retrying in" in worker.log()
+    assert worker.alive()
+    wait_for(lambda: inprogress_keys(r) == [] and r.llen("queue:q") == 0, what="nothing left")

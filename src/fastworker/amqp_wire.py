@@ -1,4 +1,4 @@
-"""The fast AMQP connection's client side: URL, handshake, heartbeats, the rare frames, close.
+"""The fast AMQP connection's client side: handshake, heartbeats, the rare frames, close.
 
 Why a client of our own: aiormq spends tens of microseconds per delivery (pamqp objects per
 frame, a task per delivery), more than the worker's whole budget per job. `AmqpWire` is an
@@ -6,7 +6,8 @@ asyncio Protocol that feeds socket bytes to a frame codec (`FrameReader` of `_am
 pure-Python twin, chosen by the caller). Deliveries are a subclass's business (the fast
 transport in `fast_consumer` overrides `_received`); this module answers everything else. pamqp
 marshals and unmarshals the rare frames (handshake, qos, consume, cancel, close). One
-connection, one consuming channel; it knows nothing of the ack policy or of jobs.
+connection, one consuming channel; it knows nothing of the ack policy or of jobs. What the URL
+says comes parsed (`amqp_url.AmqpUrl`), and TLS as the process's one context (`amqp_tls`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,8 @@ import ssl
 import struct
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
 from types import ModuleType
 from typing import Any, cast
-from urllib.parse import parse_qs, unquote, urlsplit
 
 from pamqp import commands, frame
 from pamqp.base import Frame
@@ -28,14 +27,13 @@ from pamqp.base import Frame
 from fastworker import __version__
 from fastworker.amqp_base import Delivery
 from fastworker.amqp_base import Frame as RawFrame
+from fastworker.amqp_url import DEFAULT_FRAME_MAX, DEFAULT_HEARTBEAT, AmqpUrl
 
 log = logging.getLogger("fastworker.consumer")
 
-HANDSHAKE_TIMEOUT = 15.0  # seconds for connect + handshake, and for each consume-side RPC
+HANDSHAKE_TIMEOUT = 15.0  # seconds for each consume-side RPC (connecting: the URL's timeout)
 CLOSE_TIMEOUT = 2.0  # seconds to wait for Close-Ok before dropping the socket
 CHANNEL = 1  # the one consuming channel of the connection
-_WANTED_FRAME_MAX = 131072
-_WANTED_HEARTBEAT = 60
 _FRAME_HEADER = struct.Struct(">BHI")
 
 # What the codec's FrameReader.feed returns: a `Delivery` per delivery, a raw `Frame` per other
@@ -45,39 +43,6 @@ Items = list[Delivery | RawFrame]
 
 class AmqpProtocolError(ConnectionError):
     """The broker refused the handshake or answered out of turn; the session is retried."""
-
-
-@dataclass(frozen=True, slots=True)
-class ConnectionParams:
-    """What an amqp:// URL says, for the fast connection (aiormq reads the same URL itself)."""
-
-    host: str
-    port: int
-    username: str
-    password: str
-    vhost: str
-    heartbeat: int
-    frame_max: int
-    tls: bool
-
-    @classmethod
-    def from_url(cls, url: str) -> ConnectionParams:
-        parts = urlsplit(url)
-        if parts.scheme not in ("amqp", "amqps"):
-            raise ValueError(f"AMQP URL must start with amqp:// or amqps://, got {url!r}")
-        query = {k: v[-1] for k, v in parse_qs(parts.query).items()}
-        tls = parts.scheme == "amqps"
-        path = parts.path[1:] if parts.path.startswith("/") else parts.path
-        return cls(
-            host=parts.hostname or "localhost",
-            port=parts.port or (5671 if tls else 5672),
-            username=unquote(parts.username) if parts.username is not None else "guest",
-            password=unquote(parts.password) if parts.password is not None else "guest",
-            vhost=unquote(path) if path else "/",
-            heartbeat=int(query.get("heartbeat", _WANTED_HEARTBEAT)),
-            frame_max=int(query.get("frame_max", _WANTED_FRAME_MAX)),
-            tls=tls,
-        )
 
 
 def _negotiate(server: int, client: int) -> int:
@@ -267,14 +232,22 @@ class AmqpWire(asyncio.Protocol):
     # ---------------------------------------------------------------- session steps
 
     async def connect(
-        self, params: ConnectionParams, prefetch: int, queues: Sequence[str]
+        self,
+        params: AmqpUrl,
+        context: ssl.SSLContext | None,
+        prefetch: int,
+        queues: Sequence[str],
     ) -> None:
-        """Connects, authenticates, tunes, opens channel 1, sets qos and consumes `queues`."""
+        """Connects (over TLS with `context` for amqps://), authenticates, tunes, opens
+        channel 1, sets qos and consumes `queues`."""
+        if params.tls and context is None:
+            raise ValueError("amqps:// needs a TLS context (amqp_tls.client_context)")
         await self._loop.create_connection(
             lambda: self,
             params.host,
             params.port,
-            ssl=ssl.create_default_context() if params.tls else None,
+            ssl=context if params.tls else None,
+            server_hostname=params.server_hostname if params.tls else None,
         )
         assert self.transport is not None
         self.transport.write(self._codec.PROTOCOL_HEADER)
@@ -282,15 +255,17 @@ class AmqpWire(asyncio.Protocol):
         mechanisms = start.mechanisms
         if isinstance(mechanisms, bytes):
             mechanisms = mechanisms.decode()
-        if "PLAIN" not in str(mechanisms).split():
-            raise AmqpProtocolError(f"broker offers no PLAIN authentication ({mechanisms})")
+        if params.auth not in str(mechanisms).split():
+            raise AmqpProtocolError(f"broker offers no {params.auth} authentication ({mechanisms})")
+        # EXTERNAL: the broker takes the user from the client certificate.
+        response = "" if params.auth == "EXTERNAL" else f"\0{params.username}\0{params.password}"
         self._write_method(
             commands.Connection.StartOk(
                 client_properties={
                     "product": "fastworker",
                     "version": __version__,
                     "platform": "Python",
-                    "connection_name": "fastworker",
+                    "connection_name": params.connection_name("consume"),
                     "capabilities": {
                         "basic.nack": True,
                         "consumer_cancel_notify": True,
@@ -298,16 +273,17 @@ class AmqpWire(asyncio.Protocol):
                         "authentication_failure_close": True,
                     },
                 },
-                mechanism="PLAIN",
-                response=f"\0{params.username}\0{params.password}",
+                mechanism=params.auth,
+                response=response,
                 locale="en_US",
             ),
             0,
         )
         tune = await self._reply(commands.Connection.Tune)
-        frame_max = _negotiate(tune.frame_max, params.frame_max) or _WANTED_FRAME_MAX
+        frame_max = _negotiate(tune.frame_max, params.frame_max) or DEFAULT_FRAME_MAX
         frame_max = max(frame_max, 4096)
-        heartbeat = _negotiate(tune.heartbeat, params.heartbeat)
+        wanted = DEFAULT_HEARTBEAT if params.heartbeat is None else params.heartbeat
+        heartbeat = _negotiate(tune.heartbeat, wanted)
         channel_max = _negotiate(tune.channel_max, 2047)
         self._write_method(
             commands.Connection.TuneOk(

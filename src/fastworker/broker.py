@@ -1,6 +1,9 @@
-"""Broker chores on aiormq that are not the per-message hot path: queues, confirmed publishing.
+"""Broker chores on aiormq that are not the per-message hot path: connecting, queues,
+confirmed publishing, and what to tell the user when the broker refuses.
 
-RabbitMQ closes a channel on a failed declare, so each probe gets a channel of its own.
+Every aiormq connection of the process opens through `connect`: over TLS with the one context
+`amqp_tls` built, and named for what it does. RabbitMQ closes a channel on a failed declare, so
+each probe gets a channel of its own.
 """
 
 from __future__ import annotations
@@ -8,14 +11,28 @@ from __future__ import annotations
 import asyncio
 import errno
 import logging
+import ssl
 from typing import Any
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 import aiormq
 from aiormq.abc import AbstractChannel, AbstractConnection
 from pamqp.commands import Basic
 
+from fastworker import amqp_tls, amqp_url
+from fastworker.amqp_url import AmqpUrl, UrlError
+
 log = logging.getLogger("fastworker.broker")
+
+
+class _NoConnectErrors(logging.Filter):
+    """aiormq logs each failed connect at ERROR, then raises it; fastworker says it once (the
+    retry line, or the line that ends the process), naming the cause."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("error when creating transport")
+
+
+logging.getLogger("aiormq.connection").addFilter(_NoConnectErrors())
 
 # Seconds a publish may wait for the broker's confirm. A broker short of memory or disk blocks
 # publishers (connection.blocked) indefinitely; the job's slot must not wait with it: the
@@ -93,38 +110,69 @@ class Publisher:
             await self.channel.close()
 
 
+async def connect(url: AmqpUrl, context: ssl.SSLContext | None, role: str) -> AbstractConnection:
+    """An aiormq connection to `url`, over TLS with `context` for amqps://, named
+    `<name> <host>:<pid> <role>` in RabbitMQ. No answer within the URL's connect timeout raises
+    ConnectionError; a TLS session the broker ends before AMQP begins raises
+    `amqp_tls.TlsRefused` caused by the TLS error behind it, when `amqp_tls.probe` can read it."""
+    extra: dict[str, Any] = {}
+    if context is not None:
+        extra = {"context": context, "server_hostname": url.server_hostname}
+    try:
+        return await asyncio.wait_for(
+            aiormq.connect(url.aiormq_url, client_properties=url.client_properties(role), **extra),
+            url.connect_timeout,
+        )
+    except TimeoutError:
+        raise ConnectionError(
+            f"no AMQP handshake with {url.where} within {url.connect_timeout:g} s"
+        ) from None
+    except Exception as exc:
+        if context is None or amqp_tls.ssl_error(exc) is not None:
+            raise
+        if _refusal(url, exc) is not None or unreachable(url.text, exc) is not None:
+            raise
+        # Lost after the handshake, before AMQP began: a refused client certificate looks like
+        # this when the reset overtook the broker's alert. Listen for the alert.
+        found = await amqp_tls.probe(url, context)
+        if found is None:
+            raise
+        raise amqp_tls.TlsRefused(f"TLS session ended by the broker: {found}") from found
+
+
 def masked(url: str) -> str:
-    """`url` with its password replaced by ***, for logs and errors."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.rsplit("@", 1)
-    user = (parts.username or "") + ":***"
-    return urlunsplit(parts._replace(netloc=f"{user}@{netloc[-1]}"))
+    """`url` with its password (and key path, key password) replaced by ***, for logs."""
+    return amqp_url.masked(url)
 
 
 def refusal(url: str, exc: BaseException) -> str | None:
-    """What to check when RabbitMQ refuses this URL's login, vhost or permissions; None for
-    trouble that retrying may cure (the broker down, a lost connection)."""
-    parts = urlsplit(url)
-    where = f"RabbitMQ at {parts.hostname or 'localhost'}:{parts.port or 5672}"
-    user = unquote(parts.username) if parts.username is not None else "guest"
-    path = parts.path[1:] if parts.path.startswith("/") else parts.path
-    vhost = unquote(path) if path else "/"
+    """What to check when RabbitMQ refuses this URL's TLS handshake, login, vhost or
+    permissions; None for trouble that retrying may cure (the broker down, a lost connection)."""
+    try:
+        parsed = AmqpUrl.parse(url)
+    except UrlError:
+        return None
+    return amqp_tls.refusal(parsed, exc) or _refusal(parsed, exc)
+
+
+def _refusal(url: AmqpUrl, exc: BaseException) -> str | None:
+    """The AMQP-level refusals: login, vhost, access."""
+    where = f"RabbitMQ at {url.where}"
+    user, vhost = url.username, url.vhost
     if isinstance(exc, aiormq.exceptions.ProbableAuthenticationError):
         return (
             f"{where} refused the login of user {user!r} ({exc.args[0] if exc.args else exc}): "
-            f"check the user name and password in --amqp-url {masked(url)}"
+            f"check the user name and password in --amqp-url {url.masked}"
         )
     if isinstance(exc, aiormq.exceptions.InvalidFrameError) and "Connection.Close" in str(exc):
         return (
             f"{where} closed the connection when user {user!r} asked for vhost {vhost!r}: check "
-            f"that the vhost exists and that the user may use it (--amqp-url {masked(url)})"
+            f"that the vhost exists and that the user may use it (--amqp-url {url.masked})"
         )
     if isinstance(exc, aiormq.exceptions.ChannelAccessRefused):
         return (
             f"{where} refused user {user!r} access ({exc.args[0] if exc.args else exc}): check "
-            f"the user's permissions on vhost {vhost!r} (--amqp-url {masked(url)})"
+            f"the user's permissions on vhost {vhost!r} (--amqp-url {url.masked})"
         )
     return None
 
@@ -136,9 +184,9 @@ def unreachable(url: str, exc: BaseException) -> str | None:
         and exc.args
         and exc.args[0] == errno.ECONNREFUSED
     ):
-        parts = urlsplit(url)
-        return (
-            f"is RabbitMQ running at {parts.hostname or 'localhost'}:{parts.port or 5672}? "
-            f"(--amqp-url {masked(url)})"
-        )
+        try:
+            where = AmqpUrl.parse(url).where
+        except UrlError:
+            where = "the --amqp-url address"
+        return f"is RabbitMQ running at {where}? (--amqp-url {masked(url)})"
     return None

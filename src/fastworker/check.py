@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import aiormq
 
-from fastworker import broker, cgi
+from fastworker import amqp_tls, broker, cgi
+from fastworker.amqp_url import AmqpUrl, UrlError
 from fastworker.callbacks import awaited
 from fastworker.endpoint import Endpoint
 from fastworker.executor import Executor
@@ -43,14 +44,24 @@ async def check(settings: Settings, timeout: float = 10.0) -> list[Finding]:
 
 
 async def _broker(settings: Settings, timeout: float) -> list[Finding]:
-    url = settings.amqp_url
+    url = settings.effective_amqp_url
     where = f"broker {broker.masked(url)}"
     try:
-        connection = await asyncio.wait_for(aiormq.connect(url), timeout)
+        parsed = AmqpUrl.parse(url)
+        context = amqp_tls.client_context(parsed)
+    except UrlError as exc:  # a bad URL or an unreadable CA/cert/key file
+        return [Finding(where, False, str(exc))]
+    try:
+        connection = await asyncio.wait_for(broker.connect(parsed, context, "check"), timeout)
     except Exception as exc:  # noqa: BLE001 - every failure is a finding
         hint = broker.refusal(url, exc) or broker.unreachable(url, exc) or repr(exc)
         return [Finding(where, False, hint)]
-    findings = [Finding(where, True, "connected and logged in")]
+    how = "connected and logged in"
+    if context is not None:
+        verified = "verified" if parsed.verify else "NOT verified (verify_none)"
+        client = ", with the client certificate" if parsed.certfile else ""
+        how = f"connected over TLS (broker certificate {verified}{client}) and logged in"
+    findings = [Finding(where, True, how)]
     try:
         for queue in settings.queues:
             channel = await connection.channel()
@@ -162,9 +173,7 @@ async def _one_request(executor: Executor, pool: FpmPool, script: str) -> Findin
 
 def report(findings: list[Finding]) -> str:
     width = max(len(f.what) for f in findings)
-    lines = [
-        f"{'ok  ' if f.ok else 'FIX '} {f.what.ljust(width)}  {f.detail}" for f in findings
-    ]
+    lines = [f"{'ok  ' if f.ok else 'FIX '} {f.what.ljust(width)}  {f.detail}" for f in findings]
     bad = sum(not f.ok for f in findings)
     lines.append(f"{len(findings) - bad} of {len(findings)} checks passed")
     return "\n".join(lines)

@@ -5,15 +5,20 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 from collections.abc import Sequence
 
-from fastworker import __version__
+from fastworker import __version__, logs
+from fastworker.amqp_url import TLS_FLAGS, URL_HELP
+from fastworker.broker import masked
+from fastworker.config import ConfigError, render, resolve
 from fastworker.formats import FORMATS
 from fastworker.worker import Settings
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
+# The defaults, read from an instance: on a slots dataclass, `Settings.script` is a descriptor.
+DEFAULTS = Settings()
+DEFAULT_QUEUES = {"amqp": "sf_deferred_events", "sidekiq": "default"}
 
 DESCRIPTION = """\
 Runs PHP background jobs from RabbitMQ through PHP-FPM.
@@ -52,6 +57,13 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a TCP port (0-65535), got {value}")
+    return value
+
+
 def _response_head(text: str) -> int:
     value = int(text)
     if value < 1024:
@@ -68,10 +80,20 @@ def worker_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--version", action="version", version=f"fastworker {__version__}")
     p.add_argument(
-        "--amqp-url",
-        default=os.environ.get("FASTWORKER_AMQP_URL", DEFAULT_URL),
-        help="broker URL (default: $FASTWORKER_AMQP_URL or %(default)s)",
+        "--config",
+        metavar="FILE",
+        help="a TOML file of settings: the long flag names with _ for - as keys, lists for "
+        "repeatable flags; flags beat FASTWORKER_* environment variables (e.g. "
+        "FASTWORKER_JOB_TIMEOUT=60, FASTWORKER_QUEUE=a,b), which beat the file "
+        "(default: $FASTWORKER_CONFIG); `fastworker config` shows the result",
     )
+    p.add_argument(
+        "--amqp-url",
+        default=DEFAULT_URL,
+        help=f"{URL_HELP} (default: $FASTWORKER_AMQP_URL or %(default)s)",
+    )
+    for flag, dest, text in TLS_FLAGS:
+        p.add_argument(flag, dest=dest, metavar="PATH", help=text)
     p.add_argument(
         "--amqp-client",
         choices=["fast", "aiormq"],
@@ -81,11 +103,32 @@ def worker_parser() -> argparse.ArgumentParser:
         "and dead letters always use aiormq (default: %(default)s)",
     )
     p.add_argument(
+        "--backend",
+        choices=["amqp", "sidekiq"],
+        default="amqp",
+        help="where jobs come from: amqp (RabbitMQ, --amqp-url) or sidekiq (the jobs Sidekiq's "
+        "client pushes to Redis, --redis-url; retries and dead jobs in Sidekiq's own retry "
+        "and dead sets) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--redis-url",
+        default=DEFAULTS.redis_url,
+        help="--backend sidekiq: Redis URL (default: $FASTWORKER_REDIS_URL or %(default)s)",
+    )
+    p.add_argument(
+        "--sidekiq-class",
+        action="append",
+        metavar="NAME",
+        help="--backend sidekiq: job class to run (others are moved to the dead set); repeat "
+        "for several (default: DeferEvent)",
+    )
+    p.add_argument(
         "--queue",
         action="append",
         dest="queues",
         metavar="NAME",
-        help="queue to consume; repeat for several (default: sf_deferred_events)",
+        help="queue to consume; repeat for several (default: sf_deferred_events; with "
+        "--backend sidekiq: default, i.e. Redis list queue:default)",
     )
     p.add_argument(
         "--fpm",
@@ -106,7 +149,7 @@ def worker_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--script",
-        default=Settings.script,
+        default=DEFAULTS.script,
         metavar="PATH",
         help="script for messages that name none (default: %(default)s)",
     )
@@ -123,8 +166,8 @@ def worker_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=4,
         metavar="N",
-        help="most connections per FPM endpoint; keep it <= the pool's pm.max_children "
-        "(default: %(default)s)",
+        help="most connections per FPM endpoint; keep it <= the pool's pm.max_children; "
+        "with --executor cli, most console processes at once (default: %(default)s)",
     )
     p.add_argument(
         "--pipeline",
@@ -157,6 +200,42 @@ def worker_parser() -> argparse.ArgumentParser:
         help="json format: glob of param names a message may set besides JOB_PARAM_*; "
         "repeat for several; case-sensitive; names CGI, FPM or PHP interpret (PHP_VALUE, "
         "SCRIPT_FILENAME, HTTP_*, ...) stay refused (default: only JOB_PARAM_*)",
+    )
+    p.add_argument(
+        "--executor",
+        choices=["fastcgi", "cli"],
+        default="fastcgi",
+        help="how a job runs: fastcgi (a request to PHP-FPM) or cli (for compatibility, "
+        "several times slower: a process per job, PHP_BIN CONSOLE fervo:deferred-event:dispatch "
+        "DATA, at most --concurrency at once; bundle format only) (default: %(default)s)",
+    )
+    p.add_argument(
+        "--php-bin",
+        default=DEFAULTS.php_bin,
+        metavar="PATH",
+        help="--executor cli: PHP binary for messages that name no php_bin (default: %(default)s)",
+    )
+    p.add_argument(
+        "--console",
+        metavar="PATH",
+        help="--executor cli: the app's console for messages that name no console_path "
+        "(default: none, messages must name it)",
+    )
+    p.add_argument(
+        "--allow-php-bin",
+        action="append",
+        metavar="GLOB",
+        default=[],
+        help="--executor cli: glob of php_bin paths a message may name; repeat for several "
+        "(default: only --php-bin)",
+    )
+    p.add_argument(
+        "--allow-console",
+        action="append",
+        metavar="GLOB",
+        default=[],
+        help="--executor cli: glob of console_path paths a message may name; repeat for "
+        "several (default: only --console)",
     )
     p.add_argument(
         "--job-timeout",
@@ -239,15 +318,42 @@ def worker_parser() -> argparse.ArgumentParser:
         help="seconds between progress lines in the log (jobs done, retried, dead-lettered); "
         "0 turns them off (default: %(default)g)",
     )
+    p.add_argument(
+        "--metrics-port",
+        type=_port,
+        default=0,
+        metavar="PORT",
+        help="serve Prometheus metrics on /metrics and a health check on /healthz (200 while "
+        "consuming, 503 otherwise) on this port (default: off)",
+    )
+    p.add_argument(
+        "--metrics-host",
+        default=DEFAULTS.metrics_host,
+        metavar="HOST",
+        help="address the metrics port listens on (default: %(default)s)",
+    )
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    p.add_argument(
+        "--log-format",
+        choices=["text", "json"],
+        default="text",
+        help="json: one JSON object per line (time, level, logger, message, and a job's queue, "
+        "kind, attempt, endpoint, script) (default: %(default)s)",
+    )
     return p
 
 
 def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(
+        backend=args.backend,
         amqp_url=args.amqp_url,
+        amqp_ca=args.amqp_ca,
+        amqp_cert=args.amqp_cert,
+        amqp_key=args.amqp_key,
+        redis_url=args.redis_url,
+        sidekiq_class=args.sidekiq_class or ["DeferEvent"],
         amqp_client=args.amqp_client,
-        queues=args.queues or ["sf_deferred_events"],
+        queues=args.queues or [DEFAULT_QUEUES[args.backend]],
         fpm=args.fpm or ["127.0.0.1:9000"],
         fpm_alias=args.fpm_alias,
         script=args.script,
@@ -263,11 +369,18 @@ def settings_from(args: argparse.Namespace) -> Settings:
         max_message_size=args.max_message_size,
         max_response_head=args.max_response_head,
         allow_param=args.allow_param,
+        executor=args.executor,
+        php_bin=args.php_bin,
+        console=args.console,
+        allow_php_bin=args.allow_php_bin,
+        allow_console=args.allow_console,
         max_attempts=args.max_attempts,
         retry_delay=args.retry_delay,
         retry_max_delay=args.retry_max_delay,
         dead_letter_queue=args.dead_letter_queue,
         stats_interval=args.stats_interval,
+        metrics_port=args.metrics_port,
+        metrics_host=args.metrics_host,
     )
 
 
@@ -279,10 +392,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return dlq_main(argv[1:])
     if argv[:1] == ["check"]:
         return check_main(argv[1:])
-    args = worker_parser().parse_args(argv)
-    logging.basicConfig(
-        level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
-    )
+    if argv[:1] == ["config"]:
+        return config_main(argv[1:])
+    try:
+        args = resolve(worker_parser(), argv).args
+    except ConfigError as exc:
+        print(f"fastworker: {exc}", file=sys.stderr)
+        return 2
+    logs.configure(args.log_level, args.log_format)
     settings = settings_from(args)
     from fastworker.consuming import BrokerRefused
     from fastworker.worker import run
@@ -305,7 +422,11 @@ def check_main(argv: list[str]) -> int:
         "deferred-event bundle's defaults. Exit 0 when everything works, 1 otherwise."
     )
     parser.epilog = None
-    args = parser.parse_args(argv)
+    try:
+        args = resolve(parser, argv).args
+    except ConfigError as exc:
+        print(f"fastworker check: {exc}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.ERROR)
     import asyncio
 
@@ -318,6 +439,32 @@ def check_main(argv: list[str]) -> int:
         return 2
     print(report(findings))
     return 0 if all(finding.ok for finding in findings) else 1
+
+
+def config_main(argv: list[str]) -> int:
+    """`fastworker config`: the settings the worker would run with, and where each came from,
+    as a TOML file one could start from."""
+    parser = worker_parser()
+    parser.prog = "fastworker config"
+    parser.description = (
+        "Prints the effective settings (flags > FASTWORKER_* environment > --config file > "
+        "defaults) as TOML, each line saying where its value came from; passwords masked."
+    )
+    parser.epilog = None
+    try:
+        resolved = resolve(parser, argv)
+    except ConfigError as exc:
+        print(f"fastworker config: {exc}", file=sys.stderr)
+        return 2
+    settings = settings_from(resolved.args)
+    effective = {}
+    for key, option in resolved.options.items():
+        value = getattr(settings, option.dest, getattr(resolved.args, option.dest, None))
+        effective[key] = masked(value) if key.endswith("_url") and value else value
+    if resolved.args.config:
+        print(f"# settings file: {resolved.args.config}")
+    print(render(resolved, effective))
+    return 0
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import ssl
 from collections import deque
 from collections.abc import Callable, Coroutine
 from typing import Any, ClassVar
@@ -21,9 +22,10 @@ import aiormq
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from pamqp.header import ContentHeader
 
-from fastworker import broker
+from fastworker import amqp_tls, broker
 from fastworker.acks import AckTracker
 from fastworker.amqp_base import PropertyError, decode_properties
+from fastworker.amqp_url import AmqpUrl
 from fastworker.broker import Publisher, ensure_queue
 from fastworker.consuming import ACK_INTERVAL, ConsumerBase, Transport
 from fastworker.message import PROPERTY_NAMES, Message
@@ -60,11 +62,24 @@ def _decode_properties_per_message() -> None:
     ContentHeader.unmarshal = unmarshal  # type: ignore[method-assign]
 
 
-async def connect(consumer: ConsumerBase[AbstractConnection], name: str) -> AbstractConnection:
-    """An aiormq connection with the consumer's queues ready: each declared if missing, then
-    `prepare`d. Both AMQP transports open one per session (the fast one for declares, the
-    `prepare` hook and the publisher only)."""
-    connection = await aiormq.connect(consumer.url, client_properties={"connection_name": name})
+class AmqpConsumerBase(ConsumerBase[AbstractConnection]):
+    """What both AMQP consumers read at start: the URL's settings and its TLS context. Built
+    in `configure`, so a bad URL or an unreadable certificate stops the worker before it
+    connects."""
+
+    amqp: AmqpUrl
+    tls: ssl.SSLContext | None
+
+    def configure(self) -> None:
+        self.amqp = AmqpUrl.parse(self.url)
+        self.tls = amqp_tls.client_context(self.amqp)
+
+
+async def connect(consumer: AmqpConsumerBase, role: str) -> AbstractConnection:
+    """An aiormq connection (named for `role`) with the consumer's queues ready: each declared
+    if missing, then `prepare`d. Both AMQP transports open one per session (the fast one for
+    declares, the `prepare` hook and the publisher only)."""
+    connection = await broker.connect(consumer.amqp, consumer.tls, role)
     for queue in consumer.queues:
         await ensure_queue(connection, queue)
         if consumer.prepare is not None:
@@ -175,11 +190,12 @@ class AiormqTransport(Transport):
         return broker.unreachable(self.consumer.url, exc)
 
     def describe(self) -> tuple[str, str]:
-        return ", ".join(self.consumer.queues), f"prefetch {self.consumer.prefetch}"
+        tls = ", TLS" if self.consumer.amqp.tls else ""
+        return ", ".join(self.consumer.queues), f"prefetch {self.consumer.prefetch}{tls}"
 
     async def open(self) -> None:
         consumer = self.consumer
-        connection = self.connection = await connect(consumer, "fastworker")
+        connection = self.connection = await connect(consumer, "consume")
         publisher = self.publisher = await Publisher.open(connection)
         channel = await connection.channel(publisher_confirms=False)
         # aiormq only logs a broker-sent Basic.Cancel (queue deleted): end the session on it.
@@ -282,11 +298,12 @@ class AiormqTransport(Transport):
             await self.connection.close()
 
 
-class AmqpConsumer(ConsumerBase[AbstractConnection]):
+class AmqpConsumer(AmqpConsumerBase):
     """The reference AMQP consumer (`--amqp-client aiormq`). aiormq reads every body whole;
     the handler refuses one over `max_message_size`."""
 
     def configure(self) -> None:
+        super().configure()
         _decode_properties_per_message()
 
     def new_transport(self) -> AiormqTransport:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Iterable, Sequence, Sized
@@ -22,6 +23,7 @@ from functools import partial
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from fastworker.message import Message, NotStarted
+from fastworker.stats import Durations
 
 log = logging.getLogger("fastworker.consumer")
 
@@ -49,8 +51,8 @@ Prepare = Callable[[C, str], Awaitable[None]]
 
 
 class BrokerRefused(Exception):
-    """The broker refused the worker at start (login, vhost, access): a configuration error,
-    which retrying cannot fix. The message says what to check."""
+    """The broker refused the worker at start (login, vhost, access, TLS certificates): a
+    configuration error, which retrying cannot fix. The message says what to check."""
 
 
 class Consumer(Protocol):
@@ -100,7 +102,8 @@ class Transport(ABC):
 
     def refusal(self, exc: BaseException) -> str | None:
         """If `exc` says the broker refuses this configuration (a wrong password, a missing
-        vhost, no permission), what to check; None for trouble that retrying may cure."""
+        vhost, no permission, a certificate that does not verify or is refused), what to
+        check; None for trouble that retrying may cure."""
         return None
 
     def unreachable(self, exc: BaseException) -> str | None:
@@ -200,6 +203,12 @@ class ConsumerBase(ABC, Generic[C]):
         self.max_backoff = max_backoff
         self.max_message_size = max_message_size  # larger messages are the message's problem
         self.processed = 0
+        # For the metrics, read at scrape time (see stats.py): jobs that succeeded by queue,
+        # settled jobs' durations by queue, sessions opened after the first.
+        self.succeeded: dict[str, int] = {}
+        self.durations = Durations()
+        self.reconnects = 0
+        self._loop_time = time.monotonic  # the loop's clock once run() starts
         # How the start line names `concurrency` (the worker says where the number comes from).
         self.in_flight_note = f"{concurrency} jobs in flight"
         self.connected = asyncio.Event()  # set while consuming; tests and the CLI wait on it
@@ -218,7 +227,7 @@ class ConsumerBase(ABC, Generic[C]):
         # should go at once.
         self.waiting: Sized = self._pending
         # Started jobs the runner tasks carry on: (transport, tag, message, what is left to await).
-        self._ready: deque[tuple[Transport, int, Message, Awaitable[None]]] = deque()
+        self._ready: deque[tuple[Transport, int, Message, float, Awaitable[None]]] = deque()
         self._waiters: deque[asyncio.Future[None]] = deque()  # idle runners
         self._in_flight = 0
         self._dispatching = False
@@ -226,6 +235,11 @@ class ConsumerBase(ABC, Generic[C]):
         self._idle_waiter: asyncio.Future[None] | None = None
         self._started = False  # consumed at least once: later losses are retried
         self.configure()
+
+    @property
+    def in_flight(self) -> int:
+        """Jobs started and not settled (their slots)."""
+        return self._in_flight
 
     # ---------------------------------------------------------------- for subclasses
 
@@ -250,6 +264,7 @@ class ConsumerBase(ABC, Generic[C]):
         self._stopping.set()
 
     async def run(self) -> None:
+        self._loop_time = asyncio.get_running_loop().time
         runners = [asyncio.create_task(self._runner()) for _ in range(self.concurrency)]
         self._running = True
         backoff = FIRST_BACKOFF
@@ -289,6 +304,8 @@ class ConsumerBase(ABC, Generic[C]):
     async def _session(self, transport: Transport) -> None:
         try:
             await transport.open()
+            if self._started:
+                self.reconnects += 1
             self._started = True
             sources, details = transport.describe()
             log.info("consuming %s (%s, %s)", sources, self.in_flight_note, details)
@@ -348,6 +365,7 @@ class ConsumerBase(ABC, Generic[C]):
             return  # re-entered from a job that finished at once: the outer loop goes on
         self._dispatching = True
         pending, start, done = self._pending, self._start, self._done
+        now = self._loop_time()  # the jobs' start, for the duration histogram
         try:
             while pending and self._in_flight < self.concurrency:
                 transport, tag, message = pending.popleft()
@@ -355,25 +373,35 @@ class ConsumerBase(ABC, Generic[C]):
                     continue  # its connection is gone: the broker requeues it
                 self._in_flight += 1
                 try:
-                    start(message, transport.publisher, partial(done, transport, tag, message))
+                    start(
+                        message, transport.publisher, partial(done, transport, tag, message, now)
+                    )
                 except Exception as exc:
-                    done(transport, tag, message, _raise(exc))
+                    done(transport, tag, message, now, _raise(exc))
         finally:
             self._dispatching = False
 
     def _done(
-        self, transport: Transport, tag: int, message: Message, rest: Awaitable[None] | None
+        self,
+        transport: Transport,
+        tag: int,
+        message: Message,
+        started: float,
+        rest: Awaitable[None] | None,
     ) -> None:
         """A job's `on_done` (bound to its delivery with a partial: no closure per job): acks it,
         or hands what is left to await to a runner task."""
         if rest is None:
-            self._succeeded(transport, tag)
+            succeeded = self.succeeded
+            queue = message.queue
+            succeeded[queue] = succeeded.get(queue, 0) + 1
+            self._succeeded(transport, tag, queue, started)
         elif not self._running:  # run() is over: as if its runner had been cancelled
             if isinstance(rest, Coroutine):
                 rest.close()
             self._job_done()
         else:
-            self._ready.append((transport, tag, message, rest))
+            self._ready.append((transport, tag, message, started, rest))
             waiters = self._waiters
             while waiters:
                 waiter = waiters.popleft()
@@ -381,9 +409,10 @@ class ConsumerBase(ABC, Generic[C]):
                     waiter.set_result(None)
                     return
 
-    def _succeeded(self, transport: Transport, tag: int) -> None:
+    def _succeeded(self, transport: Transport, tag: int, queue: str, started: float) -> None:
         """Acks a job whose handler succeeded; its slot is free once the transport says so."""
         self.processed += 1
+        self.durations.observe(queue, self._loop_time() - started)
         if not transport.alive:
             self._job_done()
         elif transport.holds_slot:
@@ -412,7 +441,7 @@ class ConsumerBase(ABC, Generic[C]):
                 waiters.append(waiter)
                 await waiter
                 continue
-            transport, tag, message, rest = ready.popleft()
+            transport, tag, message, started, rest = ready.popleft()
             succeeded = False
             try:
                 if unstarted and not transport.alive:
@@ -436,7 +465,7 @@ class ConsumerBase(ABC, Generic[C]):
                 succeeded = True
             finally:
                 if succeeded:
-                    self._succeeded(transport, tag)
+                    self._succeeded(transport, tag, message.queue, started)
                 else:
                     self._job_done()
 

@@ -20,13 +20,14 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from decimal import Decimal
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import aiormq
 import orjson
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from pamqp.commands import Basic
 
+from fastworker import amqp_tls, broker
+from fastworker.amqp_url import TLS_FLAGS, URL_HELP, AmqpUrl, UrlError, with_files
 from fastworker.broker import Publisher, PublishFailed
 from fastworker.failures import (
     ATTEMPTS,
@@ -214,25 +215,25 @@ def _table_row(letter: DeadLetter) -> str:
     )
 
 
-def _safe_url(url: str) -> str:
-    """The URL without its password, for error messages."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = f"{parts.username}:***@{parts.hostname}" + (f":{parts.port}" if parts.port else "")
-    return urlunsplit(parts._replace(netloc=netloc))
-
-
 async def _connect(url: str) -> AbstractConnection:
+    """A connection named `... dlq`, over TLS as the URL says; DlqError naming the cause."""
     try:
-        return await asyncio.wait_for(aiormq.connect(url), CONNECT_TIMEOUT)
+        parsed = AmqpUrl.parse(url)
+        context = amqp_tls.client_context(parsed)
+    except UrlError as exc:
+        raise DlqError(str(exc)) from None
+    try:
+        return await asyncio.wait_for(broker.connect(parsed, context, "dlq"), CONNECT_TIMEOUT)
     except TimeoutError:
         raise DlqError(
-            f"broker at {_safe_url(url)} did not answer within {CONNECT_TIMEOUT:g} s"
+            f"broker at {parsed.masked} did not answer within {CONNECT_TIMEOUT:g} s"
         ) from None
     except (aiormq.exceptions.AMQPError, ConnectionError, OSError, ValueError) as exc:
+        refused = broker.refusal(url, exc)  # TLS, login, vhost: say what to fix
+        if refused is not None:
+            raise DlqError(refused) from None
         reason = str(exc) or type(exc).__name__
-        raise DlqError(f"cannot connect to the broker at {_safe_url(url)}: {reason}") from None
+        raise DlqError(f"cannot connect to the broker at {parsed.masked}: {reason}") from None
 
 
 async def _dead_letter_count(connection: AbstractConnection, name: str) -> int:
@@ -383,10 +384,22 @@ def _positive_int(text: str) -> int:
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument(
+        "--backend",
+        choices=["amqp", "sidekiq"],
+        default="amqp",
+        help="amqp: the dead-letter queue in RabbitMQ; sidekiq: Sidekiq's dead set in Redis "
+        "(--redis-url), the jobs of --queue (default: %(default)s)",
+    )
+    common.add_argument(
+        "--redis-url",
+        default=os.environ.get("FASTWORKER_REDIS_URL", "redis://localhost:6379/0"),
+        help="--backend sidekiq: Redis URL (default: $FASTWORKER_REDIS_URL or %(default)s)",
+    )
+    common.add_argument(
         "--queue",
-        default=DEFAULT_QUEUE,
         metavar="NAME",
-        help="the work queue whose dead letters to handle (default: %(default)s)",
+        help="the work queue whose dead letters to handle (default: sf_deferred_events; "
+        "with --backend sidekiq: default)",
     )
     common.add_argument(
         "--dead-letter-queue",
@@ -398,8 +411,10 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument(
         "--amqp-url",
         default=os.environ.get("FASTWORKER_AMQP_URL", DEFAULT_URL),
-        help="broker URL (default: $FASTWORKER_AMQP_URL or %(default)s)",
+        help=f"{URL_HELP} (default: $FASTWORKER_AMQP_URL or %(default)s)",
     )
+    for flag, dest, text in TLS_FLAGS:
+        common.add_argument(flag, dest=dest, metavar="PATH", help=text)
     parser = argparse.ArgumentParser(
         prog="fastworker dlq",
         description="Inspect, replay and purge the jobs the worker dead-lettered.",
@@ -452,6 +467,10 @@ def _run(command: Callable[[argparse.Namespace], Awaitable[int]], args: argparse
 def main(argv: Sequence[str]) -> int:
     """Entry point of `fastworker dlq ...`; returns the exit status."""
     args = build_parser().parse_args(list(argv))
+    args.amqp_url = with_files(args.amqp_url, args.amqp_ca, args.amqp_cert, args.amqp_key)
+    if args.backend == "sidekiq":
+        return _sidekiq(args)
+    args.queue = args.queue or DEFAULT_QUEUE
     # aiormq logs connection trouble itself; the one-line error below says it already.
     logging.getLogger("aiormq").setLevel(logging.CRITICAL)
     try:
@@ -467,5 +486,24 @@ def main(argv: Sequence[str]) -> int:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         return 0
+    except KeyboardInterrupt:
+        return 130
+
+
+def _sidekiq(args: argparse.Namespace) -> int:
+    """The same commands on Sidekiq's dead set (see fastworker.sidekiq_dlq)."""
+    import redis.exceptions
+
+    from fastworker import sidekiq_dlq
+
+    args.queue = args.queue or "default"
+    try:
+        return _run(sidekiq_dlq.COMMANDS[args.command], args)
+    except sidekiq_dlq.SidekiqDlqError as exc:
+        print(f"fastworker dlq: {exc}", file=sys.stderr)
+        return 1
+    except (redis.exceptions.RedisError, ConnectionError, OSError) as exc:
+        print(f"fastworker dlq: Redis error: {exc!r}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         return 130

@@ -71,6 +71,8 @@ class Executor:
         }
         self._by_script: dict[str, dict[str, str | bytes]] = {}
         self._targets: dict[tuple[Endpoint | None, str], _Target] = {}  # once vetted
+        # Jobs that did not succeed, by (endpoint, kind), for the metrics.
+        self.errors: dict[tuple[str, str], int] = {}
 
     def _script_params(self, script: str) -> dict[str, str | bytes]:
         """The params every job for `script` shares, built once per script."""
@@ -123,6 +125,15 @@ class Executor:
                 self._targets[key] = target
         return target
 
+    def stop_starting(self) -> None:
+        """Jobs not yet written to FPM answer NotStarted from now on (the worker is stopping),
+        so their messages go back to the queue instead of running late."""
+        self.pools.stop_starting()
+
+    async def close(self) -> None:
+        """Closes every FPM connection; jobs still running are aborted."""
+        await self.pools.close()
+
     def start(self, job: Job, answer: Answer[Result]) -> None:
         """Runs `job`: `answer(result, None)` once it finished, or `answer(None, exc)` with
         NotStarted (the worker is stopping) or an unexpected exception."""
@@ -135,15 +146,24 @@ class Executor:
 
         def answered(response: FpmResponse | None, exc: BaseException | None) -> None:
             if response is not None:
-                answer(self._classify(response, where), None)
+                result = self._classify(response, where)
+                if result is not OK:
+                    self._count_error(where, result.kind)
+                answer(result, None)
             elif isinstance(exc, FpmNotStarted):
                 answer(None, NotStarted(str(exc)))
             elif isinstance(exc, FpmError):
-                answer(self._failed(exc, where), None)
+                result = self._failed(exc, where)
+                self._count_error(where, result.kind)
+                answer(result, None)
             else:
                 answer(None, exc)
 
         target.pool.request(params, body, self.job_timeout, target.shared, answered)
+
+    def _count_error(self, where: str, kind: str) -> None:
+        key = (where, str(kind))
+        self.errors[key] = self.errors.get(key, 0) + 1
 
     def _failed(self, exc: FpmError, where: str) -> Result:
         if isinstance(exc, FpmBadRequest):

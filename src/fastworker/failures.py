@@ -116,13 +116,82 @@ def excerpt(text: str | bytes, limit: int) -> str:
     return "".join(p.decode("utf-8", "replace") if isinstance(p, bytes) else p for p in parts)
 
 
-class FailureHandler:
+def error_json(
+    result: Result,
+    attempts: int,
+    queue: str,
+    first_failure: float,
+    now: float,
+    worker: dict[str, Any],
+) -> str:
+    """A dead letter's error record as JSON text of at most ERROR_LIMIT bytes, whatever PHP
+    printed (the x-fastworker-error header; the Sidekiq backend's fastworker_error field)."""
+    share = 1.0
+    while True:
+        error = {
+            "kind": result.kind,
+            "message": excerpt(result.message, int(MESSAGE_LIMIT * share)),
+            "status": result.status or None,
+            "stderr": excerpt(result.stderr, int(STDERR_LIMIT * share)),
+            "stdout_head": excerpt(result.stdout_head, int(STDOUT_LIMIT * share)),
+            "endpoint": result.endpoint or None,
+            "attempts": attempts,
+            "queue": queue,
+            "first_failure": first_failure,
+            "last_failure": now,
+            "worker": worker,
+        }
+        if result.traceback:
+            error["traceback"] = excerpt(result.traceback, int(TRACEBACK_LIMIT * share))
+        encoded = orjson.dumps(error)
+        # Multi-byte characters and escaped control characters can make the JSON longer
+        # than the excerpts' character counts: cut deeper until it fits.
+        if len(encoded) <= ERROR_LIMIT or share < 0.01:
+            return encoded.decode()
+        share /= 2
+
+
+def worker_identity() -> dict[str, Any]:
+    """Which worker wrote a failure record."""
+    return {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__}
+
+
+# Outcomes of a failed job as the metrics name them, and as the progress line says them.
+OUTCOME_WORDS = {"requeue": "requeued", "retry": "retried", "dead_letter": "dead-lettered"}
+
+
+def log_fields(message: Message, result: Result, attempts: int) -> dict[str, Any]:
+    """A failure's fields for the JSON log (`logs.JOB_FIELDS`)."""
+    return {
+        "queue": message.queue,
+        "kind": str(result.kind),
+        "status": result.status or None,
+        "attempt": attempts or None,
+        "endpoint": result.endpoint or None,
+    }
+
+
+class Tally:
+    """The failure handlers' counts, for the progress line (`counts`) and the metrics
+    (`outcomes`); both set them up in __init__."""
+
+    counts: Counter[str]
+    outcomes: dict[tuple[str, str, str], int]
+
+    def tally(self, queue: str, kind: str, outcome: str) -> None:
+        self.counts[f"{kind} {OUTCOME_WORDS[outcome]}"] += 1
+        key = (queue, outcome, str(kind))
+        self.outcomes[key] = self.outcomes.get(key, 0) + 1
+
+
+class FailureHandler(Tally):
     """Retries or dead-letters a failed message, per the outcome's kind and the policy."""
 
     def __init__(self, policy: RetryPolicy) -> None:
         self.policy = policy
-        self.worker = {"host": socket.gethostname(), "pid": os.getpid(), "version": __version__}
+        self.worker = worker_identity()
         self.counts: Counter[str] = Counter()  # "<kind> retried|dead-lettered|requeued" -> n
+        self.outcomes: dict[tuple[str, str, str], int] = {}  # (queue, outcome, kind) -> n
 
     async def prepare(self, connection: AbstractConnection, queue: str) -> None:
         """Declares `<queue>.failed` and the delay queues; idempotent."""
@@ -162,11 +231,12 @@ class FailureHandler:
             infra = _int_header(headers, INFRA_RETRIES) + 1
             headers[INFRA_RETRIES] = infra
             await self._retry(message, headers, infra, publisher)
-            self.counts[f"{result.kind} requeued"] += 1
+            self.tally(message.queue, result.kind, "requeue")
             log.warning(
                 "job from %s not run (%s); back to the queue after a delay",
                 message.queue,
                 result.message,
+                extra=log_fields(message, result, attempts),
             )
             return
         if result.kind not in REFUSED:
@@ -174,7 +244,7 @@ class FailureHandler:
             headers[ATTEMPTS] = attempts
             if attempts < self.policy.max_attempts:
                 ms = await self._retry(message, headers, attempts, publisher)
-                self.counts[f"{result.kind} retried"] += 1
+                self.tally(message.queue, result.kind, "retry")
                 log.warning(
                     "job from %s failed (%s%s): %s; attempt %d of %d, retry in %.1f s",
                     message.queue,
@@ -184,13 +254,14 @@ class FailureHandler:
                     attempts,
                     self.policy.max_attempts,
                     ms / 1000,
+                    extra=log_fields(message, result, attempts),
                 )
                 return
         headers[ERROR_KIND] = result.kind
         headers[ERROR] = self._error_json(result, attempts, message.queue, first_failure, now)
         dead_letters = self.policy.dead_letter_queue_for(message.queue)
         await publisher.publish(dead_letters, message.body, self._properties(message, headers))
-        self.counts[f"{result.kind} dead-lettered"] += 1
+        self.tally(message.queue, result.kind, "dead_letter")
         log.error(
             "job from %s dead-lettered to %s (%s%s): %s; attempts %d",
             message.queue,
@@ -199,35 +270,13 @@ class FailureHandler:
             f" {result.status}" if result.status else "",
             result.message,
             attempts,
+            extra=log_fields(message, result, attempts),
         )
 
     def _error_json(
         self, result: Result, attempts: int, queue: str, first_failure: float, now: float
     ) -> str:
-        """The x-fastworker-error header: at most ERROR_LIMIT bytes, whatever PHP printed."""
-        share = 1.0
-        while True:
-            error = {
-                "kind": result.kind,
-                "message": excerpt(result.message, int(MESSAGE_LIMIT * share)),
-                "status": result.status or None,
-                "stderr": excerpt(result.stderr, int(STDERR_LIMIT * share)),
-                "stdout_head": excerpt(result.stdout_head, int(STDOUT_LIMIT * share)),
-                "endpoint": result.endpoint or None,
-                "attempts": attempts,
-                "queue": queue,
-                "first_failure": first_failure,
-                "last_failure": now,
-                "worker": self.worker,
-            }
-            if result.traceback:
-                error["traceback"] = excerpt(result.traceback, int(TRACEBACK_LIMIT * share))
-            encoded = orjson.dumps(error)
-            # Multi-byte characters and escaped control characters can make the JSON longer
-            # than the excerpts' character counts: cut deeper until it fits.
-            if len(encoded) <= ERROR_LIMIT or share < 0.01:
-                return encoded.decode()
-            share /= 2
+        return error_json(result, attempts, queue, first_failure, now, self.worker)
 
     async def dead_letter_internal(
         self, message: Message, result: Result, publisher: Publisher
@@ -247,13 +296,14 @@ class FailureHandler:
         await publisher.publish(
             dead_letters, message.body, Basic.Properties(headers=headers, delivery_mode=2)
         )
-        self.counts[f"{result.kind} dead-lettered"] += 1
+        self.tally(message.queue, result.kind, "dead_letter")
         log.error(
             "job from %s dead-lettered to %s (%s): %s",
             message.queue,
             dead_letters,
             result.kind,
             result.message,
+            extra=log_fields(message, result, 0),
         )
 
     async def _retry(

@@ -29,16 +29,10 @@ from fastworker import amqp_py, broker
 from fastworker import codec as selected
 from fastworker.acks import AckTracker
 from fastworker.amqp_base import Delivery, PropertyError, RemoteProtocolError, decode_properties
-from fastworker.amqp_wire import (
-    CHANNEL,
-    HANDSHAKE_TIMEOUT,
-    AmqpWire,
-    ConnectionParams,
-    Items,
-)
+from fastworker.amqp_wire import CHANNEL, HANDSHAKE_TIMEOUT, AmqpWire, Items
 from fastworker.broker import Publisher
-from fastworker.consumer import connect
-from fastworker.consuming import ACK_HOLD, ACK_INTERVAL, ConsumerBase, Transport
+from fastworker.consumer import AmqpConsumerBase, connect
+from fastworker.consuming import ACK_HOLD, ACK_INTERVAL, Transport
 from fastworker.message import Message
 
 __all__ = ["ACK_HOLD", "FastAmqpConsumer", "FastTransport", "codec"]
@@ -100,7 +94,8 @@ class FastTransport(AmqpWire, Transport):
     def describe(self) -> tuple[str, str]:
         how = "compiled" if self._codec is not amqp_py else "pure-Python"
         consumer = self._consumer
-        return ", ".join(consumer.queues), f"prefetch {consumer.prefetch}, {how} AMQP codec"
+        tls = ", TLS" if consumer.amqp.tls else ""
+        return ", ".join(consumer.queues), f"prefetch {consumer.prefetch}, {how} AMQP codec{tls}"
 
     # ---------------------------------------------------------------- deliveries in
 
@@ -192,12 +187,13 @@ class FastTransport(AmqpWire, Transport):
 
     async def open(self) -> None:
         consumer = self._consumer
-        control = self._control = await connect(consumer, "fastworker-control")
+        # The control connection declares, prepares and publishes retries and dead letters.
+        control = self._control = await connect(consumer, "publish")
         self.publisher = await Publisher.open(control)
         try:
             await asyncio.wait_for(
-                self.connect(consumer.params, consumer.prefetch, consumer.queues),
-                HANDSHAKE_TIMEOUT,
+                self.connect(consumer.amqp, consumer.tls, consumer.prefetch, consumer.queues),
+                consumer.amqp.connect_timeout,
             )
         except TimeoutError:
             raise ConnectionError("AMQP handshake timed out") from None
@@ -241,13 +237,10 @@ class FastTransport(AmqpWire, Transport):
                 await control.close()
 
 
-class FastAmqpConsumer(ConsumerBase[AbstractConnection]):
+class FastAmqpConsumer(AmqpConsumerBase):
     """The default AMQP consumer: `AmqpConsumer`'s arguments and semantics, with the per-message
     path in the compiled codec. Bodies over `max_message_size` are skipped while they are read,
     not buffered."""
-
-    def configure(self) -> None:
-        self.params = ConnectionParams.from_url(self.url)
 
     def new_transport(self) -> FastTransport:
         return FastTransport(self)

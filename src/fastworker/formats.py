@@ -19,7 +19,7 @@ from typing import Any
 import orjson
 
 from fastworker.endpoint import Endpoint, normalize_host
-from fastworker.job import BadMessage, Job
+from fastworker.job import BadMessage, ConsoleJob, Job
 
 FORMATS = ("bundle", "json", "raw")
 
@@ -124,16 +124,46 @@ def parse_bundle(
     return Job(target[0] or default_script, target[1], data, {})
 
 
-# Header block -> (dispatch_path, endpoint): one app sends the same few blocks (~250 bytes), so
+def parse_bundle_console(
+    body: bytes,
+    default_script: str,
+    properties: Mapping[str, Any] | None = None,
+    headers: Mapping[str, Any] | None = None,
+) -> Job:
+    """`parse_bundle`, plus the php_bin and console_path headers that `--executor cli` runs.
+
+    A twin rather than a flag, so the FastCGI path's Job stays as small and as quick to build
+    (tests/test_console_executor.py checks that both read every body alike).
+    """
+    head_end = body.find(b"\n\n")
+    if head_end == -1:
+        raise BadMessage("no empty line between the header lines and the data")
+    data = body[head_end + 2 :]
+    if not data.isascii():
+        _text(data)
+    if not data or data.isspace():
+        raise BadMessage("the message carries no data after its header lines")
+    head = body[:head_end]
+    target = _TARGETS.get(head)
+    if target is None:
+        target = _cached_target(head)
+    return ConsoleJob(
+        target[0] or default_script, target[1], data, {}, b"", "", target[2], target[3]
+    )
+
+
+# Header block -> its Target: one app sends the same few blocks (~250 bytes), so
 # parsing each distinct block once saves most of a bundle message's cost. Only blocks up to
 # TARGET_CACHE_BLOCK bytes are kept, at most TARGET_CACHE_ENTRIES of them (the oldest goes
 # first), so the cache holds at most 256 x 4 KiB of keys whatever the messages carry.
 TARGET_CACHE_BLOCK = 4 * 1024
 TARGET_CACHE_ENTRIES = 256
-_TARGETS: dict[bytes, tuple[str | None, Endpoint | None]] = {}
+# (dispatch_path, endpoint, php_bin, console_path) of a header block; None where it names none.
+Target = tuple[str | None, Endpoint | None, str | None, str | None]
+_TARGETS: dict[bytes, Target] = {}
 
 
-def _cached_target(head: bytes) -> tuple[str | None, Endpoint | None]:
+def _cached_target(head: bytes) -> Target:
     target = _bundle_target(head)  # raises BadMessage: an error is never cached
     if len(head) <= TARGET_CACHE_BLOCK:
         if len(_TARGETS) >= TARGET_CACHE_ENTRIES:
@@ -142,8 +172,8 @@ def _cached_target(head: bytes) -> tuple[str | None, Endpoint | None]:
     return target
 
 
-def _bundle_target(head: bytes) -> tuple[str | None, Endpoint | None]:
-    """(dispatch_path, endpoint) of a header block."""
+def _bundle_target(head: bytes) -> Target:
+    """(dispatch_path, endpoint, php_bin, console_path) of a header block."""
     headers: dict[str, str] = {}
     for number, line in enumerate(_text(head).split("\n"), 1):
         line = line.rstrip("\r")
@@ -157,7 +187,12 @@ def _bundle_target(head: bytes) -> tuple[str | None, Endpoint | None]:
         if not (host and port):
             raise BadMessage("fastcgi_host and fastcgi_port must be given together")
         endpoint = _bundle_endpoint(host, port)
-    return headers.get("dispatch_path"), endpoint
+    return (
+        headers.get("dispatch_path"),
+        endpoint,
+        headers.get("php_bin") or None,  # read by --executor cli only
+        headers.get("console_path") or None,
+    )
 
 
 def _bundle_endpoint(host: str, port: str) -> Endpoint:
@@ -283,18 +318,44 @@ def _param_value(value: Any) -> str | None:
     return text
 
 
+_BUNDLE_HEAD = re.compile(rb"[a-z_]+: ")
+
+
+def parse_event_data(
+    body: bytes,
+    default_script: str,
+    properties: Mapping[str, Any] | None = None,
+    headers: Mapping[str, Any] | None = None,
+) -> Job:
+    """A Sidekiq job's args[0]: the event data itself (what the bundle's Sidekiq backend
+    pushes), run by --script, or a whole bundle message (header lines, an empty line, data;
+    its php_bin and console_path headers too, for --executor cli).
+    Neither base64 nor PHP's serialize() output starts with a lowercase `name: ` line."""
+    if _BUNDLE_HEAD.match(body) and b"\n\n" in body:
+        return parse_bundle_console(body, default_script)
+    if not body.isascii():
+        _text(body)
+    if not body or body.isspace():
+        raise BadMessage("the job carries no event data")
+    return Job(default_script, None, body, {})
+
+
 # (body, --script, AMQP basic properties, AMQP headers table) -> Job, or BadMessage.
 Parser = Callable[[bytes, str, Mapping[str, Any], Mapping[str, Any]], Job]
 
 
-def parser_for(name: str, allow_params: Sequence[str] = ()) -> Parser:
-    """The message parser for `--format NAME`; `allow_params` are the --allow-param globs.
+def parser_for(name: str, allow_params: Sequence[str] = (), console: bool = False) -> Parser:
+    """The message parser for `--format NAME`; `allow_params` are the --allow-param globs;
+    `console`: for `--executor cli`, which runs the bundle's php_bin and console_path.
 
-    Raises ValueError for an unknown format or an --allow-param glob that allows nothing.
+    Raises ValueError for an unknown format, an --allow-param glob that allows nothing, or a
+    console executor with a format other than bundle (only the bundle names a console).
     """
     allow = check_allow_params(allow_params)
     if name == "bundle":
-        return parse_bundle
+        return parse_bundle_console if console else parse_bundle
+    if console and name in FORMATS:
+        raise ValueError(f"--executor cli runs bundle messages only, not --format {name}")
     if name == "json":
         return lambda body, script, _props, _headers=None: parse_json(body, script, allow)
     if name == "raw":

@@ -376,6 +376,7 @@ class FpmPool:
         self._children_wanted = 0  # stuck connections still waiting for a child
         self._draining = 0  # served connections marked to close for them
         self.opened = 0  # connections ever opened, for tests and stats
+        self.connect_failures = 0  # connects failed since the last that worked: down if > 0
         self.pipelined = 0  # requests ever written behind another, for tests and stats
         self._open = 0  # connections open or being opened
         self._idle: list[_Connection] = []
@@ -597,11 +598,13 @@ class FpmPool:
                     )
         except (OSError, TimeoutError) as exc:
             self._slot_freed()
+            self.connect_failures += 1
             reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
             raise FpmUnavailable(f"{self.endpoint}: cannot connect: {reason}") from None
         except BaseException:
             self._slot_freed()
             raise
+        self.connect_failures = 0
         self._busy.add(conn)
         return conn
 
@@ -763,6 +766,10 @@ class FpmPools:
             await asyncio.sleep(1.0)
             for pool in self._pools.values():
                 pool.sweep()
+
+    def pools(self) -> list[FpmPool]:
+        """The pools made so far (one per endpoint a job went to), for metrics and health."""
+        return list(self._pools.values())
 
     def stop_starting(self) -> None:
         """See `FpmPool.stop_starting`; pools created later start stopped too."""

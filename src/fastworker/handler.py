@@ -15,6 +15,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any, Protocol
 
 from fastworker.broker import PublishFailed
+from fastworker.console_executor import ConsoleExecutor
 from fastworker.executor import Executor
 from fastworker.formats import Parser
 from fastworker.job import BadMessage, Job
@@ -54,7 +55,7 @@ class JobHandler:
         self,
         parse: Parser,
         default_script: str,
-        executor: Executor,
+        executor: Executor | ConsoleExecutor,
         failures: Failures,
         max_message_size: int,
     ) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from fastworker.endpoint import Endpoint
 from fastworker.outcome import Kind
@@ -18,6 +19,18 @@ class Job:
     params: dict[str, str] = field(default_factory=dict)  # application params, names vetted
     body: bytes = b""  # FastCGI STDIN
     content_type: str = ""
+    # What `--executor cli` runs; None: the worker's --php-bin / --console. Only a ConsoleJob
+    # holds values: as fields here they would cost every FastCGI job's __init__.
+    php_bin: ClassVar[str | None] = None
+    console_path: ClassVar[str | None] = None
+
+
+@dataclass(slots=True)
+class ConsoleJob(Job):
+    """A bundle job for `--executor cli`, with the message's php_bin and console_path."""
+
+    php_bin: str | None = None  # type: ignore[misc]
+    console_path: str | None = None  # type: ignore[misc]
 
 
 class JobRefused(Exception):

@@ -158,9 +158,14 @@ class SidekiqTransport(Transport):
         consumer, store = self._consumer, self.publisher
         inprogress = self._lists[queue]
         classes = consumer.classes
+        waiting = consumer.waiting
         while self._fetching:
             room = consumer.prefetch - len(self._jobs)
-            if room <= 0:
+            # Refill when the jobs waiting to start run low or half the window is free: one
+            # script call then moves many jobs, instead of one call per job that settled.
+            if room <= 0 or (
+                len(waiting) >= consumer.concurrency and 2 * room < consumer.prefetch
+            ):
                 self._room.clear()
                 await self._room.wait()
                 continue

@@ -22,7 +22,14 @@ from typing import Any
 import orjson
 
 from fastworker import sidekiq_jobs as jobs
-from fastworker.failures import JITTER, RetryPolicy, error_json, worker_identity
+from fastworker.failures import (
+    JITTER,
+    RetryPolicy,
+    Tally,
+    error_json,
+    log_fields,
+    worker_identity,
+)
 from fastworker.message import Message
 from fastworker.outcome import INFRASTRUCTURE, REFUSED, Result
 from fastworker.sidekiq_store import SidekiqStore
@@ -30,11 +37,12 @@ from fastworker.sidekiq_store import SidekiqStore
 log = logging.getLogger("fastworker.failures")
 
 
-class SidekiqFailures:
+class SidekiqFailures(Tally):
     def __init__(self, policy: RetryPolicy) -> None:
         self.policy = policy
         self.worker = worker_identity()
         self.counts: Counter[str] = Counter()  # "<kind> retried|dead-lettered|requeued" -> n
+        self.outcomes: dict[tuple[str, str, str], int] = {}  # (queue, outcome, kind) -> n
 
     def _error(self, job: dict[str, Any], result: Result, attempts: int, now: float) -> Any:
         """The AMQP dead letter's error record (kind, status, stderr, endpoint, ...)."""
@@ -56,12 +64,13 @@ class SidekiqFailures:
             job[jobs.INFRA_RETRIES] = infra
             at = now + self._delay(infra)
             await store.add_failed("schedule", at, jobs.encode(job))
-            self.counts[f"{result.kind} requeued"] += 1
+            self.tally(message.queue, result.kind, "requeue")
             log.warning(
                 "job %s from %s not run (%s); back to the queue after a delay",
                 job.get("jid"),
                 message.queue,
                 result.message,
+                extra=log_fields(message, result, 0),
             )
             return
         attempts = jobs.failed_attempts(job) + 1
@@ -71,7 +80,7 @@ class SidekiqFailures:
         if attempts < runs:
             delay = self._delay(attempts)
             await store.add_failed("retry", now + delay, jobs.encode(record))
-            self.counts[f"{result.kind} retried"] += 1
+            self.tally(message.queue, result.kind, "retry")
             log.warning(
                 "job %s from %s failed (%s%s): %s; attempt %d of %d, retry in %.1f s",
                 job.get("jid"),
@@ -82,10 +91,11 @@ class SidekiqFailures:
                 attempts,
                 runs,
                 delay,
+                extra=log_fields(message, result, attempts),
             )
             return
         await store.kill(jobs.encode(record))
-        self.counts[f"{result.kind} dead-lettered"] += 1
+        self.tally(message.queue, result.kind, "dead_letter")
         log.error(
             "job %s from %s moved to Sidekiq's dead set (%s%s): %s; attempts %d",
             job.get("jid"),
@@ -94,6 +104,7 @@ class SidekiqFailures:
             f" {result.status}" if result.status else "",
             result.message,
             attempts,
+            extra=log_fields(message, result, attempts),
         )
 
     async def dead_letter_internal(
@@ -112,13 +123,14 @@ class SidekiqFailures:
         )
         job[jobs.ERROR] = orjson.loads(error_json(result, 0, message.queue, now, now, self.worker))
         await store.kill(jobs.encode(job))
-        self.counts[f"{result.kind} dead-lettered"] += 1
+        self.tally(message.queue, result.kind, "dead_letter")
         log.error(
             "job %s from %s moved to Sidekiq's dead set (%s): %s",
             job.get("jid"),
             message.queue,
             result.kind,
             result.message,
+            extra=log_fields(message, result, 0),
         )
 
     def _delay(self, retry: int) -> float:

@@ -147,8 +147,17 @@ def _died_on_this_host(process: str) -> bool:
     return False
 
 
+_days: dict[int, str] = {}
+
+
 def _day() -> str:
-    return time.strftime("%Y-%m-%d", time.gmtime())
+    """Today (UTC) as Sidekiq's per-day stat keys name it; formatted once a day."""
+    day = int(time.time()) // 86400
+    text = _days.get(day)
+    if text is None:
+        _days.clear()
+        text = _days[day] = time.strftime("%Y-%m-%d", time.gmtime(day * 86400))
+    return text
 
 
 def connect(url: str) -> aioredis.Redis:

@@ -6,23 +6,30 @@ import asyncio
 import logging
 import signal
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import uvloop
 
 from fastworker import __version__
+from fastworker.amqp_url import with_files
+from fastworker.console_executor import ConsoleExecutor, ConsoleTargets, check_programs
 from fastworker.consumer import AmqpConsumer
 from fastworker.consuming import Consumer, ConsumerBase
 from fastworker.executor import Executor
 from fastworker.failures import FailureHandler, RetryPolicy
 from fastworker.fast_consumer import FastAmqpConsumer
-from fastworker.formats import parser_for
+from fastworker.formats import parse_event_data, parser_for
 from fastworker.fpm import Endpoint, FpmPools
-from fastworker.handler import JobHandler
+from fastworker.handler import Failures, JobHandler
+from fastworker.metrics import MetricsServer, WorkerCollector, health
+from fastworker.sidekiq_consumer import SidekiqConsumer
+from fastworker.sidekiq_failures import SidekiqFailures
 from fastworker.targets import TargetPolicy, parse_alias
 
 log = logging.getLogger("fastworker")
 
+BACKENDS = ("amqp", "sidekiq")
 AMQP_CLIENTS: dict[str, type[ConsumerBase[Any]]] = {
     "fast": FastAmqpConsumer,
     "aiormq": AmqpConsumer,
@@ -31,7 +38,14 @@ AMQP_CLIENTS: dict[str, type[ConsumerBase[Any]]] = {
 
 @dataclass(slots=True)
 class Settings:
+    backend: str = "amqp"  # "amqp": RabbitMQ queues; "sidekiq": Sidekiq's queues in Redis
     amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    # --amqp-ca / --amqp-cert / --amqp-key: the URL's cacertfile= / certfile= / keyfile=
+    amqp_ca: str | None = None
+    amqp_cert: str | None = None
+    amqp_key: str | None = None
+    redis_url: str = "redis://localhost:6379/0"  # --backend sidekiq
+    sidekiq_class: list[str] = field(default_factory=lambda: ["DeferEvent"])
     amqp_client: str = "fast"  # "fast": own connection + compiled codec; "aiormq": reference
     queues: list[str] = field(default_factory=lambda: ["sf_deferred_events"])
     fpm: list[str] = field(default_factory=lambda: ["127.0.0.1:9000"])
@@ -43,6 +57,11 @@ class Settings:
     prefetch: int = 0  # 0: max(64, 4 x jobs in flight)
     format: str = "bundle"
     allow_param: list[str] = field(default_factory=list)  # json: more param names (globs)
+    executor: str = "fastcgi"  # "fastcgi": PHP-FPM requests; "cli": a console process per job
+    php_bin: str = "/usr/bin/php"  # --executor cli: for messages that name no php_bin
+    console: str | None = None  # --executor cli: for messages that name no console_path
+    allow_php_bin: list[str] = field(default_factory=list)  # globs; default: only php_bin
+    allow_console: list[str] = field(default_factory=list)  # globs; default: only console
     job_timeout: float = 300.0
     shutdown_timeout: float = 30.0
     connect_timeout: float = 5.0
@@ -50,13 +69,22 @@ class Settings:
     max_message_size: int = 8 * 1024 * 1024
     max_response_head: int = 65536  # bytes of PHP's STDOUT/STDERR kept per job
     stats_interval: float = 60.0  # seconds between progress lines in the log; 0: none
+    metrics_port: int = 0  # Prometheus /metrics and /healthz on this port; 0: off
+    metrics_host: str = "127.0.0.1"
     max_attempts: int = 5
     retry_delay: float = 1.0
     retry_max_delay: float = 300.0
     dead_letter_queue: str = "{queue}.failed"
 
     @property
+    def effective_amqp_url(self) -> str:
+        """--amqp-url with --amqp-ca/--amqp-cert/--amqp-key in its query: one URL says it all."""
+        return with_files(self.amqp_url, self.amqp_ca, self.amqp_cert, self.amqp_key)
+
+    @property
     def jobs_in_flight(self) -> int:
+        if self.executor == "cli":
+            return self.concurrency  # one process per job: nothing to pipeline
         return self.concurrency * self.pipeline
 
     @property
@@ -90,7 +118,7 @@ def check_codecs() -> str:
     )
 
 
-def build(settings: Settings) -> tuple[Consumer, FpmPools, FailureHandler]:
+def build(settings: Settings) -> tuple[Consumer, Executor | ConsoleExecutor, Failures]:
     """Everything the worker runs, wired together; must be called inside the event loop."""
     if settings.effective_prefetch < 2 * settings.jobs_in_flight:
         log.warning(
@@ -102,6 +130,83 @@ def build(settings: Settings) -> tuple[Consumer, FpmPools, FailureHandler]:
             settings.pipeline,
             settings.jobs_in_flight,
         )
+    executor = build_executor(settings)
+    retry_policy = RetryPolicy(
+        max_attempts=settings.max_attempts,
+        retry_delay=settings.retry_delay,
+        retry_max_delay=settings.retry_max_delay,
+        dead_letter_queue=settings.dead_letter_queue,
+    )
+    sidekiq = settings.backend == "sidekiq"
+    if settings.backend not in BACKENDS:
+        raise ValueError(f"unknown backend {settings.backend!r}; choose amqp or sidekiq")
+    failures: Failures
+    if sidekiq:
+        failures = SidekiqFailures(retry_policy)
+    else:
+        failures = amqp_failures = FailureHandler(retry_policy)
+    handler = JobHandler(
+        parse_event_data
+        if sidekiq
+        else parser_for(settings.format, settings.allow_param, settings.executor == "cli"),
+        settings.script,
+        executor,
+        failures,
+        settings.max_message_size,
+    )
+    consumer: ConsumerBase[Any]
+    if isinstance(failures, SidekiqFailures):
+        consumer = SidekiqConsumer(
+            settings.redis_url,
+            settings.queues,
+            handler,
+            concurrency=settings.jobs_in_flight,
+            prefetch=settings.effective_prefetch,
+            shutdown_timeout=settings.shutdown_timeout,
+            max_message_size=settings.max_message_size,
+        )
+        consumer.classes = tuple(settings.sidekiq_class)
+        # Due retries are looked for at least twice per --retry-delay, at most 10 times a second.
+        consumer.poll_interval = min(1.0, max(0.1, settings.retry_delay / 2))
+    else:
+        try:
+            consumer_class = AMQP_CLIENTS[settings.amqp_client]
+        except KeyError:
+            raise ValueError(f"unknown AMQP client {settings.amqp_client!r}") from None
+        consumer = consumer_class(
+            settings.effective_amqp_url,
+            settings.queues,
+            handler,
+            concurrency=settings.jobs_in_flight,
+            prefetch=settings.effective_prefetch,
+            prepare=amqp_failures.prepare,
+            shutdown_timeout=settings.shutdown_timeout,
+            max_message_size=settings.max_message_size,
+        )
+    consumer.in_flight_note = (
+        f"{settings.concurrency} connections per FPM endpoint x pipeline {settings.pipeline} = "
+        f"{settings.jobs_in_flight} jobs in flight"
+    )
+    if isinstance(executor, ConsoleExecutor):
+        consumer.in_flight_note = (
+            f"--executor cli: at most {settings.concurrency} console processes = "
+            f"{settings.jobs_in_flight} jobs in flight, --pipeline does not apply"
+        )
+    return consumer, executor, failures
+
+
+def build_executor(settings: Settings) -> Executor | ConsoleExecutor:
+    """The FastCGI executor and its pools, or the console one (--executor cli)."""
+    if settings.executor == "cli":
+        check_programs(settings.php_bin, settings.console)
+        targets = ConsoleTargets(
+            settings.php_bin, settings.console, settings.allow_php_bin, settings.allow_console
+        )
+        return ConsoleExecutor(
+            targets, settings.job_timeout, settings.concurrency, settings.max_response_head
+        )
+    if settings.executor != "fastcgi":
+        raise ValueError(f"unknown executor {settings.executor!r}; choose fastcgi or cli")
     endpoints = [Endpoint.parse(text) for text in settings.fpm]
     aliases = dict(parse_alias(text) for text in settings.fpm_alias)
     policy = TargetPolicy(endpoints, settings.allow_script or [settings.script], aliases)
@@ -112,48 +217,21 @@ def build(settings: Settings) -> tuple[Consumer, FpmPools, FailureHandler]:
         pipeline=settings.pipeline,
         max_response_head=settings.max_response_head,
     )
-    failures = FailureHandler(
-        RetryPolicy(
-            max_attempts=settings.max_attempts,
-            retry_delay=settings.retry_delay,
-            retry_max_delay=settings.retry_max_delay,
-            dead_letter_queue=settings.dead_letter_queue,
-        )
-    )
-    handler = JobHandler(
-        parser_for(settings.format, settings.allow_param),
-        settings.script,
-        Executor(pools, policy, settings.job_timeout),
-        failures,
-        settings.max_message_size,
-    )
-    try:
-        consumer_class = AMQP_CLIENTS[settings.amqp_client]
-    except KeyError:
-        raise ValueError(f"unknown AMQP client {settings.amqp_client!r}") from None
-    consumer = consumer_class(
-        settings.amqp_url,
-        settings.queues,
-        handler,
-        concurrency=settings.jobs_in_flight,
-        prefetch=settings.effective_prefetch,
-        prepare=failures.prepare,
-        shutdown_timeout=settings.shutdown_timeout,
-        max_message_size=settings.max_message_size,
-    )
-    consumer.in_flight_note = (
-        f"{settings.concurrency} connections per FPM endpoint x pipeline {settings.pipeline} = "
-        f"{settings.jobs_in_flight} jobs in flight"
-    )
-    return consumer, pools, failures
+    return Executor(pools, policy, settings.job_timeout)
 
 
 async def serve(settings: Settings) -> None:
     log.info("fastworker %s; codecs: %s", __version__, check_codecs())
-    consumer, pools, failures = build(settings)
+    consumer, executor, failures = build(settings)
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(signum, _on_signal, consumer, pools, signum)
+        loop.add_signal_handler(signum, _on_signal, consumer, executor, signum)
+    metrics = None
+    if settings.metrics_port:
+        collector = WorkerCollector(consumer, failures, executor, settings.concurrency)
+        metrics = MetricsServer(collector, partial(health, consumer, executor))
+        where = await metrics.start(settings.metrics_host, settings.metrics_port)
+        log.info("metrics on http://%s/metrics, health on http://%s/healthz", where, where)
     stats = None
     if settings.stats_interval > 0:
         stats = loop.create_task(_log_progress(consumer, failures, settings.stats_interval))
@@ -162,11 +240,13 @@ async def serve(settings: Settings) -> None:
     finally:
         if stats is not None:
             stats.cancel()
-        await pools.close()
+        if metrics is not None:
+            await metrics.close()
+        await executor.close()
     log.info("stopped after %d jobs", consumer.processed)
 
 
-async def _log_progress(consumer: Consumer, failures: FailureHandler, interval: float) -> None:
+async def _log_progress(consumer: Consumer, failures: Failures, interval: float) -> None:
     """One log line per interval with work done, so operators see progress and failure rates."""
     done, counts = 0, dict(failures.counts)
     while True:
@@ -189,11 +269,12 @@ async def _log_progress(consumer: Consumer, failures: FailureHandler, interval: 
         done, counts = now_done, now_counts
 
 
-def _on_signal(consumer: Consumer, pools: FpmPools, signum: int) -> None:
+def _on_signal(consumer: Consumer, executor: Executor | ConsoleExecutor, signum: int) -> None:
     log.info("%s received: finishing running jobs, then exiting", signal.Signals(signum).name)
     consumer.stop()
-    # Jobs taken but not yet written to FPM (waiting for a connection) go back to the queue.
-    pools.stop_starting()
+    # Jobs taken but not started yet (waiting for an FPM connection or a process slot) go
+    # back to the queue.
+    executor.stop_starting()
 
 
 def run(settings: Settings) -> None:
