@@ -422,6 +422,34 @@ def _frame_name(frame: str) -> str:
 # --------------------------------------------------------------------------- the bench
 
 
+class _Scraper:
+    """GETs /metrics every second in a thread while a drain runs, as a busy Prometheus would
+    (its default is every 15 s); `stop()` returns how many scrapes answered 200."""
+
+    def __init__(self, port: int) -> None:
+        import threading
+
+        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.ok = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            with contextlib.suppress(OSError):
+                with urllib.request.urlopen(self.url, timeout=5) as response:
+                    response.read()
+                    self.ok += response.status == 200
+            if self._stop.wait(1.0):
+                return
+
+    def stop(self) -> int:
+        self._stop.set()
+        self._thread.join(10)
+        return self.ok
+
+
 class Bench:
     """Owns the private FPM, nginx, worker and queues of one run; ``close()`` stops them all."""
 
@@ -620,7 +648,9 @@ class Bench:
 
     # ---- (b) fastworker
 
-    def worker_cmd(self, queue: str, concurrency: int, prefetch: int) -> list[str]:
+    def worker_cmd(
+        self, queue: str, concurrency: int, prefetch: int, extra: Sequence[str] = ()
+    ) -> list[str]:
         fpm = self.fpm
         assert fpm is not None
         return [
@@ -646,6 +676,7 @@ class Bench:
             "--pipeline",
             str(self.args.pipeline),
             *self.args.worker_arg,
+            *extra,
         ]
 
     def body(self, data: str, script: Path) -> bytes:
@@ -663,6 +694,7 @@ class Bench:
         latency_jobs: int,
         profile: bool,
         src: Path = ROOT / "src",
+        metrics: bool = False,
     ) -> dict[str, Any]:
         """Queue ``jobs`` messages, start the worker, time the drain; then the latency phase.
 
@@ -692,8 +724,13 @@ class Bench:
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [env.get("PYTHONPATH")])])
         log = self.tmp / f"worker-{queue}.log"
-        worker = self.spawn(self.worker_cmd(queue, concurrency, prefetch), log, env)
+        extra: list[str] = []
+        if metrics:
+            port = free_loopback_port()
+            extra = ["--metrics-port", str(port)]
+        worker = self.spawn(self.worker_cmd(queue, concurrency, prefetch, extra), log, env)
         t0, started_by = self._wait_consuming(worker, log)
+        scraper = _Scraper(port) if metrics else None
         w0, b0, f0 = cpu_seconds(worker.pid), self._broker_cpu(), fpm_cpu(fpm)
         io0, us0 = io_counts(worker.pid), user_system_seconds(worker.pid)
         m0, _ = machine_busy_seconds()
@@ -703,6 +740,11 @@ class Bench:
         done = self._wait_done(worker, log, jobs, label, t0)
         t1 = time.monotonic()
         w1, b1, f1 = cpu_seconds(worker.pid), self._broker_cpu(), fpm_cpu(fpm)
+        if scraper is not None:
+            scrapes = scraper.stop()
+            if not scrapes:
+                raise BenchError(f"{label}: /metrics never answered on port {port}")
+            note(f"{label}: /metrics scraped {scrapes} times during the drain")
         io1, us1 = io_counts(worker.pid), user_system_seconds(worker.pid)
         m1, _ = machine_busy_seconds()
         me1 = time.process_time()
@@ -1025,7 +1067,10 @@ def print_report(results: dict[str, Any]) -> None:
 def compare(bench: Bench, args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     """Drains with a reference source tree and with this one, alternating, ``--rounds`` each:
     before/after figures from one invocation, on the same pool and broker."""
-    reference = Path(args.reference_src).resolve() / "src"
+    if args.compare_metrics:  # this tree without, then with --metrics-port (scraped 1/s)
+        reference = ROOT / "src"
+    else:
+        reference = Path(args.reference_src).resolve() / "src"
     if not (reference / "fastworker").is_dir():
         raise BenchError(f"--reference-src {args.reference_src}: no src/fastworker there")
     out: dict[str, list[dict[str, Any]]] = {"reference": [], "current": []}
@@ -1033,7 +1078,13 @@ def compare(bench: Bench, args: argparse.Namespace) -> dict[str, list[dict[str, 
         for name, src in (("reference", reference), ("current", ROOT / "src")):
             out[name].append(
                 bench.run_drain(
-                    args.concurrency, args.prefetch, args.jobs, args.latency_jobs, False, src
+                    args.concurrency,
+                    args.prefetch,
+                    args.jobs,
+                    args.latency_jobs,
+                    False,
+                    src,
+                    metrics=args.compare_metrics and name == "current",
                 )
             )
     return out
@@ -1065,8 +1116,18 @@ def print_compare(results: dict[str, Any]) -> None:
             (label, fmt(before), fmt(after), f"{after / before:.2f}" if before else "-", runs)
         )
     once = all(d["exactly_once"] for name in compare for d in compare[name])
+    before = (
+        "this tree without --metrics-port"
+        if results["args"].get("compare_metrics")
+        else f"--reference-src {results['args']['reference_src']}"
+    )
+    after = (
+        "with --metrics-port, /metrics scraped every second"
+        if results["args"].get("compare_metrics")
+        else "this tree"
+    )
     print(
-        f"\nbefore (--reference-src {results['args']['reference_src']}) and after (this tree), "
+        f"\nbefore ({before}) and after ({after}), "
         f"{len(compare['current'])} alternating rounds, means; exactly once: "
         f"{'yes' if once else 'NO'}"
     )
@@ -1200,6 +1261,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--jobs", type=int, default=20000, help="jobs to drain (default: 20000)")
     p.add_argument(
+        "--compare-metrics",
+        action="store_true",
+        help="drain with this tree without, then with --metrics-port (scraped every second), "
+        "--rounds each: what metrics cost per job",
+    )
+    p.add_argument(
         "--reference-src",
         metavar="DIR",
         help="also drain with the worker of another checkout (e.g. a `git worktree` of the "
@@ -1313,7 +1380,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for c in args.sweep_concurrency
                     for p in args.sweep_prefetch
                 ]
-            elif args.reference_src:
+            elif args.reference_src or args.compare_metrics:
                 results["compare"] = compare(bench, args)
                 results["drain"] = results["compare"]["current"][0]
             else:

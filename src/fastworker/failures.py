@@ -25,18 +25,21 @@ from pamqp.commands import Basic
 
 from fastworker import __version__
 from fastworker.broker import Publisher, ensure_queue
+from fastworker.job_context import ATTEMPTS, DELAYED, job_id, trace_id
 from fastworker.message import Message
 from fastworker.outcome import INFRASTRUCTURE, REFUSED, Result
 
 log = logging.getLogger("fastworker.failures")
 
-ATTEMPTS = "x-fastworker-attempts"  # failed attempts so far
+# ATTEMPTS (failed attempts so far) is job_context's: PHP's FASTWORKER_ATTEMPT is 1 + it.
 INFRA_RETRIES = "x-fastworker-infra-retries"  # returns for infrastructure trouble, not counted
 FIRST_FAILURE = "x-fastworker-first-failure"  # unix time as text, e.g. "1718000000.25"
 ERROR = "x-fastworker-error"  # JSON text: the dead letter's error
 ERROR_KIND = "x-fastworker-error-kind"
 ORIGINAL_QUEUE = "x-fastworker-queue"
 INTERNAL_HEADERS = (ATTEMPTS, INFRA_RETRIES, FIRST_FAILURE, ERROR, ERROR_KIND, ORIGINAL_QUEUE)
+# DELAYED (job_context) is not among them: `dlq replay` keeps it, so a replayed job whose
+# delay was served runs at once.
 
 JITTER = 0.2  # a retry waits between (1 - JITTER) and 1 times its level's delay
 # What a dead letter's error may carry, in characters of JSON text. Headers travel in one AMQP
@@ -66,6 +69,12 @@ class RetryPolicy:
         """The delay level before retry number `retry` (1-based): exponential, capped."""
         exponent = min(retry - 1, 40)
         return max(1, round(min(self.retry_delay * 2**exponent, self.retry_max_delay) * 1000))
+
+    def delay_level(self, ms: int) -> int:
+        """The delay queue level a message asking to wait `ms` goes through: the smallest level
+        of at least `ms`, or the largest level when `ms` is longer than all of them."""
+        levels = self.levels()
+        return next((level for level in levels if level >= ms), levels[-1])
 
     def levels(self) -> list[int]:
         levels, retry = [], 1
@@ -168,6 +177,8 @@ def log_fields(message: Message, result: Result, attempts: int) -> dict[str, Any
         "status": result.status or None,
         "attempt": attempts or None,
         "endpoint": result.endpoint or None,
+        "job_id": job_id(message),
+        "trace_id": trace_id(message),
     }
 
 
@@ -304,6 +315,27 @@ class FailureHandler(Tally):
             result.kind,
             result.message,
             extra=log_fields(message, result, 0),
+        )
+
+    async def delay(self, message: Message, ms: int, publisher: Publisher) -> None:
+        """Publishes a message that asks to wait before its first run (x-delay, a bundle
+        `delay:` line) to the delay queue of `policy.delay_level(ms)`. It expires after `ms`
+        (or the level, if shorter) and comes back to its queue marked with the DELAYED header,
+        so it then runs, as attempt 1. Returns once the broker confirmed it."""
+        level = self.policy.delay_level(ms)
+        headers = dict(message.headers)
+        headers[DELAYED] = ms
+        props = self._properties(message, headers)
+        # No jitter: a job must not run before the time it asked for.
+        props.expiration = str(max(1, min(ms, level)))
+        await publisher.publish(delay_queue(message.queue, level), message.body, props)
+        self.counts["delayed"] += 1
+        log.debug(
+            "job from %s waits %.1f s before its first run (delay queue %s)",
+            message.queue,
+            min(ms, level) / 1000,
+            delay_queue(message.queue, level),
+            extra={"queue": message.queue, "job_id": job_id(message)},
         )
 
     async def _retry(

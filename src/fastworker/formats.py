@@ -19,7 +19,8 @@ from typing import Any
 import orjson
 
 from fastworker.endpoint import Endpoint, normalize_host
-from fastworker.job import BadMessage, ConsoleJob, Job
+from fastworker.job import BadMessage, ConsoleJob, DelayedJob, Job
+from fastworker.trace_context import trace_params
 
 FORMATS = ("bundle", "json", "raw")
 
@@ -106,6 +107,8 @@ def parse_bundle(
 ) -> Job:
     """`name: value` header lines, one empty line, then the data (fervo/deferred-event-bundle).
 
+    Besides the bundle's own lines, a block may carry `traceparent:` / `tracestate:` (W3C trace
+    context, passed to PHP when valid) and `delay: <seconds>` (wait before the first run).
     A `Parser` itself (properties and headers are not used), so no wrapper call per message.
     """
     head_end = body.find(b"\n\n")
@@ -118,10 +121,13 @@ def parse_bundle(
         raise BadMessage("the message carries no data after its header lines")
     head = body[:head_end]
     target = _TARGETS.get(head)
+    params: dict[str, str | bytes] = {}
     if target is None:
-        target = _cached_target(head)
+        target, params = _target_and_trace(head)
     # Positional arguments: a dataclass __init__ with keywords costs twice as much per job.
-    return Job(target[0] or default_script, target[1], data, {})
+    if target[4]:
+        return DelayedJob(target[0] or default_script, target[1], data, params, b"", "", target[4])
+    return Job(target[0] or default_script, target[1], data, params)
 
 
 def parse_bundle_console(
@@ -145,10 +151,19 @@ def parse_bundle_console(
         raise BadMessage("the message carries no data after its header lines")
     head = body[:head_end]
     target = _TARGETS.get(head)
+    params: dict[str, str | bytes] = {}
     if target is None:
-        target = _cached_target(head)
+        target, params = _target_and_trace(head)
     return ConsoleJob(
-        target[0] or default_script, target[1], data, {}, b"", "", target[2], target[3]
+        target[0] or default_script,
+        target[1],
+        data,
+        params,
+        b"",
+        "",
+        target[2],
+        target[3],
+        target[4],
     )
 
 
@@ -158,9 +173,53 @@ def parse_bundle_console(
 # first), so the cache holds at most 256 x 4 KiB of keys whatever the messages carry.
 TARGET_CACHE_BLOCK = 4 * 1024
 TARGET_CACHE_ENTRIES = 256
-# (dispatch_path, endpoint, php_bin, console_path) of a header block; None where it names none.
-Target = tuple[str | None, Endpoint | None, str | None, str | None]
+# (dispatch_path, endpoint, php_bin, console_path, delay in ms) of a header block; None where
+# it names none, 0 for no delay.
+Target = tuple[str | None, Endpoint | None, str | None, str | None, int]
 _TARGETS: dict[bytes, Target] = {}
+_NO_TARGET: Target = (None, None, None, None, 0)  # a block of trace lines only
+# Lines that differ from message to message: kept out of the cache's keys.
+_TRACE_LINES = (b"traceparent", b"tracestate")
+_SECONDS = re.compile(r"[0-9]{1,10}(?:\.[0-9]{1,6})?")
+
+
+def _target_and_trace(head: bytes) -> tuple[Target, dict[str, str | bytes]]:
+    """A header block the cache does not hold: its Target, and the params of its trace lines.
+
+    Trace lines are taken out before the block is parsed and cached, so that the messages of
+    an app that traces them all still share one cache entry. Invalid trace values are dropped.
+    """
+    if b"trace" not in head.lower():
+        return _cached_target(head), {}
+    kept: list[bytes] = []
+    parent: bytes | None = None
+    states: list[bytes] = []
+    duplicate = False
+    for line in head.split(b"\n"):
+        name, sep, value = line.partition(b":")
+        name = name.strip().lower()
+        if not sep or name not in _TRACE_LINES:
+            kept.append(line)
+        elif name == b"tracestate":
+            states.append(value.strip())  # several lines are one list, as HTTP combines them
+        else:
+            duplicate = duplicate or parent is not None
+            parent = value.strip()
+    if not kept:
+        target = _NO_TARGET
+    else:
+        rest = b"\n".join(kept)
+        target = _TARGETS.get(rest)  # type: ignore[assignment]
+        if target is None:
+            try:
+                target = _cached_target(rest)
+            except BadMessage:
+                _bundle_target(head)  # the same error, its line number counted in the block
+                raise
+    if duplicate or parent is None:
+        return target, {}
+    state = b",".join(states) if states else None
+    return target, dict(trace_params(parent, state) or {})
 
 
 def _cached_target(head: bytes) -> Target:
@@ -173,7 +232,7 @@ def _cached_target(head: bytes) -> Target:
 
 
 def _bundle_target(head: bytes) -> Target:
-    """(dispatch_path, endpoint, php_bin, console_path) of a header block."""
+    """(dispatch_path, endpoint, php_bin, console_path, delay in ms) of a header block."""
     headers: dict[str, str] = {}
     for number, line in enumerate(_text(head).split("\n"), 1):
         line = line.rstrip("\r")
@@ -187,12 +246,23 @@ def _bundle_target(head: bytes) -> Target:
         if not (host and port):
             raise BadMessage("fastcgi_host and fastcgi_port must be given together")
         endpoint = _bundle_endpoint(host, port)
+    delay = headers.get("delay")
     return (
         headers.get("dispatch_path"),
         endpoint,
         headers.get("php_bin") or None,  # read by --executor cli only
         headers.get("console_path") or None,
+        _delay_ms(delay) if delay else 0,
     )
+
+
+def _delay_ms(seconds: str) -> int:
+    """A `delay:` line's seconds (e.g. `30` or `1.5`) in milliseconds."""
+    if not _SECONDS.fullmatch(seconds):
+        raise BadMessage(
+            f"delay: {seconds[:40]!r} is not a number of seconds (e.g. 'delay: 30', 'delay: 1.5')"
+        )
+    return round(float(seconds) * 1000)
 
 
 def _bundle_endpoint(host: str, port: str) -> Endpoint:

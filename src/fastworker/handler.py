@@ -19,6 +19,7 @@ from fastworker.console_executor import ConsoleExecutor
 from fastworker.executor import Executor
 from fastworker.formats import Parser
 from fastworker.job import BadMessage, Job
+from fastworker.job_context import Context, amqp_context
 from fastworker.message import Message, NotStarted
 from fastworker.outcome import OK, Kind, Result
 
@@ -30,10 +31,10 @@ OnDone = Callable[[Awaitable[None] | None], None]
 
 
 class Failures(Protocol):
-    """What a backend does with a job that did not succeed (failures.FailureHandler for AMQP,
-    sidekiq_failures.SidekiqFailures): `publisher` is what its transport hands over with each
-    delivery to write with. Both return once the retry or dead letter is stored, and raise
-    PublishFailed when it was not."""
+    """What a backend does with a job that did not succeed, or must wait before its first run
+    (failures.FailureHandler for AMQP, sidekiq_failures.SidekiqFailures): `publisher` is what
+    its transport hands over with each delivery to write with. Each method returns once the
+    retry, dead letter or delayed message is stored, and raises PublishFailed when it was not."""
 
     counts: Counter[str]  # "<kind> retried|dead-lettered|requeued" -> n
 
@@ -42,6 +43,11 @@ class Failures(Protocol):
     async def dead_letter_internal(
         self, message: Message, result: Result, publisher: Any
     ) -> None: ...
+
+    async def delay(self, message: Message, ms: int, publisher: Any) -> None:
+        """Stores `message` to come back after about `ms` milliseconds, marked as having
+        waited, so that it then runs; not an attempt."""
+        ...
 
 
 class JobHandler:
@@ -58,17 +64,22 @@ class JobHandler:
         executor: Executor | ConsoleExecutor,
         failures: Failures,
         max_message_size: int,
+        context: Context = amqp_context,
     ) -> None:
         self.parse = parse
         self.default_script = default_script
         self.executor = executor
         self.failures = failures
         self.max_message_size = max_message_size
+        # The backend's job context (job_context.py): FASTWORKER_* and trace params, and the
+        # delay a message asks for before its first run.
+        self.context = context
 
     def start(self, message: Message, publisher: Any, on_done: OnDone) -> None:
         """Starts `message`'s job; `on_done` is called exactly once, without a coroutine in the
         common case: `on_done(None)` once the message may be acked (the job succeeded), or
-        `on_done(awaitable)` with what is left to do (a failed job's retry or dead letter)."""
+        `on_done(awaitable)` with what is left to do (a failed job's retry or dead letter, or
+        the delayed message a message asking to wait becomes)."""
         answered = False
 
         def done(result: Result | None, exc: BaseException | None) -> None:
@@ -87,6 +98,11 @@ class JobHandler:
             job = self._job(message)
             if isinstance(job, Result):
                 done(job, None)
+                return
+            delay = self.context(message, job)
+            if delay:
+                answered = True
+                on_done(self._delay(message, delay, publisher))
             else:
                 self.executor.start(job, done)
         except Exception as exc:
@@ -98,6 +114,17 @@ class JobHandler:
         """Retry or dead letter; a bug on that path still ends in a dead letter, not a loop."""
         try:
             await self.failures.handle(message, result, publisher)
+        except PublishFailed:
+            raise
+        except Exception as exc:
+            await self.failures.dead_letter_internal(
+                message, internal_error(message, exc), publisher
+            )
+
+    async def _delay(self, message: Message, ms: int, publisher: Any) -> None:
+        """The message waits before its first run; a bug on that path ends in a dead letter."""
+        try:
+            await self.failures.delay(message, ms, publisher)
         except PublishFailed:
             raise
         except Exception as exc:

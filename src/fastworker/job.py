@@ -16,13 +16,25 @@ class Job:
     script: str
     endpoint: Endpoint | None = None  # None: the worker's first --fpm
     data: bytes | None = None  # the deferred-event bundle's DEFERRED_DATA
-    params: dict[str, str] = field(default_factory=dict)  # application params, names vetted
+    # Application params (names vetted), then the job context (job_context.py); the job's own
+    # dict, which the executor completes and sends as it is.
+    params: dict[str, str | bytes] = field(default_factory=dict)
     body: bytes = b""  # FastCGI STDIN
     content_type: str = ""
     # What `--executor cli` runs; None: the worker's --php-bin / --console. Only a ConsoleJob
     # holds values: as fields here they would cost every FastCGI job's __init__.
     php_bin: ClassVar[str | None] = None
     console_path: ClassVar[str | None] = None
+    # Milliseconds the message asks to wait before its first run (a bundle `delay:` line); only
+    # a DelayedJob or a ConsoleJob holds a value, for the same reason.
+    delay_ms: ClassVar[int] = 0
+
+
+@dataclass(slots=True)
+class DelayedJob(Job):
+    """A bundle job whose header lines ask for a delay before the first run."""
+
+    delay_ms: int = 0  # type: ignore[misc]
 
 
 @dataclass(slots=True)
@@ -31,6 +43,7 @@ class ConsoleJob(Job):
 
     php_bin: str | None = None  # type: ignore[misc]
     console_path: str | None = None  # type: ignore[misc]
+    delay_ms: int = 0  # type: ignore[misc]
 
 
 class JobRefused(Exception):

@@ -19,6 +19,18 @@ from typing import Any
 
 import orjson
 
+from fastworker.job import Job
+from fastworker.job_context import (
+    ATTEMPT,
+    FIRST_ENQUEUED,
+    JOB_ID,
+    QUEUE,
+    TRACEPARENT,
+    TRACESTATE,
+    body_id,
+    set_trace,
+    unix_time,
+)
 from fastworker.message import Message
 from fastworker.outcome import Result
 
@@ -27,6 +39,7 @@ DEFAULT_CLASSES = ("DeferEvent",)
 FAILURE_FIELDS = ("retry_count", "error_message", "error_class", "failed_at", "retried_at")
 ERROR = "fastworker_error"  # the same error record as an AMQP dead letter's x-fastworker-error
 INFRA_RETRIES = "fastworker_infra_retries"  # returns for infrastructure trouble, not counted
+DELAYED = "fastworker_delayed"  # the job waited its delay (ms) in `schedule`: it runs now
 MALFORMED_CLASS = "FastWorker::MalformedJob"  # the class of a job that was not a JSON object
 ERROR_MESSAGE_LIMIT = 1024  # characters of error_message: Sidekiq's UI shows it in a table cell
 
@@ -86,6 +99,27 @@ def _malformed(raw: bytes, queue: str, problem: str) -> Message:
     if text.encode() != raw:
         job["fastworker_raw_base64"] = base64.b64encode(raw).decode()
     return Message(b"", queue, job, {}, False, problem)
+
+
+def context(message: Message, job: Job) -> int:
+    """The job context of a Sidekiq job (see job_context): its jid, 1 + its failed runs, its
+    queue, its created_at (else enqueued_at), and a `traceparent` / `tracestate` key of the
+    job object like the AMQP headers. The delay is the one of a bundle `delay:` line in
+    args[0], unless the job already waited in `schedule`."""
+    params = job.params
+    record = message.headers
+    params[JOB_ID] = message.properties.get("message_id") or body_id(message.body)
+    params[QUEUE] = message.queue
+    params[ATTEMPT] = str(failed_attempts(record) + 1)
+    created = record.get("created_at")
+    first = unix_time(created if created is not None else record.get("enqueued_at"))
+    if first is not None:
+        params[FIRST_ENQUEUED] = first
+    if TRACEPARENT in record:
+        set_trace(params, record.get(TRACEPARENT), record.get(TRACESTATE))
+    if record.get(DELAYED):
+        return 0
+    return job.delay_ms
 
 
 def new_jid() -> str:
