@@ -172,3 +172,25 @@ def test_the_grafana_dashboard_reads_metrics_the_worker_exports() -> None:
         "fastworker_dead_letters_total",
     }
     assert used <= exported and len(used) == len(exported)
+
+
+def test_dlq_reads_the_workers_config_file_and_environment(
+    tmp_path: Path, rabbitmq_url: str
+) -> None:
+    path = write(tmp_path, 'queue = ["orders", "mail"]\ndead_letter_queue = "{queue}.dead"\n')
+    done = run_cli("dlq", "show", "--config", str(path), env={"FASTWORKER_AMQP_URL": rabbitmq_url})
+    assert done.returncode == 1
+    assert "no dead-letter queue orders.dead" in done.stderr  # the file's first queue
+    flagged = run_cli(
+        "dlq",
+        "show",
+        "--config",
+        str(path),
+        "--queue",
+        "other",
+        env={"FASTWORKER_AMQP_URL": rabbitmq_url},
+    )
+    assert "no dead-letter queue other.dead" in flagged.stderr
+    bad = write(tmp_path, "queue_name = 1\n")
+    wrong = run_cli("dlq", "show", "--config", str(bad))
+    assert wrong.returncode == 2 and "unknown key 'queue_name'" in wrong.stderr

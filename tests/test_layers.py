@@ -19,7 +19,10 @@ LAYERS: list[tuple[str, set[str]]] = [
         "codecs",
         {"fcgi_base", "fcgi_py", "_fcgi_codec", "amqp_base", "amqp_py", "_amqp_codec", "codec"},
     ),
-    ("message -> job", {"job", "formats", "targets", "sidekiq_jobs"}),
+    (
+        "message -> job",
+        {"job", "trace_context", "job_context", "formats", "targets", "sidekiq_jobs"},
+    ),
     ("job -> request -> outcome", {"cgi", "fpm", "executor", "console_executor"}),
     ("broker address", {"amqp_url", "amqp_tls"}),
     ("settle", {"broker", "failures", "sidekiq_store", "sidekiq_failures"}),

@@ -130,8 +130,16 @@ def test_a_jobs_own_retry_option_wins_over_max_attempts(
     sidekiq_push(sidekiq_url, "q", [three], retry=3)
     workers.start(
         sidekiq_args(
-            sidekiq_url, "q", fpm, "listener.php", "--max-attempts", "2", "--retry-delay", "0.1",
-            "--retry-max-delay", "0.1",
+            sidekiq_url,
+            "q",
+            fpm,
+            "listener.php",
+            "--max-attempts",
+            "2",
+            "--retry-delay",
+            "0.1",
+            "--retry-max-delay",
+            "0.1",
         )
     )
     api = wait_for(
@@ -291,9 +299,24 @@ def test_dlq_show_replay_and_purge_on_sidekiqs_dead_set(
     def dlq(*args: str) -> subprocess.CompletedProcess[str]:
         env = {**os.environ, "PYTHONPATH": str(SRC_DIR)}
         return subprocess.run(
-            [sys.executable, "-m", "fastworker", "dlq", *args, "--backend", "sidekiq",
-             "--redis-url", sidekiq_url, "--queue", "q"],
-            capture_output=True, text=True, timeout=60, env=env, check=False,
+            [
+                sys.executable,
+                "-m",
+                "fastworker",
+                "dlq",
+                *args,
+                "--backend",
+                "sidekiq",
+                "--redis-url",
+                sidekiq_url,
+                "--queue",
+                "q",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+            check=False,
         )
 
     shown = dlq("show")
@@ -327,7 +350,10 @@ def test_dlq_show_replay_and_purge_on_sidekiqs_dead_set(
     )
     twice = subprocess.run(
         [sys.executable, "-c", store_script, sidekiq_url, entry.decode("latin-1")],
-        capture_output=True, text=True, timeout=30, check=False,
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
         env={**os.environ, "PYTHONPATH": str(SRC_DIR)},
     )
     assert twice.stdout.split() == ["True", "False"], twice.stderr
@@ -388,3 +414,23 @@ def test_lost_redis_connections_cost_no_job(
     assert "retrying in" in worker.log()
     assert worker.alive()
     wait_for(lambda: inprogress_keys(r) == [] and r.llen("queue:q") == 0, what="nothing left")
+
+
+def test_fastworker_check_tries_redis_for_the_sidekiq_backend(
+    sidekiq_url: str, r: redis.Redis, fpm: FpmServer
+) -> None:
+    sidekiq_push(sidekiq_url, "q", [order_placed_data(1, "waiting")])
+    env = {**os.environ, "PYTHONPATH": str(SRC_DIR)}
+    args = [
+        sys.executable,
+        "-m",
+        "fastworker",
+        "check",
+        *sidekiq_args(sidekiq_url, "q", fpm, "record.php"),
+    ]
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "Sidekiq queue q" in done.stdout and "queue:q, 1 jobs" in done.stdout
+    down = [a if a != sidekiq_url else "redis://127.0.0.1:1/0" for a in args]
+    failed = subprocess.run(down, capture_output=True, text=True, timeout=60, env=env, check=False)
+    assert failed.returncode == 1 and "FIX  Redis redis://127.0.0.1:1/0" in failed.stdout

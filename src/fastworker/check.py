@@ -37,10 +37,43 @@ class Finding:
 
 
 async def check(settings: Settings, timeout: float = 10.0) -> list[Finding]:
-    findings = await _broker(settings, timeout)
-    findings += _allow_lists(settings)
+    if settings.backend == "sidekiq":
+        findings = await _redis(settings, timeout)
+    else:
+        findings = await _broker(settings, timeout)
+    allow = _allow_lists(settings)
+    if settings.backend == "sidekiq":  # Sidekiq jobs carry data only: they run on the first --fpm
+        allow = [f for f in allow if not f.what.startswith("bundle default endpoint")]
+    findings += allow
     findings += await _endpoints(settings, timeout)
     return findings
+
+
+async def _redis(settings: Settings, timeout: float) -> list[Finding]:
+    """--backend sidekiq: Redis answers, and how many jobs wait in each queue's list and in
+    Sidekiq's retry and dead sets."""
+    from fastworker.sidekiq_store import connect
+
+    where = f"Redis {broker.masked(settings.redis_url)}"
+    client = connect(settings.redis_url)
+    try:
+        async with asyncio.timeout(timeout):
+            await client.ping()
+            findings = [Finding(where, True, "connected")]
+            for queue in settings.queues:
+                waiting = await client.llen(f"queue:{queue}")
+                findings.append(
+                    Finding(f"Sidekiq queue {queue}", True, f"list queue:{queue}, {waiting} jobs")
+                )
+            retry, dead = await client.zcard("retry"), await client.zcard("dead")
+            findings.append(
+                Finding("Sidekiq sets", True, f"{retry} jobs to retry, {dead} dead (all queues)")
+            )
+            return findings
+    except Exception as exc:  # noqa: BLE001 - every failure is a finding
+        return [Finding(where, False, f"{type(exc).__name__}: {exc} (check --redis-url)")]
+    finally:
+        await client.aclose()
 
 
 async def _broker(settings: Settings, timeout: float) -> list[Finding]:

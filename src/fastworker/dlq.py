@@ -381,8 +381,29 @@ def _positive_int(text: str) -> int:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+# The worker's settings dlq reads as its defaults from $FASTWORKER_* and the --config file.
+PRESET_KEYS = (
+    "backend",
+    "redis_url",
+    "amqp_url",
+    "amqp_ca",
+    "amqp_cert",
+    "amqp_key",
+    "queue",
+    "dead_letter_queue",
+)
+
+
+def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentParser:
+    """dlq's flags; `defaults` (by dest) are the worker's settings from its environment and
+    config file, which the flags override."""
     common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        metavar="FILE",
+        help="the worker's TOML settings file, for the broker, queue and dead-letter queue "
+        "(default: $FASTWORKER_CONFIG)",
+    )
     common.add_argument(
         "--backend",
         choices=["amqp", "sidekiq"],
@@ -415,6 +436,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     for flag, dest, text in TLS_FLAGS:
         common.add_argument(flag, dest=dest, metavar="PATH", help=text)
+    if defaults:
+        common.set_defaults(**defaults)  # before the subcommands copy the flags
     parser = argparse.ArgumentParser(
         prog="fastworker dlq",
         description="Inspect, replay and purge the jobs the worker dead-lettered.",
@@ -466,7 +489,17 @@ def _run(command: Callable[[argparse.Namespace], Awaitable[int]], args: argparse
 
 def main(argv: Sequence[str]) -> int:
     """Entry point of `fastworker dlq ...`; returns the exit status."""
-    args = build_parser().parse_args(list(argv))
+    from fastworker.cli import worker_parser
+    from fastworker.config import ConfigError, preset
+
+    try:
+        values = preset(worker_parser(), PRESET_KEYS, argv)
+    except ConfigError as exc:
+        print(f"fastworker dlq: {exc}", file=sys.stderr)
+        return 2
+    if isinstance(values.get("queue"), list):  # the worker's queues: dlq takes the first
+        values["queue"] = values["queue"][0] if values["queue"] else None
+    args = build_parser(values).parse_args(list(argv))
     args.amqp_url = with_files(args.amqp_url, args.amqp_ca, args.amqp_cert, args.amqp_key)
     if args.backend == "sidekiq":
         return _sidekiq(args)

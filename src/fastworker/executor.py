@@ -94,8 +94,9 @@ class Executor:
 
     @staticmethod
     def _own_params(job: Job) -> tuple[dict[str, str | bytes], bytes]:
-        """The params that differ from job to job (the shared ones travel pre-encoded)."""
-        params: dict[str, str | bytes] = dict(job.params) if job.params else {}
+        """The params that differ from job to job (the shared ones travel pre-encoded): the
+        job's own dict (application params and job context), completed here, not copied."""
+        params = job.params
         body, content_type = job.body, job.content_type
         if job.data is not None:
             if len(job.data) <= INLINE_DATA_LIMIT:

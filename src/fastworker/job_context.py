@@ -21,7 +21,7 @@ from typing import Any
 
 from fastworker.job import Job
 from fastworker.message import Message
-from fastworker.trace_context import TRACESTATE_PARAM, trace_params
+from fastworker.trace_context import TRACESTATE_PARAM, trace_params, traceparent
 
 JOB_ID = "FASTWORKER_JOB_ID"
 ATTEMPT = "FASTWORKER_ATTEMPT"
@@ -52,6 +52,22 @@ def job_id(message: Message) -> str:
     """FASTWORKER_JOB_ID of a message, as `amqp_context` sets it (for log lines)."""
     given = message.properties.get("message_id") if message.properties else None
     return given or body_id(message.body)
+
+
+def trace_id(message: Message) -> str | None:
+    """The trace id (32 hex) of a message's valid traceparent, its header (or Sidekiq job key)
+    else its bundle line, for log lines; None when it has none."""
+    headers = message.headers
+    parent = traceparent(headers.get(TRACEPARENT)) if headers else None
+    if parent is None:
+        head_end = message.body.find(b"\n\n")
+        head = message.body[:head_end] if head_end > 0 else b""
+        for line in head.split(b"\n") if b"traceparent" in head.lower() else ():
+            name, sep, value = line.partition(b":")
+            if sep and name.strip().lower() == b"traceparent":
+                parent = traceparent(value.strip())
+                break
+    return parent[3:35] if parent else None
 
 
 def amqp_context(message: Message, job: Job) -> int:

@@ -7,8 +7,10 @@ fields: `retry_count` (0 after the first failure), `error_message`, `error_class
 none; else --max-attempts) it goes to sorted set `dead` instead. The delays are the AMQP
 backend's (--retry-delay doubled per retry up to --retry-max-delay, with jitter). A job that did
 not run for trouble that is not its own (FPM unreachable) waits in `schedule` without counting a
-run; a job that can never run (bad_message, not_allowed) goes to `dead` at once. The same
-protocol as `failures.FailureHandler`: `handle`, `dead_letter_internal`, `counts`.
+run; a job that can never run (bad_message, not_allowed) goes to `dead` at once. A job whose
+bundle message asks for a `delay:` waits in `schedule` for exactly that long, counted neither
+as a run nor as failed. The same protocol as `failures.FailureHandler`: `handle`,
+`dead_letter_internal`, `delay`, `counts`.
 """
 
 from __future__ import annotations
@@ -131,6 +133,22 @@ class SidekiqFailures(Tally):
             result.kind,
             result.message,
             extra=log_fields(message, result, 0),
+        )
+
+    async def delay(self, message: Message, ms: int, store: SidekiqStore) -> None:
+        """Puts a job that asks to wait before its first run into `schedule`, due in `ms`, marked
+        (jobs.DELAYED) so that it then runs; returns once Redis has it."""
+        job = dict(message.headers)
+        job.setdefault("queue", message.queue)
+        job[jobs.DELAYED] = ms
+        await store.schedule(time.time() + ms / 1000, jobs.encode(job))
+        self.counts["delayed"] += 1
+        log.debug(
+            "job %s from %s waits %.1f s in Sidekiq's schedule before its first run",
+            job.get("jid"),
+            message.queue,
+            ms / 1000,
+            extra={"queue": message.queue, "job_id": job.get("jid")},
         )
 
     def _delay(self, retry: int) -> float:

@@ -273,6 +273,11 @@ class SidekiqStore:
         Sidekiq's stats; raises PublishFailed if Redis did not take it."""
         await self._zadd(sorted_set, at, job, failed=sorted_set == "retry")
 
+    async def schedule(self, at: float, job: bytes) -> None:
+        """A job that asked to wait into `schedule` (runs at `at`), not counted as failed;
+        raises PublishFailed if Redis did not take it."""
+        await self._zadd("schedule", at, job, failed=False)
+
     async def kill(self, job: bytes) -> None:
         """A job into `dead`, which keeps Sidekiq's bounds (the newest 10,000 of 6 months)."""
         now = time.time()

@@ -11,7 +11,7 @@ from typing import Any
 
 import uvloop
 
-from fastworker import __version__
+from fastworker import __version__, sidekiq_jobs
 from fastworker.amqp_url import with_files
 from fastworker.console_executor import ConsoleExecutor, ConsoleTargets, check_programs
 from fastworker.consumer import AmqpConsumer
@@ -22,6 +22,7 @@ from fastworker.fast_consumer import FastAmqpConsumer
 from fastworker.formats import parse_event_data, parser_for
 from fastworker.fpm import Endpoint, FpmPools
 from fastworker.handler import Failures, JobHandler
+from fastworker.job_context import amqp_context
 from fastworker.metrics import MetricsServer, WorkerCollector, health
 from fastworker.sidekiq_consumer import SidekiqConsumer
 from fastworker.sidekiq_failures import SidekiqFailures
@@ -153,6 +154,7 @@ def build(settings: Settings) -> tuple[Consumer, Executor | ConsoleExecutor, Fai
         executor,
         failures,
         settings.max_message_size,
+        sidekiq_jobs.context if sidekiq else amqp_context,  # FASTWORKER_* params, delays
     )
     consumer: ConsumerBase[Any]
     if isinstance(failures, SidekiqFailures):
