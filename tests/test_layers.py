@@ -23,7 +23,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         "message -> job",
         {"job", "trace_context", "job_context", "formats", "targets", "sidekiq_jobs"},
     ),
-    ("job -> request -> outcome", {"cgi", "fpm", "executor", "console_executor"}),
+    ("job -> request -> outcome", {"cgi", "fpm", "balance", "executor", "console_executor"}),
     ("broker address", {"amqp_url", "amqp_tls"}),
     ("settle", {"broker", "failures", "sidekiq_store", "sidekiq_failures"}),
     ("handler", {"handler"}),
@@ -33,7 +33,18 @@ LAYERS: list[tuple[str, set[str]]] = [
     ),
     (
         "process",
-        {"worker", "config", "metrics", "logs", "cli", "dlq", "sidekiq_dlq", "check", "__main__"},
+        {
+            "worker",
+            "supervisor",
+            "config",
+            "metrics",
+            "logs",
+            "cli",
+            "dlq",
+            "sidekiq_dlq",
+            "check",
+            "__main__",
+        },
     ),
 ]
 LAYER = {module: index for index, (_, modules) in enumerate(LAYERS) for module in modules}

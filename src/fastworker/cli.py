@@ -133,9 +133,10 @@ def worker_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--fpm",
         action="append",
-        metavar="ADDR",
+        metavar="ADDR[=max:N]",
         help="PHP-FPM endpoint host:port or unix:/path a message may target; repeat "
-        "for several; the first is used when a message names none "
+        "for several; the first is used when a message names none; =max:N gives it its own "
+        "cap on connections instead of --concurrency "
         "(default: 127.0.0.1:9000; 'localhost' in messages means 127.0.0.1)",
     )
     p.add_argument(
@@ -146,6 +147,23 @@ def worker_parser() -> argparse.ArgumentParser:
         help="a message naming the endpoint NAMED runs on ACTUAL, which must be listed with "
         "--fpm; repeat for several (e.g. localhost:9000=unix:/run/php/php8.2-fpm.sock: the "
         "bundle's default endpoint, on Debian's stock pool)",
+    )
+    p.add_argument(
+        "--route",
+        choices=["message", "balance"],
+        default="message",
+        help="message: each job runs on the endpoint its message names (the bundle's "
+        "fastcgi_host/port, else the first --fpm); balance: on whichever healthy --fpm "
+        "endpoint has the fewest jobs in flight, an endpoint that refuses connections ejected "
+        "and probed back with backoff (default: %(default)s)",
+    )
+    p.add_argument(
+        "--processes",
+        default="1",
+        metavar="N|auto",
+        help="worker processes under one supervisor, each with its own loop and broker "
+        "connection; each endpoint's cap is split between them; auto: one per CPU "
+        "(default: %(default)s)",
     )
     p.add_argument(
         "--script",
@@ -346,6 +364,8 @@ def worker_parser() -> argparse.ArgumentParser:
 def settings_from(args: argparse.Namespace) -> Settings:
     return Settings(
         backend=args.backend,
+        route=args.route,
+        processes=args.processes,
         amqp_url=args.amqp_url,
         amqp_ca=args.amqp_ca,
         amqp_cert=args.amqp_cert,
@@ -402,9 +422,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(args.log_level, args.log_format)
     settings = settings_from(args)
     from fastworker.consuming import BrokerRefused
+    from fastworker.supervisor import Supervisor, process_count, slot
     from fastworker.worker import run
 
     try:
+        index, count = slot()
+        if count > 1:  # a child of the supervisor: its share of the caps
+            settings = settings.for_process(index, count)
+        elif settings.processes != "1":
+            count = process_count(settings.processes, settings.endpoint_caps())
+            if count > 1:
+                return Supervisor(argv, count).run()
         run(settings)
     except (ValueError, BrokerRefused) as exc:  # bad --fpm address, a refused login, ...
         print(f"fastworker: {exc}", file=sys.stderr)

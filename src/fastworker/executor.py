@@ -12,6 +12,7 @@ from typing import NamedTuple
 from urllib.parse import quote_from_bytes
 
 from fastworker import __version__, cgi
+from fastworker.balance import Balancer
 from fastworker.callbacks import Answer
 from fastworker.endpoint import Endpoint
 from fastworker.fcgi_base import OVERLOADED, REQUEST_COMPLETE
@@ -43,14 +44,21 @@ STDOUT_HEAD = 2 * 1024
 class _Target(NamedTuple):
     """Where a vetted (endpoint, script) runs: its pool, its name, its shared params block."""
 
-    pool: FpmPool
-    where: str
+    pool: FpmPool | Balancer  # the endpoint's pool, or every endpoint's (--route balance)
+    where: str  # the endpoint, for errors; "" when balanced (the answer says)
     shared: bytes
 
 
 class Executor:
-    def __init__(self, pools: FpmPools, policy: TargetPolicy, job_timeout: float) -> None:
+    def __init__(
+        self,
+        pools: FpmPools,
+        policy: TargetPolicy,
+        job_timeout: float,
+        balancer: Balancer | None = None,
+    ) -> None:
         self.pools = pools
+        self.balancer = balancer  # --route balance: every job to the least busy endpoint
         self.policy = policy
         self.job_timeout = job_timeout
         self._base = {
@@ -110,18 +118,23 @@ class Executor:
 
     def _target(self, job: Job) -> _Target | Result:
         """Where a job runs, or why it may not."""
-        key = (job.endpoint, job.script)
+        balancer = self.balancer
+        # Balanced: whatever endpoint the message names, only its script is vetted.
+        key = (job.endpoint if balancer is None else None, job.script)
         target = self._targets.get(key)
         if target is None:
             try:
-                endpoint, script = self.policy.resolve(job)
+                endpoint, script = self.policy.resolve(job if balancer is None else Job(job.script))
             except JobRefused as exc:
                 return Result(exc.kind, message=str(exc))
             try:
                 shared = encode_shared_params(self._script_params(script))
             except ValueError as exc:  # e.g. a script path longer than a record can carry
                 return Result(Kind.BAD_MESSAGE, message=f"cannot send to PHP-FPM: {exc}")
-            target = _Target(self.pools.get(endpoint), str(endpoint), shared)
+            if balancer is None:
+                target = _Target(self.pools.get(endpoint), str(endpoint), shared)
+            else:
+                target = _Target(balancer, "", shared)
             if len(self._targets) < 1024:
                 self._targets[key] = target
         return target
@@ -146,21 +159,27 @@ class Executor:
         params, body = self._own_params(job)
 
         def answered(response: FpmResponse | None, exc: BaseException | None) -> None:
+            # Balanced targets have no fixed endpoint: the balancer says which one answered.
+            place = where or self._answering()
             if response is not None:
-                result = self._classify(response, where)
+                result = self._classify(response, place)
                 if result is not OK:
-                    self._count_error(where, result.kind)
+                    self._count_error(place, result.kind)
                 answer(result, None)
             elif isinstance(exc, FpmNotStarted):
                 answer(None, NotStarted(str(exc)))
             elif isinstance(exc, FpmError):
-                result = self._failed(exc, where)
-                self._count_error(where, result.kind)
+                result = self._failed(exc, place)
+                self._count_error(place, result.kind)
                 answer(result, None)
             else:
                 answer(None, exc)
 
         target.pool.request(params, body, self.job_timeout, target.shared, answered)
+
+    def _answering(self) -> str:
+        answering = self.balancer.answering if self.balancer is not None else None
+        return str(answering) if answering is not None else "every endpoint"
 
     def _count_error(self, where: str, kind: str) -> None:
         key = (where, str(kind))

@@ -186,40 +186,52 @@ _SECONDS = re.compile(r"[0-9]{1,10}(?:\.[0-9]{1,6})?")
 def _target_and_trace(head: bytes) -> tuple[Target, dict[str, str | bytes]]:
     """A header block the cache does not hold: its Target, and the params of its trace lines.
 
-    Trace lines are taken out before the block is parsed and cached, so that the messages of
-    an app that traces them all still share one cache entry. Invalid trace values are dropped.
+    Trace lines are cut out before the block is parsed and cached, so that the messages of an
+    app that traces them all still share one cache entry; they are found by search, not by
+    splitting the block. Invalid trace values are dropped.
     """
-    if b"trace" not in head.lower():
+    lower = head.lower()
+    at = lower.find(b"trace")
+    if at == -1:
         return _cached_target(head), {}
-    kept: list[bytes] = []
     parent: bytes | None = None
     states: list[bytes] = []
     duplicate = False
-    for line in head.split(b"\n"):
-        name, sep, value = line.partition(b":")
+    rest = head
+    while at != -1:
+        start = lower.rfind(b"\n", 0, at) + 1
+        end = lower.find(b"\n", at)
+        if end == -1:
+            end = len(lower)
+        name, sep, value = rest[start:end].partition(b":")
         name = name.strip().lower()
         if not sep or name not in _TRACE_LINES:
-            kept.append(line)
-        elif name == b"tracestate":
+            at = lower.find(b"trace", end)  # e.g. a path holding "trace": not a trace line
+            continue
+        if name == b"tracestate":
             states.append(value.strip())  # several lines are one list, as HTTP combines them
         else:
             duplicate = duplicate or parent is not None
             parent = value.strip()
-    if not kept:
+        # Cut the line and one line break next to it.
+        if end < len(lower):
+            end += 1
+        elif start > 0:
+            start -= 1
+        rest, lower = rest[:start] + rest[end:], lower[:start] + lower[end:]
+        at = lower.find(b"trace", start)
+    if not rest:
         target = _NO_TARGET
     else:
-        rest = b"\n".join(kept)
-        target = _TARGETS.get(rest)  # type: ignore[assignment]
-        if target is None:
-            try:
-                target = _cached_target(rest)
-            except BadMessage:
-                _bundle_target(head)  # the same error, its line number counted in the block
-                raise
+        cached = _TARGETS.get(rest)
+        try:
+            target = cached if cached is not None else _cached_target(rest)
+        except BadMessage:
+            _bundle_target(head)  # the same error, its line number counted in the whole block
+            raise
     if duplicate or parent is None:
         return target, {}
-    state = b",".join(states) if states else None
-    return target, dict(trace_params(parent, state) or {})
+    return target, trace_params(parent, b",".join(states) if states else None) or {}
 
 
 def _cached_target(head: bytes) -> Target:

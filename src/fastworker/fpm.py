@@ -82,6 +82,10 @@ class FpmUnavailable(FpmError):
     """FPM refused, reset or closed before any response byte: the job did not run."""
 
 
+class FpmConnectFailed(FpmUnavailable):
+    """No connection to the endpoint could be opened (refused, timed out, no such socket)."""
+
+
 class FpmConnectionLost(FpmError):
     """The connection died after the response started: the job may have run."""
 
@@ -600,7 +604,7 @@ class FpmPool:
             self._slot_freed()
             self.connect_failures += 1
             reason = "timed out" if isinstance(exc, TimeoutError) else str(exc)
-            raise FpmUnavailable(f"{self.endpoint}: cannot connect: {reason}") from None
+            raise FpmConnectFailed(f"{self.endpoint}: cannot connect: {reason}") from None
         except BaseException:
             self._slot_freed()
             raise
@@ -742,8 +746,11 @@ class FpmPool:
 class FpmPools:
     """One pool per endpoint, created on first use, with a shared housekeeping timer."""
 
-    def __init__(self, max_connections: int, **pool_options: Any) -> None:
+    def __init__(
+        self, max_connections: int, caps: Mapping[Endpoint, int] | None = None, **pool_options: Any
+    ) -> None:
         self.max_connections = max_connections
+        self.caps = dict(caps or {})  # endpoints with their own cap (--fpm ADDR=max:N)
         self.pool_options = pool_options
         self._stopping = False
         self._pools: dict[Endpoint, FpmPool] = {}
@@ -752,9 +759,8 @@ class FpmPools:
     def get(self, endpoint: Endpoint) -> FpmPool:
         pool = self._pools.get(endpoint)
         if pool is None:
-            pool = self._pools[endpoint] = FpmPool(
-                endpoint, self.max_connections, **self.pool_options
-            )
+            cap = self.caps.get(endpoint, self.max_connections)
+            pool = self._pools[endpoint] = FpmPool(endpoint, cap, **self.pool_options)
             if self._stopping:
                 pool.stop_starting()
             if self._sweeper is None:

@@ -41,6 +41,7 @@ ERROR = "fastworker_error"  # the same error record as an AMQP dead letter's x-f
 INFRA_RETRIES = "fastworker_infra_retries"  # returns for infrastructure trouble, not counted
 DELAYED = "fastworker_delayed"  # the job waited its delay (ms) in `schedule`: it runs now
 MALFORMED_CLASS = "FastWorker::MalformedJob"  # the class of a job that was not a JSON object
+MILLISECONDS = 1e11  # a job timestamp above this is in ms (year 5138 in seconds)
 ERROR_MESSAGE_LIMIT = 1024  # characters of error_message: Sidekiq's UI shows it in a table cell
 
 _PHP_EXCEPTION = re.compile(r"Uncaught ([A-Za-z_\\][\w\\]*)")
@@ -112,7 +113,11 @@ def context(message: Message, job: Job) -> int:
     params[QUEUE] = message.queue
     params[ATTEMPT] = str(failed_attempts(record) + 1)
     created = record.get("created_at")
-    first = unix_time(created if created is not None else record.get("enqueued_at"))
+    if created is None:
+        created = record.get("enqueued_at")
+    if isinstance(created, int | float) and created > MILLISECONDS:
+        created = created / 1000  # Sidekiq 8 writes epoch milliseconds
+    first = unix_time(created)
     if first is not None:
         params[FIRST_ENQUEUED] = first
     if TRACEPARENT in record:

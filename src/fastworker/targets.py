@@ -16,6 +16,21 @@ from fastworker.job import BadMessage, Job, NotAllowed
 PATH_MAX = 4096
 
 
+def parse_fpm(text: str) -> tuple[Endpoint, int | None]:
+    """`ADDR` or `ADDR=max:N` (--fpm): the endpoint, and its own cap on connections (None:
+    --concurrency). A pool's children bound what it can serve at once, so each may differ."""
+    address, sep, cap = text.rpartition("=max:")
+    if not sep:
+        return Endpoint.parse(text), None
+    try:
+        connections = int(cap)
+    except ValueError:
+        connections = 0
+    if connections < 1:
+        raise ValueError(f"--fpm {text!r}: expected ADDR=max:N with N >= 1 connections")
+    return Endpoint.parse(address), connections
+
+
 def parse_alias(text: str) -> tuple[Endpoint, Endpoint]:
     """`NAMED=ACTUAL` (--fpm-alias): both FPM addresses, as `Endpoint.parse` reads them."""
     named, sep, actual = text.partition("=")

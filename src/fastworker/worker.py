@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import partial
 from typing import Any
 
@@ -13,6 +13,7 @@ import uvloop
 
 from fastworker import __version__, sidekiq_jobs
 from fastworker.amqp_url import with_files
+from fastworker.balance import Balancer
 from fastworker.console_executor import ConsoleExecutor, ConsoleTargets, check_programs
 from fastworker.consumer import AmqpConsumer
 from fastworker.consuming import Consumer, ConsumerBase
@@ -20,13 +21,14 @@ from fastworker.executor import Executor
 from fastworker.failures import FailureHandler, RetryPolicy
 from fastworker.fast_consumer import FastAmqpConsumer
 from fastworker.formats import parse_event_data, parser_for
-from fastworker.fpm import Endpoint, FpmPools
+from fastworker.fpm import FpmPools
 from fastworker.handler import Failures, JobHandler
 from fastworker.job_context import amqp_context
 from fastworker.metrics import MetricsServer, WorkerCollector, health
 from fastworker.sidekiq_consumer import SidekiqConsumer
 from fastworker.sidekiq_failures import SidekiqFailures
-from fastworker.targets import TargetPolicy, parse_alias
+from fastworker.supervisor import share
+from fastworker.targets import TargetPolicy, parse_alias, parse_fpm
 
 log = logging.getLogger("fastworker")
 
@@ -40,6 +42,8 @@ AMQP_CLIENTS: dict[str, type[ConsumerBase[Any]]] = {
 @dataclass(slots=True)
 class Settings:
     backend: str = "amqp"  # "amqp": RabbitMQ queues; "sidekiq": Sidekiq's queues in Redis
+    route: str = "message"  # "message": the endpoint a job names; "balance": the least busy
+    processes: str = "1"  # worker processes under a supervisor: a number, or "auto"
     amqp_url: str = "amqp://guest:guest@localhost:5672/"
     # --amqp-ca / --amqp-cert / --amqp-key: the URL's cacertfile= / certfile= / keyfile=
     amqp_ca: str | None = None
@@ -86,7 +90,32 @@ class Settings:
     def jobs_in_flight(self) -> int:
         if self.executor == "cli":
             return self.concurrency  # one process per job: nothing to pipeline
+        if self.route == "balance":  # every endpoint at once: the sum of their caps
+            caps = [parse_fpm(text)[1] or self.concurrency for text in dict.fromkeys(self.fpm)]
+            return sum(caps) * self.pipeline
         return self.concurrency * self.pipeline
+
+    def endpoint_caps(self) -> list[int]:
+        """Each --fpm endpoint's cap on connections (its =max:N, else --concurrency)."""
+        return [parse_fpm(text)[1] or self.concurrency for text in dict.fromkeys(self.fpm)]
+
+    def for_process(self, index: int, count: int) -> Settings:
+        """These settings for worker process `index` of `count` under the supervisor: its share
+        of every endpoint's cap (the shares add up to the cap) and its own metrics port."""
+        if count == 1:
+            return self
+        fpm = []
+        for text in self.fpm:
+            _, cap = parse_fpm(text)
+            address = text.rpartition("=max:")[0] if cap else text
+            fpm.append(f"{address}=max:{share(cap or self.concurrency, index, count)}")
+        return replace(
+            self,
+            fpm=fpm,
+            concurrency=max(1, share(self.concurrency, index, count)),
+            metrics_port=self.metrics_port + index if self.metrics_port else 0,
+            processes="1",
+        )
 
     @property
     def effective_prefetch(self) -> int:
@@ -189,6 +218,12 @@ def build(settings: Settings) -> tuple[Consumer, Executor | ConsoleExecutor, Fai
         f"{settings.concurrency} connections per FPM endpoint x pipeline {settings.pipeline} = "
         f"{settings.jobs_in_flight} jobs in flight"
     )
+    if settings.route == "balance" and not isinstance(executor, ConsoleExecutor):
+        caps = settings.endpoint_caps()
+        consumer.in_flight_note = (
+            f"balanced over {len(caps)} FPM endpoints with {'+'.join(map(str, caps))} "
+            f"connections x pipeline {settings.pipeline} = {settings.jobs_in_flight} jobs in flight"
+        )
     if isinstance(executor, ConsoleExecutor):
         consumer.in_flight_note = (
             f"--executor cli: at most {settings.concurrency} console processes = "
@@ -209,16 +244,23 @@ def build_executor(settings: Settings) -> Executor | ConsoleExecutor:
         )
     if settings.executor != "fastcgi":
         raise ValueError(f"unknown executor {settings.executor!r}; choose fastcgi or cli")
-    endpoints = [Endpoint.parse(text) for text in settings.fpm]
+    specs = [parse_fpm(text) for text in settings.fpm]
+    endpoints = [endpoint for endpoint, _ in specs]
     aliases = dict(parse_alias(text) for text in settings.fpm_alias)
     policy = TargetPolicy(endpoints, settings.allow_script or [settings.script], aliases)
     pools = FpmPools(
         settings.concurrency,
+        {endpoint: cap for endpoint, cap in specs if cap is not None},
         connect_timeout=settings.connect_timeout,
         idle_timeout=settings.idle_timeout,
         pipeline=settings.pipeline,
         max_response_head=settings.max_response_head,
     )
+    if settings.route == "balance":
+        balancer = Balancer([pools.get(endpoint) for endpoint in dict.fromkeys(endpoints)])
+        return Executor(pools, policy, settings.job_timeout, balancer)
+    if settings.route != "message":
+        raise ValueError(f"unknown route {settings.route!r}; choose message or balance")
     return Executor(pools, policy, settings.job_timeout)
 
 
