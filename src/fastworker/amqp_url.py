@@ -18,6 +18,7 @@ import math
 import os
 import re
 import socket
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl, unquote, urlencode, urlsplit, urlunsplit
 
@@ -44,6 +45,9 @@ _NOT_SUPPORTED = {
 }
 # Query values that are secrets (a key's password) or that the issue asks to keep out of logs.
 _SECRET_PARAMS = re.compile(r"(^|&)(keyfile|password)=[^&]*")
+# Where a comma list of URLs splits (`split_urls`), and what a URL starts with.
+_URL_START = re.compile(r",(?=\s*[A-Za-z][A-Za-z0-9+.-]*://)")
+_HAS_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
 
 
 # The flags that set the URL's TLS files (worker, `check`, `dlq`): (flag, dest, help).
@@ -56,7 +60,8 @@ TLS_FLAGS = (
      "URL's keyfile= (its password, if any: password= in the URL)"),
 )  # fmt: skip
 URL_HELP = (
-    "broker URL; amqps:// for TLS, with RabbitMQ's URI query parameters: cacertfile, certfile, "
+    "broker URL; repeat it (or give a comma list) for a cluster's nodes: the first that "
+    "answers is used, another when its node goes away; amqps:// for TLS, with RabbitMQ's URI query parameters: cacertfile, certfile, "
     "keyfile, password, verify (verify_peer, or verify_none: no certificate check), "
     "server_name_indication, heartbeat, connection_timeout (ms), auth_mechanism (plain, "
     "external), and frame_max, name (the connections' name in RabbitMQ)"
@@ -240,6 +245,30 @@ def with_files(
     return urlunsplit(parts._replace(query=urlencode([*kept, *given.items()], safe="/")))
 
 
+def split_urls(values: str | Sequence[str]) -> list[str]:
+    """The broker URLs of `--amqp-url` (repeatable, each a URL or a comma list), in order.
+
+    A comma starts a new URL only where a scheme follows (`,amqp://`, `,amqps://`), so a comma
+    inside a password or a path stays where it is; parts without a scheme (what a blind split
+    on commas, as FASTWORKER_AMQP_URL gets, makes of such a URL) are joined back onto the URL
+    before them. Raises UrlError when there is none.
+    """
+    items = [values] if isinstance(values, str) else list(values)
+    urls: list[str] = []
+    for item in items:
+        for part in _URL_START.split(item):
+            part = part.strip()
+            if not part:
+                continue
+            if urls and not _HAS_SCHEME.match(part):
+                urls[-1] = f"{urls[-1]},{part}"
+            else:
+                urls.append(part)
+    if not urls:
+        raise UrlError("--amqp-url: no broker URL given")
+    return urls
+
+
 def masked(url: str) -> str:
     """`url` with its password, and the values of `keyfile=` and `password=`, replaced by ***,
     for logs and errors. Any URL (amqp, redis, ...)."""
@@ -252,4 +281,4 @@ def masked(url: str) -> str:
     return urlunsplit(parts)
 
 
-__all__ = ["TLS_FLAGS", "URL_HELP", "AmqpUrl", "UrlError", "masked", "with_files"]
+__all__ = ["TLS_FLAGS", "URL_HELP", "AmqpUrl", "UrlError", "masked", "split_urls", "with_files"]

@@ -18,7 +18,8 @@ import aiormq
 from aiormq.abc import AbstractChannel, AbstractConnection
 from pamqp.commands import Basic
 
-from fastworker import amqp_tls, amqp_url
+from fastworker import amqp_tls, amqp_url, queue_types
+from fastworker.amqp_nodes import Node, Nodes
 from fastworker.amqp_url import AmqpUrl, UrlError
 
 log = logging.getLogger("fastworker.broker")
@@ -50,12 +51,16 @@ async def ensure_queue(
     *,
     durable: bool = False,
     arguments: dict[str, Any] | None = None,
+    queue_type: str = queue_types.CLASSIC,
 ) -> int:
-    """Uses `name` as it exists; declares it only when missing. Returns its message count.
+    """Uses `name` as it exists; declares it only when missing, as a `queue_type` queue (a
+    quorum queue is always durable). Returns its message count.
 
     The deferred-event bundle declares its queue `durable=false`; declaring it again with other
-    flags would fail with PRECONDITION_FAILED, so an existing queue is only checked passively.
+    flags (or another type) would fail with PRECONDITION_FAILED, so an existing queue is only
+    checked passively.
     """
+    durable, arguments = queue_types.declare_as(queue_type, durable, arguments)
     channel = await connection.channel(publisher_confirms=False)
     try:
         ok = await channel.queue_declare(name, passive=True)
@@ -68,7 +73,7 @@ async def ensure_queue(
     channel = await connection.channel(publisher_confirms=False)
     try:
         ok = await channel.queue_declare(name, durable=durable, arguments=arguments)
-        log.debug("declared missing queue %s (durable=%s)", name, durable)
+        log.debug("declared missing %s queue %s (durable=%s)", queue_type, name, durable)
         return int(ok.message_count or 0)
     finally:
         if not channel.is_closed:
@@ -138,6 +143,48 @@ async def connect(url: AmqpUrl, context: ssl.SSLContext | None, role: str) -> Ab
         if found is None:
             raise
         raise amqp_tls.TlsRefused(f"TLS session ended by the broker: {found}") from found
+
+
+class NoBrokerAnswered(ConnectionError):
+    """`connect_any` tried every node and none took the connection; `errors` says why each
+    did not, in the order tried."""
+
+    def __init__(self, errors: list[tuple[Node, BaseException]]) -> None:
+        self.errors = errors
+        super().__init__(
+            "; ".join(f"{node.url.where}: {_reason(exc)}" for node, exc in errors)
+        )
+
+    def refusal(self) -> str | None:
+        """The first node's refusal (TLS, login, vhost, access) among the errors, if any."""
+        for node, exc in self.errors:
+            found = refusal(node.url.text, exc)
+            if found is not None:
+                return found
+        return None
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+async def connect_any(
+    nodes: Nodes, role: str, timeout: float | None = None
+) -> tuple[Node, AbstractConnection]:
+    """A connection to the first of `nodes` (from the current one on) that takes it, for the
+    tools (`check`, `dlq`); raises NoBrokerAnswered naming each node's error. `timeout`
+    bounds each attempt (else the URL's connect timeout does)."""
+    errors: list[tuple[Node, BaseException]] = []
+    for node in nodes.in_order():
+        try:
+            connection = await asyncio.wait_for(connect(node.url, node.tls, role), timeout)
+        except TimeoutError:
+            errors.append((node, ConnectionError(f"no answer within {timeout:g} s")))
+        except (aiormq.exceptions.AMQPError, ConnectionError, OSError, ValueError) as exc:
+            errors.append((node, exc))
+        else:
+            return node, connection
+    raise NoBrokerAnswered(errors)
 
 
 def masked(url: str) -> str:

@@ -12,6 +12,7 @@ connection.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import ssl
 from collections import deque
@@ -22,9 +23,10 @@ import aiormq
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from pamqp.header import ContentHeader
 
-from fastworker import amqp_tls, broker
+from fastworker import broker, queue_types
 from fastworker.acks import AckTracker
 from fastworker.amqp_base import PropertyError, decode_properties
+from fastworker.amqp_nodes import Node, Nodes
 from fastworker.amqp_url import AmqpUrl
 from fastworker.broker import Publisher, ensure_queue
 from fastworker.consuming import ACK_INTERVAL, ConsumerBase, Transport
@@ -63,27 +65,50 @@ def _decode_properties_per_message() -> None:
 
 
 class AmqpConsumerBase(ConsumerBase[AbstractConnection]):
-    """What both AMQP consumers read at start: the URL's settings and its TLS context. Built
-    in `configure`, so a bad URL or an unreadable certificate stops the worker before it
-    connects."""
+    """What both AMQP consumers read at start: the broker URLs (`url`: one, a comma list, or a
+    list: a cluster's nodes), each URL's settings and TLS context. Built in `configure`, so a
+    bad URL or an unreadable certificate stops the worker before it connects.
 
-    amqp: AmqpUrl
-    tls: ssl.SSLContext | None
+    Each session opens on `nodes.current`; the skeleton's `next_address` moves on to the next
+    node when a session fails or is lost, at once within a round (see `amqp_nodes`).
+    `queue_type` is how a missing work queue is declared (`queue_types`)."""
+
+    nodes: Nodes
+    queue_type: str = queue_types.CLASSIC
 
     def configure(self) -> None:
-        self.amqp = AmqpUrl.parse(self.url)
-        self.tls = amqp_tls.client_context(self.amqp)
+        self.nodes = Nodes.parse(self.url)
+
+    @property
+    def amqp(self) -> AmqpUrl:
+        """The URL of the node the next session opens on."""
+        return self.nodes.current.url
+
+    @property
+    def tls(self) -> ssl.SSLContext | None:
+        return self.nodes.current.tls
+
+    def next_address(self) -> str | None:
+        if not self.nodes.failed():
+            return None
+        return self.nodes.current.masked
 
 
-async def connect(consumer: AmqpConsumerBase, role: str) -> AbstractConnection:
-    """An aiormq connection (named for `role`) with the consumer's queues ready: each declared
-    if missing, then `prepare`d. Both AMQP transports open one per session (the fast one for
-    declares, the `prepare` hook and the publisher only)."""
-    connection = await broker.connect(consumer.amqp, consumer.tls, role)
-    for queue in consumer.queues:
-        await ensure_queue(connection, queue)
-        if consumer.prepare is not None:
-            await consumer.prepare(connection, queue)
+async def connect(consumer: AmqpConsumerBase, node: Node, role: str) -> AbstractConnection:
+    """An aiormq connection to `node` (named for `role`) with the consumer's queues ready: each
+    declared if missing, then `prepare`d. Both AMQP transports open one per session (the fast
+    one for declares, the `prepare` hook and the publisher only)."""
+    connection = await broker.connect(node.url, node.tls, role)
+    try:
+        for queue in consumer.queues:
+            await ensure_queue(connection, queue, queue_type=consumer.queue_type)
+            if consumer.prepare is not None:
+                await consumer.prepare(connection, queue)
+    except BaseException:
+        if not connection.is_closed:
+            with contextlib.suppress(Exception):
+                await connection.close()
+        raise
     return connection
 
 
@@ -168,6 +193,7 @@ class AiormqTransport(Transport):
 
     def __init__(self, consumer: AmqpConsumer) -> None:
         self.consumer = consumer
+        self.node = consumer.nodes.current  # the node this session opens on
         self.connection: AbstractConnection | None = None
         self.session: _Session | None = None
         self.closed: asyncio.Future[object] = asyncio.get_running_loop().create_future()
@@ -184,18 +210,19 @@ class AiormqTransport(Transport):
         )
 
     def refusal(self, exc: BaseException) -> str | None:
-        return broker.refusal(self.consumer.url, exc)
+        return broker.refusal(self.node.url.text, exc)
 
     def unreachable(self, exc: BaseException) -> str | None:
-        return broker.unreachable(self.consumer.url, exc)
+        return broker.unreachable(self.node.url.text, exc)
 
     def describe(self) -> tuple[str, str]:
-        tls = ", TLS" if self.consumer.amqp.tls else ""
-        return ", ".join(self.consumer.queues), f"prefetch {self.consumer.prefetch}{tls}"
+        tls = ", TLS" if self.node.url.tls else ""
+        details = f"prefetch {self.consumer.prefetch}{tls}, broker {self.node.masked}"
+        return ", ".join(self.consumer.queues), details
 
     async def open(self) -> None:
         consumer = self.consumer
-        connection = self.connection = await connect(consumer, "consume")
+        connection = self.connection = await connect(consumer, self.node, "consume")
         publisher = self.publisher = await Publisher.open(connection)
         channel = await connection.channel(publisher_confirms=False)
         # aiormq only logs a broker-sent Basic.Cancel (queue deleted): end the session on it.
@@ -213,6 +240,7 @@ class AiormqTransport(Transport):
             if ok.consumer_tag is not None:  # the broker always names it
                 session.consumer_tags.append(ok.consumer_tag)
         self._close_on(connection, (channel, publisher.channel), cancelled)
+        consumer.nodes.connected()
 
     def _close_on(
         self,
@@ -248,6 +276,8 @@ class AiormqTransport(Transport):
             assert tag is not None
             props = delivered.header.properties
             problem = getattr(delivered.header, _PROBLEM, "")
+            if delivered.redelivered:
+                queue_types.redelivered(queue, props.headers)
             message = Message(
                 body=delivered.body,
                 queue=queue,

@@ -37,6 +37,7 @@ from fastworker.failures import (
     INTERNAL_HEADERS,
     ORIGINAL_QUEUE,
 )
+from fastworker.job_context import body_id
 from fastworker.message import PROPERTY_NAMES
 
 DEFAULT_URL = "amqp://guest:guest@localhost:5672/"
@@ -155,6 +156,8 @@ class DeadLetter:
             if name not in _NOT_REPLAYED
             and (value := getattr(self.properties, name, None)) is not None
         }
+        if not kept.get("message_id"):  # else aiormq makes up a random one: FASTWORKER_JOB_ID
+            kept["message_id"] = body_id(self.body)  # would change on replay
         return Basic.Properties(**kept, headers=dict(self.headers))
 
 

@@ -305,7 +305,9 @@ class FailureHandler(Tally):
         }
         dead_letters = self.policy.dead_letter_queue_for(message.queue)
         await publisher.publish(
-            dead_letters, message.body, Basic.Properties(headers=headers, delivery_mode=2)
+            dead_letters,
+            message.body,
+            Basic.Properties(headers=headers, delivery_mode=2, message_id=job_id(message)),
         )
         self.tally(message.queue, result.kind, "dead_letter")
         log.error(
@@ -353,4 +355,8 @@ class FailureHandler(Tally):
         # the publishing connection's user, and the worker's user is rarely the producer's.
         dropped = ("expiration", "delivery_mode", "user_id")
         kept = {k: v for k, v in message.properties.items() if k not in dropped}
+        if not kept.get("message_id"):
+            # aiormq gives a message without one a random message_id; the id PHP got as
+            # FASTWORKER_JOB_ID keeps it the same on every attempt and replay.
+            kept["message_id"] = job_id(message)
         return Basic.Properties(**kept, headers=headers, delivery_mode=2)

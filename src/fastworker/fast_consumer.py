@@ -25,10 +25,11 @@ from typing import Any, ClassVar
 import aiormq
 from aiormq.abc import AbstractConnection
 
-from fastworker import amqp_py, broker
+from fastworker import amqp_py, broker, queue_types
 from fastworker import codec as selected
 from fastworker.acks import AckTracker
 from fastworker.amqp_base import Delivery, PropertyError, RemoteProtocolError, decode_properties
+from fastworker.amqp_nodes import Node
 from fastworker.amqp_wire import CHANNEL, HANDSHAKE_TIMEOUT, AmqpWire, Items
 from fastworker.broker import Publisher
 from fastworker.consumer import AmqpConsumerBase, connect
@@ -60,6 +61,7 @@ class FastTransport(AmqpWire, Transport):
         "_acks",
         "_consumer",
         "_control",
+        "_node",
         "_deliver",
         "_delivered",
         "_encode_acks",
@@ -77,6 +79,7 @@ class FastTransport(AmqpWire, Transport):
         self._deliver = consumer.deliver
         self._waiting = consumer.waiting
         self._control: AbstractConnection | None = None
+        self._node: Node | None = None  # the node `open` connects to
         self._observers: list[asyncio.Future[Any]] = []
         self._acks = AckTracker()
         self._delivered = self._acks.delivered
@@ -86,16 +89,21 @@ class FastTransport(AmqpWire, Transport):
         self._flush_scheduled = False
 
     def refusal(self, exc: BaseException) -> str | None:
-        return broker.refusal(self._consumer.url, exc)
+        node = self._node
+        return None if node is None else broker.refusal(node.url.text, exc)
 
     def unreachable(self, exc: BaseException) -> str | None:
-        return broker.unreachable(self._consumer.url, exc)
+        node = self._node
+        return None if node is None else broker.unreachable(node.url.text, exc)
 
     def describe(self) -> tuple[str, str]:
         how = "compiled" if self._codec is not amqp_py else "pure-Python"
         consumer = self._consumer
-        tls = ", TLS" if consumer.amqp.tls else ""
-        return ", ".join(consumer.queues), f"prefetch {consumer.prefetch}, {how} AMQP codec{tls}"
+        node = self._node
+        tls = ", TLS" if node is not None and node.url.tls else ""
+        where = f", broker {node.masked}" if node is not None else ""
+        details = f"prefetch {consumer.prefetch}, {how} AMQP codec{tls}{where}"
+        return ", ".join(consumer.queues), details
 
     # ---------------------------------------------------------------- deliveries in
 
@@ -128,6 +136,8 @@ class FastTransport(AmqpWire, Transport):
         except PropertyError as exc:
             properties, headers = {}, {}
             problem = f"AMQP properties cannot be decoded: {exc}"
+        if item.redelivered:  # rare: a quorum queue's count may say why (queue_types)
+            queue_types.redelivered(queue, headers)
         body = item.body
         if body is None:
             body = b""
@@ -187,17 +197,20 @@ class FastTransport(AmqpWire, Transport):
 
     async def open(self) -> None:
         consumer = self._consumer
+        # Both connections of the session go to the same node, the consumer's current one.
+        node = self._node = consumer.nodes.current
         # The control connection declares, prepares and publishes retries and dead letters.
-        control = self._control = await connect(consumer, "publish")
+        control = self._control = await connect(consumer, node, "publish")
         self.publisher = await Publisher.open(control)
         try:
             await asyncio.wait_for(
-                self.connect(consumer.amqp, consumer.tls, consumer.prefetch, consumer.queues),
-                consumer.amqp.connect_timeout,
+                self.connect(node.url, node.tls, consumer.prefetch, consumer.queues),
+                node.url.connect_timeout,
             )
         except TimeoutError:
             raise ConnectionError("AMQP handshake timed out") from None
         self._close_on(control.closing, self.publisher.channel.closing)
+        consumer.nodes.connected()
 
     def _close_on(
         self, control_lost: asyncio.Future[Any], publisher_lost: asyncio.Future[Any]

@@ -28,9 +28,7 @@ _VALUE = r"[\x20-\x2b\x2d-\x3c\x3e-\x7e]{0,255}[\x21-\x2b\x2d-\x3c\x3e-\x7e]"
 # Whitespace is matched once between two commas (never by two adjacent runs), so that the
 # match takes linear time whatever the text.
 _MEMBER = rf"(?:{_KEY}={_VALUE}[ \t]*)?"
-_TRACESTATE = re.compile(
-    rf"[ \t]*{_MEMBER}(?:,[ \t]*{_MEMBER}){{0,{TRACESTATE_MEMBERS - 1}}}"
-)
+_TRACESTATE = re.compile(rf"[ \t]*{_MEMBER}(?:,[ \t]*{_MEMBER}){{0,{TRACESTATE_MEMBERS - 1}}}")
 
 
 def _ascii(value: object) -> str | None:
@@ -79,4 +77,3 @@ def trace_params(parent: object, state: object) -> dict[str, str] | None:
         if checked_state is not None:
             params[TRACESTATE_PARAM] = checked_state
     return params
-
