@@ -9,7 +9,7 @@ each of 3 attempts" is read from PHP's side, not inferred from the worker's.
 
 from __future__ import annotations
 
-import asyncio
+import base64
 import hashlib
 import json
 import subprocess
@@ -20,11 +20,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import aiormq
 import orjson
 import pytest
 import redis
-from pamqp.commands import Basic
 
 from fastworker import job_context, sidekiq_jobs
 from fastworker.failures import RetryPolicy, delay_queue
@@ -35,7 +33,7 @@ from fastworker.trace_context import trace_params, traceparent, tracestate
 from helpers import bundle_message, order_placed_data, wait_for
 from services import PHP_DIR
 from services.fpm import FpmServer
-from services.rabbitmq import amqp_queue_count
+from services.rabbitmq import amqp_host_port, amqp_queue_count
 from services.sidekiq import SIDEKIQ_DB, sidekiq_api, sidekiq_push
 from services.worker import Worker, Workers, worker_env
 
@@ -394,23 +392,32 @@ def bundle(data: str, fpm: FpmServer, *lines: str, script: str = CONTEXT) -> byt
 
 
 def publish(
-    url: str, queue: str, messages: Sequence[tuple[bytes, Basic.Properties]]
+    url: str, queue: str, messages: Sequence[tuple[bytes, dict[str, Any], dict[str, Any]]]
 ) -> list[float]:
-    """Publishes each message (confirmed) and returns the time each publish began."""
-
-    async def run() -> list[float]:
-        conn = await aiormq.connect(url)
-        started = []
-        try:
-            channel = await conn.channel()
-            for body, props in messages:
-                started.append(time.time())
-                await channel.basic_publish(body, routing_key=queue, properties=props)
-        finally:
-            await conn.close()
-        return started
-
-    return asyncio.run(run())
+    """Publishes (body, headers, properties) messages with php-amqplib, as a PHP app does: no
+    message_id unless given (aiormq would make one up). Returns when each publish began."""
+    host, port = amqp_host_port(url)
+    lines = "".join(
+        json.dumps(
+            {
+                "body_base64": base64.b64encode(body).decode(),
+                "headers": headers,
+                "properties": props,
+            }
+        )
+        + "\n"
+        for body, headers, props in messages
+    )
+    done = subprocess.run(
+        ["php", str(PHP_DIR / "publish_messages.php"), host, str(port), queue],
+        input=lines,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return [float(line) for line in done.stdout.split()]
 
 
 def dlq_replay(url: str, queue: str) -> subprocess.CompletedProcess[str]:
@@ -454,13 +461,12 @@ def test_each_attempt_sees_the_same_job_id_and_trace(
     body = bundle(data, fpm)
     stamp = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
     headers = {"traceparent": TP, "tracestate": TS}
-    publish(rabbitmq_url, queue_name, [(body, Basic.Properties(headers=headers, timestamp=stamp))])
+    publish(rabbitmq_url, queue_name, [(body, headers, {"timestamp": int(stamp.timestamp())})])
     runs = wait_runs(fpm, data, 3)
     time.sleep(0.5)  # nothing more comes
     runs = runs_of(fpm, data)
     assert [r["FASTWORKER_ATTEMPT"] for r in runs] == ["1", "2", "3"]
     assert [r["failed"] for r in runs] == [True, True, False]
-    print("DEBUG", [r["FASTWORKER_JOB_ID"] for r in runs], blake(body), len(body), body[:300])
     for run in runs:
         assert run["FASTWORKER_JOB_ID"] == blake(body)
         assert run["FASTWORKER_QUEUE"] == queue_name
@@ -480,8 +486,8 @@ def test_the_job_id_survives_dead_lettering_and_dlq_replay(
         rabbitmq_url,
         queue_name,
         [
-            (bundle(named, fpm), Basic.Properties(message_id="order-2", headers={"a": "b"})),
-            (hashed_body, Basic.Properties()),
+            (bundle(named, fpm), {"a": "b"}, {"message_id": "order-2"}),
+            (hashed_body, {}, {}),
         ],
     )
     wait_for(
@@ -508,8 +514,8 @@ def test_x_delay_makes_the_first_run_wait_and_is_no_attempt(
     after publishing, each as attempt 1."""
     worker(fpm, "--retry-delay", "0.5")  # levels 500, 1000, 2000, ...: 2000 is one
     datas = [order_placed_data(i, f"delayed {i} {queue_name}") for i in range(100)]
-    props = Basic.Properties(headers={"x-delay": 2000})
-    published = publish(rabbitmq_url, queue_name, [(bundle(d, fpm), props) for d in datas])
+    delay = {"x-delay": 2000}  # an int in php-amqplib's AMQPTable
+    published = publish(rabbitmq_url, queue_name, [(bundle(d, fpm), delay, {}) for d in datas])
     wait_for(lambda: all(runs_of(fpm, d) for d in datas), timeout=WAIT, what="100 delayed runs")
     time.sleep(0.5)
     for data, at in zip(datas, published, strict=True):
@@ -527,7 +533,7 @@ def test_bundle_delay_and_trace_lines_last_through_retries(
     worker(fpm)
     data = order_placed_data(4, f"FAIL UNTIL 3 lines {queue_name}")
     body = bundle(data, fpm, "delay: 1.5", f"traceparent: {TP}", f"tracestate: {TS}")
-    (at,) = publish(rabbitmq_url, queue_name, [(body, Basic.Properties())])
+    (at,) = publish(rabbitmq_url, queue_name, [(body, {}, {})])
     runs = wait_runs(fpm, data, 3)
     assert runs[0]["time"] >= at + 1.5
     assert [r["FASTWORKER_ATTEMPT"] for r in runs] == ["1", "2", "3"]
@@ -552,7 +558,7 @@ def test_invalid_trace_context_is_dropped_never_passed_on(
     messages, datas = [], []
     for n, (lines, headers, _, _) in enumerate(cases):
         datas.append(order_placed_data(10 + n, f"trace case {n} {queue_name}"))
-        messages.append((bundle(datas[-1], fpm, *lines), Basic.Properties(headers=headers)))
+        messages.append((bundle(datas[-1], fpm, *lines), headers, {}))
     publish(rabbitmq_url, queue_name, messages)
     for data, (_, _, parent, state) in zip(datas, cases, strict=True):
         (run,) = wait_runs(fpm, data, 1)
@@ -578,11 +584,11 @@ def test_the_idempotent_example_does_a_job_once_however_often_it_runs(
         rabbitmq_url,
         queue_name,
         [
-            (first, Basic.Properties()),
-            (first, Basic.Properties()),  # the same body: the same id
-            (again, Basic.Properties(message_id="order-7")),
-            (again, Basic.Properties(message_id="order-7")),  # the same message_id
-            (other, Basic.Properties()),
+            (first, {}, {}),
+            (first, {}, {}),  # the same body: the same id
+            (again, {}, {"message_id": "order-7"}),
+            (again, {}, {"message_id": "order-7"}),  # the same message_id
+            (other, {}, {}),
         ],
     )
     wait_for(

@@ -250,6 +250,13 @@ class ConsumerBase(ABC, Generic[C]):
     def new_transport(self) -> Transport:
         """A transport for one session, not opened yet."""
 
+    def next_address(self) -> str | None:
+        """Called after a session failed to open or was lost: moves on to the broker address
+        the next session uses, and returns it (for the log) when it is to be tried at once,
+        still in this round (a cluster's next node); None when the round is over, and the
+        capped backoff applies before the next one. One address: always None."""
+        return None
+
     # ---------------------------------------------------------------- for transports
 
     def deliver(self, deliveries: Iterable[Delivery]) -> None:
@@ -271,6 +278,7 @@ class ConsumerBase(ABC, Generic[C]):
         try:
             while not self._stopping.is_set():
                 transport = self.new_transport()
+                opened = self.reconnects + self._started  # sessions opened so far
                 try:
                     await self._session(transport)
                     backoff = FIRST_BACKOFF
@@ -282,8 +290,19 @@ class ConsumerBase(ABC, Generic[C]):
                     reason = None if self._started else transport.refusal(exc)
                     if reason is not None:
                         raise BrokerRefused(reason) from None
-                    delay = backoff * random.uniform(0.5, 1.0)
                     hint = transport.unreachable(exc)
+                    if self.reconnects + self._started != opened:
+                        backoff = FIRST_BACKOFF  # it had consumed: a loss starts afresh
+                    following = self.next_address()
+                    if following is not None:
+                        log.warning(
+                            "broker connection lost or refused (%r)%s; trying %s",
+                            exc,
+                            f": {hint}" if hint else "",
+                            following,
+                        )
+                        continue
+                    delay = backoff * random.uniform(0.5, 1.0)
                     log.warning(
                         "broker connection lost or refused (%r)%s; retrying in %.1f s",
                         exc,

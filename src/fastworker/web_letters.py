@@ -181,7 +181,7 @@ def from_amqp(delivered: DeliveredMessage, default_queue: str) -> Letter:
     properties = {
         name: value
         for name in PROPERTY_NAMES
-        if name != "headers" and (value := getattr(props, name, None)) is not None
+        if (value := getattr(props, name, None)) is not None
     }
     letter_id = digest(delivered.body, _canonical(all_headers), _canonical(properties))
     dead = DeadLetter.parse(0, delivered, default_queue)
@@ -259,15 +259,14 @@ def params_sent(letter: Letter, settings: ParseSettings) -> tuple[list[tuple[str
     out), masked; and "" or why they cannot be rebuilt (the message was refused)."""
     try:
         if letter.job is not None:
-            message = Message(letter.body, letter.queue, dict(letter.job), {})
+            record = dict(letter.job)
+            record.pop("retry_count", None)
+            if letter.attempts > 1:
+                record["retry_count"] = letter.attempts - 2  # as the last run saw it
+            jid = record.get("jid")
+            props = {"message_id": jid} if isinstance(jid, str) else {}
             job = parse_event_data(letter.body, settings.script)
-            retried = dict(letter.job)
-            if letter.attempts:
-                retried["retry_count"] = letter.attempts - 2  # the last run's count
-            else:
-                retried.pop("retry_count", None)
-            message.headers = retried
-            sidekiq_jobs.context(message, job)
+            sidekiq_jobs.context(Message(letter.body, letter.queue, record, props), job)
         else:
             parse = parser_for(settings.format, settings.allow_param)
             job = parse(letter.body, settings.script, letter.properties, letter.headers)
