@@ -23,6 +23,7 @@ from aiormq.abc import AbstractChannel, AbstractConnection
 from fastworker import amqp_tls, broker
 from fastworker.amqp_url import AmqpUrl
 from fastworker.broker import Publisher, PublishFailed
+from fastworker.dlq import DeadLetter
 from fastworker.failures import RetryPolicy, delay_queue
 from fastworker.web_letters import Letter, from_amqp
 
@@ -171,7 +172,8 @@ class AmqpStore:
                         continue  # held unacked: back in its place when the channel closes
                     wanted.discard(letter.id)
                     if publisher is not None:
-                        problem = await self._replay(publisher, letter, delivered)
+                        dead = DeadLetter.parse(0, delivered, queue)
+                        problem = await self._replay(publisher, letter, dead)
                         if problem:
                             outcome.failed.append(problem)
                             continue
@@ -194,7 +196,7 @@ class AmqpStore:
             )
         return outcome
 
-    async def _replay(self, publisher: Publisher, letter: Letter, delivered: object) -> str:
+    async def _replay(self, publisher: Publisher, letter: Letter, dead: DeadLetter) -> str:
         """Publishes the letter back to its queue, confirmed; "" or why not."""
         if letter.queue not in self.queues:
             # The x-fastworker-queue header names the target; a letter that names a queue
@@ -203,9 +205,6 @@ class AmqpStore:
                 f"dead letter {letter.id} names queue {letter.queue!r}, which this dashboard "
                 "was not given (--queue): not replayed"
             )
-        from fastworker.dlq import DeadLetter
-
-        dead = DeadLetter.parse(0, delivered, letter.queue)  # type: ignore[arg-type]
         try:
             await publisher.publish(letter.queue, dead.body, dead.replay_properties())
         except (PublishFailed, aiormq.exceptions.ChannelInvalidStateError) as exc:

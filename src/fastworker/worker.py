@@ -12,7 +12,7 @@ from typing import Any
 import uvloop
 
 from fastworker import __version__, sidekiq_jobs
-from fastworker.amqp_url import with_files
+from fastworker.amqp_url import split_urls, with_files
 from fastworker.balance import Balancer
 from fastworker.console_executor import ConsoleExecutor, ConsoleTargets, check_programs
 from fastworker.consumer import AmqpConsumer
@@ -44,7 +44,10 @@ class Settings:
     backend: str = "amqp"  # "amqp": RabbitMQ queues; "sidekiq": Sidekiq's queues in Redis
     route: str = "message"  # "message": the endpoint a job names; "balance": the least busy
     processes: str = "1"  # worker processes under a supervisor: a number, or "auto"
-    amqp_url: str = "amqp://guest:guest@localhost:5672/"
+    # --amqp-url, repeatable: a cluster's nodes, tried in order (amqp_nodes); a str is one URL
+    # or a comma list
+    amqp_url: list[str] = field(default_factory=lambda: ["amqp://guest:guest@localhost:5672/"])
+    queue_type: str = "classic"  # how queues the worker declares are declared: classic|quorum
     # --amqp-ca / --amqp-cert / --amqp-key: the URL's cacertfile= / certfile= / keyfile=
     amqp_ca: str | None = None
     amqp_cert: str | None = None
@@ -82,9 +85,18 @@ class Settings:
     dead_letter_queue: str = "{queue}.failed"
 
     @property
+    def effective_amqp_urls(self) -> list[str]:
+        """Each --amqp-url with --amqp-ca/--amqp-cert/--amqp-key in its query: one URL says it
+        all, for every node."""
+        return [
+            with_files(url, self.amqp_ca, self.amqp_cert, self.amqp_key)
+            for url in split_urls(self.amqp_url)
+        ]
+
+    @property
     def effective_amqp_url(self) -> str:
-        """--amqp-url with --amqp-ca/--amqp-cert/--amqp-key in its query: one URL says it all."""
-        return with_files(self.amqp_url, self.amqp_ca, self.amqp_cert, self.amqp_key)
+        """The first of `effective_amqp_urls`."""
+        return self.effective_amqp_urls[0]
 
     @property
     def jobs_in_flight(self) -> int:
@@ -205,7 +217,7 @@ def build(settings: Settings) -> tuple[Consumer, Executor | ConsoleExecutor, Fai
         except KeyError:
             raise ValueError(f"unknown AMQP client {settings.amqp_client!r}") from None
         consumer = consumer_class(
-            settings.effective_amqp_url,
+            settings.effective_amqp_urls,
             settings.queues,
             handler,
             concurrency=settings.jobs_in_flight,
@@ -214,6 +226,9 @@ def build(settings: Settings) -> tuple[Consumer, Executor | ConsoleExecutor, Fai
             shutdown_timeout=settings.shutdown_timeout,
             max_message_size=settings.max_message_size,
         )
+        # Queues it declares because they are missing: the work queue, its delay and
+        # dead-letter queues.
+        consumer.queue_type = amqp_failures.queue_type = queue_types.check(settings.queue_type)
     consumer.in_flight_note = (
         f"{settings.concurrency} connections per FPM endpoint x pipeline {settings.pipeline} = "
         f"{settings.jobs_in_flight} jobs in flight"
