@@ -194,3 +194,10 @@ def test_dlq_reads_the_workers_config_file_and_environment(
     bad = write(tmp_path, "queue_name = 1\n")
     wrong = run_cli("dlq", "show", "--config", str(bad))
     assert wrong.returncode == 2 and "unknown key 'queue_name'" in wrong.stderr
+
+
+def test_help_shows_the_defaults() -> None:
+    done = run_cli("--help")
+    assert done.returncode == 0, done.stderr
+    assert "--config FILE" in done.stdout and "(default: 300)" in done.stdout
+    assert run_cli("config", "--help").returncode == 0

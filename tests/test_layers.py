@@ -24,8 +24,8 @@ LAYERS: list[tuple[str, set[str]]] = [
         {"job", "trace_context", "job_context", "formats", "targets", "sidekiq_jobs"},
     ),
     ("job -> request -> outcome", {"cgi", "fpm", "balance", "executor", "console_executor"}),
-    ("broker address", {"amqp_url", "amqp_tls"}),
-    ("settle", {"broker", "failures", "sidekiq_store", "sidekiq_failures"}),
+    ("broker address", {"amqp_url", "amqp_tls", "amqp_nodes"}),
+    ("settle", {"queue_types", "broker", "failures", "sidekiq_store", "sidekiq_failures"}),
     ("handler", {"handler"}),
     (
         "consumers",

@@ -61,7 +61,8 @@ TLS_FLAGS = (
 )  # fmt: skip
 URL_HELP = (
     "broker URL; repeat it (or give a comma list) for a cluster's nodes: the first that "
-    "answers is used, another when its node goes away; amqps:// for TLS, with RabbitMQ's URI query parameters: cacertfile, certfile, "
+    "answers is used, another when its node goes away; amqps:// for TLS, with RabbitMQ's "
+    "URI query parameters: cacertfile, certfile, "
     "keyfile, password, verify (verify_peer, or verify_none: no certificate check), "
     "server_name_indication, heartbeat, connection_timeout (ms), auth_mechanism (plain, "
     "external), and frame_max, name (the connections' name in RabbitMQ)"

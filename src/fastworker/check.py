@@ -13,9 +13,11 @@ import time
 from dataclasses import dataclass
 
 import aiormq
+from aiormq.abc import AbstractConnection
 
-from fastworker import amqp_tls, broker, cgi
-from fastworker.amqp_url import AmqpUrl, UrlError
+from fastworker import broker, cgi, queue_types
+from fastworker.amqp_nodes import Node, Nodes
+from fastworker.amqp_url import UrlError
 from fastworker.callbacks import awaited
 from fastworker.endpoint import Endpoint
 from fastworker.executor import Executor
@@ -77,47 +79,72 @@ async def _redis(settings: Settings, timeout: float) -> list[Finding]:
 
 
 async def _broker(settings: Settings, timeout: float) -> list[Finding]:
-    url = settings.effective_amqp_url
-    where = f"broker {broker.masked(url)}"
+    """One line per --amqp-url (a cluster's nodes): each is tried; the queues are looked for
+    on the first that answers. A node that does not answer is to fix only when none does (the
+    worker uses the others); a refusal (TLS, login, vhost, access) always is."""
+    urls = settings.effective_amqp_urls
     try:
-        parsed = AmqpUrl.parse(url)
-        context = amqp_tls.client_context(parsed)
+        nodes = Nodes.parse(urls)
     except UrlError as exc:  # a bad URL or an unreadable CA/cert/key file
-        return [Finding(where, False, str(exc))]
+        return [Finding(f"broker {', '.join(map(broker.masked, urls))}", False, str(exc))]
+    tried = [(node, *await _node(node, timeout)) for node in nodes.nodes]
+    connections = [connection for *_, connection in tried if connection is not None]
+    findings = []
+    for node, detail, refused, connection in tried:
+        ok = connection is not None or (bool(connections) and not refused)
+        if connection is None and ok:
+            detail += " (the worker uses the nodes that answer)"
+        findings.append(Finding(f"broker {node.masked}", ok, detail))
+    if not connections:
+        return findings
     try:
-        connection = await asyncio.wait_for(broker.connect(parsed, context, "check"), timeout)
+        findings += await _queues(connections[0], settings)
+    finally:
+        for connection in connections:
+            await connection.close()
+    return findings
+
+
+async def _node(node: Node, timeout: float) -> tuple[str, bool, AbstractConnection | None]:
+    """Connects to one node: what happened, whether the broker refused (a configuration to
+    fix), and the connection if it was made."""
+    url, parsed = node.url.text, node.url
+    try:
+        connection = await asyncio.wait_for(broker.connect(parsed, node.tls, "check"), timeout)
     except Exception as exc:  # noqa: BLE001 - every failure is a finding
-        hint = broker.refusal(url, exc) or broker.unreachable(url, exc) or repr(exc)
-        return [Finding(where, False, hint)]
+        refused = broker.refusal(url, exc)
+        if refused is not None:
+            return refused, True, None
+        return broker.unreachable(url, exc) or repr(exc), False, None
     how = "connected and logged in"
-    if context is not None:
+    if node.tls is not None:
         verified = "verified" if parsed.verify else "NOT verified (verify_none)"
         client = ", with the client certificate" if parsed.certfile else ""
         how = f"connected over TLS (broker certificate {verified}{client}) and logged in"
-    findings = [Finding(where, True, how)]
-    try:
-        for queue in settings.queues:
-            channel = await connection.channel()
-            try:
-                ok = await channel.queue_declare(queue, passive=True)
-                findings.append(
-                    Finding(f"queue {queue}", True, f"exists, {ok.message_count} ready")
-                )
-            except aiormq.exceptions.ChannelNotFoundEntity:
-                findings.append(
-                    Finding(
-                        f"queue {queue}",
-                        True,
-                        "missing: the worker declares it as the bundle does (durable=false)",
-                    )
-                )
-            except aiormq.exceptions.AMQPError as exc:
-                findings.append(Finding(f"queue {queue}", False, repr(exc)))
-            finally:
-                if not channel.is_closed:
-                    await channel.close()
-    finally:
-        await connection.close()
+    return how, False, connection
+
+
+async def _queues(connection: AbstractConnection, settings: Settings) -> list[Finding]:
+    findings = []
+    declared = (
+        "as a quorum queue (--queue-type quorum)"
+        if settings.queue_type == queue_types.QUORUM
+        else "as the bundle does (durable=false)"
+    )
+    for queue in settings.queues:
+        channel = await connection.channel()
+        try:
+            ok = await channel.queue_declare(queue, passive=True)
+            findings.append(Finding(f"queue {queue}", True, f"exists, {ok.message_count} ready"))
+        except aiormq.exceptions.ChannelNotFoundEntity:
+            findings.append(
+                Finding(f"queue {queue}", True, f"missing: the worker declares it {declared}")
+            )
+        except aiormq.exceptions.AMQPError as exc:
+            findings.append(Finding(f"queue {queue}", False, repr(exc)))
+        finally:
+            if not channel.is_closed:
+                await channel.close()
     return findings
 
 

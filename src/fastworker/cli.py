@@ -8,8 +8,8 @@ import logging
 import sys
 from collections.abc import Sequence
 
-from fastworker import __version__, logs
-from fastworker.amqp_url import TLS_FLAGS, URL_HELP
+from fastworker import __version__, logs, queue_types
+from fastworker.amqp_url import TLS_FLAGS, URL_HELP, split_urls
 from fastworker.broker import masked
 from fastworker.config import ConfigError, render, resolve
 from fastworker.formats import FORMATS
@@ -89,11 +89,21 @@ def worker_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--amqp-url",
-        default=DEFAULT_URL,
-        help=f"{URL_HELP} (default: $FASTWORKER_AMQP_URL or %(default)s)",
+        action="append",
+        metavar="URL",
+        help=f"{URL_HELP} (default: $FASTWORKER_AMQP_URL, a comma list, or {DEFAULT_URL})",
     )
     for flag, dest, text in TLS_FLAGS:
         p.add_argument(flag, dest=dest, metavar="PATH", help=text)
+    p.add_argument(
+        "--queue-type",
+        choices=queue_types.QUEUE_TYPES,
+        default=queue_types.CLASSIC,
+        help="how the worker declares the queues it finds missing (the work queue, its "
+        "<queue>.retry.<ms>ms delay queues and its dead-letter queue): classic, or quorum "
+        "(replicated over a RabbitMQ cluster, always durable); existing queues are used as "
+        "they are (default: %(default)s)",
+    )
     p.add_argument(
         "--amqp-client",
         choices=["fast", "aiormq"],
@@ -366,7 +376,8 @@ def settings_from(args: argparse.Namespace) -> Settings:
         backend=args.backend,
         route=args.route,
         processes=args.processes,
-        amqp_url=args.amqp_url,
+        amqp_url=args.amqp_url or [DEFAULT_URL],
+        queue_type=args.queue_type,
         amqp_ca=args.amqp_ca,
         amqp_cert=args.amqp_cert,
         amqp_key=args.amqp_key,
@@ -488,7 +499,10 @@ def config_main(argv: list[str]) -> int:
     effective = {}
     for key, option in resolved.options.items():
         value = getattr(settings, option.dest, getattr(resolved.args, option.dest, None))
-        effective[key] = masked(value) if key.endswith("_url") and value else value
+        if key == "amqp_url" and value:  # one URL as a string, a cluster's as a list
+            value = [masked(url) for url in split_urls(value)]
+            value = value[0] if len(value) == 1 else value
+        effective[key] = masked(value) if key.endswith("_url") and isinstance(value, str) else value
     if resolved.args.config:
         print(f"# settings file: {resolved.args.config}")
     print(render(resolved, effective))

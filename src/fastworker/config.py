@@ -95,7 +95,9 @@ def resolve(
     environ = os.environ if environ is None else environ
     opts = options(parser)
     defaults = {opt.dest: opt.action.default for opt in opts.values()}
-    # What the command line gave, and only that: every default suppressed while parsing.
+    # First as argparse alone would: --help, --version and bad flags end here, as usual.
+    parser.parse_args(list(argv))
+    # Then what the command line gave, and only that: every default suppressed.
     for opt in opts.values():
         opt.action.default = argparse.SUPPRESS
     try:

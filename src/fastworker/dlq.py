@@ -26,8 +26,9 @@ import orjson
 from aiormq.abc import AbstractChannel, AbstractConnection, DeliveredMessage
 from pamqp.commands import Basic
 
-from fastworker import amqp_tls, broker
-from fastworker.amqp_url import TLS_FLAGS, URL_HELP, AmqpUrl, UrlError, with_files
+from fastworker import broker
+from fastworker.amqp_nodes import Nodes
+from fastworker.amqp_url import TLS_FLAGS, URL_HELP, UrlError, split_urls, with_files
 from fastworker.broker import Publisher, PublishFailed
 from fastworker.failures import (
     ATTEMPTS,
@@ -218,25 +219,25 @@ def _table_row(letter: DeadLetter) -> str:
     )
 
 
-async def _connect(url: str) -> AbstractConnection:
-    """A connection named `... dlq`, over TLS as the URL says; DlqError naming the cause."""
+async def _connect(urls: Sequence[str]) -> AbstractConnection:
+    """A connection named `... dlq` to the first of `urls` (a cluster's nodes) that answers,
+    over TLS as each URL says; DlqError naming the cause."""
     try:
-        parsed = AmqpUrl.parse(url)
-        context = amqp_tls.client_context(parsed)
+        nodes = Nodes.parse(urls)
     except UrlError as exc:
         raise DlqError(str(exc)) from None
     try:
-        return await asyncio.wait_for(broker.connect(parsed, context, "dlq"), CONNECT_TIMEOUT)
-    except TimeoutError:
-        raise DlqError(
-            f"broker at {parsed.masked} did not answer within {CONNECT_TIMEOUT:g} s"
-        ) from None
-    except (aiormq.exceptions.AMQPError, ConnectionError, OSError, ValueError) as exc:
-        refused = broker.refusal(url, exc)  # TLS, login, vhost: say what to fix
+        _, connection = await broker.connect_any(nodes, "dlq", CONNECT_TIMEOUT)
+    except broker.NoBrokerAnswered as exc:
+        refused = exc.refusal()  # TLS, login, vhost: say what to fix
         if refused is not None:
             raise DlqError(refused) from None
-        reason = str(exc) or type(exc).__name__
-        raise DlqError(f"cannot connect to the broker at {parsed.masked}: {reason}") from None
+        if len(exc.errors) == 1:
+            node, error = exc.errors[0]
+            reason = str(error) or type(error).__name__
+            raise DlqError(f"cannot connect to the broker at {node.masked}: {reason}") from None
+        raise DlqError(f"cannot connect to the broker at any of its nodes: {exc}") from None
+    return connection
 
 
 async def _dead_letter_count(connection: AbstractConnection, name: str) -> int:
@@ -434,8 +435,9 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
     )
     common.add_argument(
         "--amqp-url",
-        default=os.environ.get("FASTWORKER_AMQP_URL", DEFAULT_URL),
-        help=f"{URL_HELP} (default: $FASTWORKER_AMQP_URL or %(default)s)",
+        action="append",
+        metavar="URL",
+        help=f"{URL_HELP} (default: $FASTWORKER_AMQP_URL, a comma list, or {DEFAULT_URL})",
     )
     for flag, dest, text in TLS_FLAGS:
         common.add_argument(flag, dest=dest, metavar="PATH", help=text)
@@ -502,8 +504,15 @@ def main(argv: Sequence[str]) -> int:
         return 2
     if isinstance(values.get("queue"), list):  # the worker's queues: dlq takes the first
         values["queue"] = values["queue"][0] if values["queue"] else None
+    # Not a default of the repeatable flag (argparse would add the flag's URLs to it).
+    preset_urls = values.pop("amqp_url", None)
     args = build_parser(values).parse_args(list(argv))
-    args.amqp_url = with_files(args.amqp_url, args.amqp_ca, args.amqp_cert, args.amqp_key)
+    try:
+        urls = split_urls(args.amqp_url or preset_urls or [DEFAULT_URL])
+    except UrlError as exc:
+        print(f"fastworker dlq: {exc}", file=sys.stderr)
+        return 2
+    args.amqp_url = [with_files(u, args.amqp_ca, args.amqp_cert, args.amqp_key) for u in urls]
     if args.backend == "sidekiq":
         return _sidekiq(args)
     args.queue = args.queue or DEFAULT_QUEUE

@@ -23,7 +23,7 @@ import orjson
 from aiormq.abc import AbstractConnection
 from pamqp.commands import Basic
 
-from fastworker import __version__
+from fastworker import __version__, queue_types
 from fastworker.broker import Publisher, ensure_queue
 from fastworker.job_context import ATTEMPTS, DELAYED, job_id, trace_id
 from fastworker.message import Message
@@ -204,10 +204,15 @@ class FailureHandler(Tally):
         self.counts: Counter[str] = Counter()  # "<kind> retried|dead-lettered|requeued" -> n
         self.outcomes: dict[tuple[str, str, str], int] = {}  # (queue, outcome, kind) -> n
 
+    # --queue-type: how `prepare` declares the queues that are missing (queue_types).
+    queue_type: str = queue_types.CLASSIC
+
     async def prepare(self, connection: AbstractConnection, queue: str) -> None:
-        """Declares `<queue>.failed` and the delay queues; idempotent."""
+        """Declares `<queue>.failed` and the delay queues, as `queue_type` queues, when they
+        are missing; idempotent."""
         dead_letters = self.policy.dead_letter_queue_for(queue)
-        await ensure_queue(connection, dead_letters, durable=True)
+        kind = self.queue_type
+        await ensure_queue(connection, dead_letters, durable=True, queue_type=kind)
         levels = self.policy.levels()
         log.info(
             "%s: failed jobs retry through %s.retry.{%s}ms, then go to %s",
@@ -221,11 +226,8 @@ class FailureHandler(Tally):
                 connection,
                 delay_queue(queue, ms),
                 durable=True,
-                arguments={
-                    "x-message-ttl": ms,
-                    "x-dead-letter-exchange": "",
-                    "x-dead-letter-routing-key": queue,
-                },
+                arguments=queue_types.delay_arguments(kind, ms, queue),
+                queue_type=kind,
             )
 
     async def handle(self, message: Message, result: Result, publisher: Publisher) -> None:

@@ -11,7 +11,7 @@ from typing import Any
 
 import uvloop
 
-from fastworker import __version__, sidekiq_jobs
+from fastworker import __version__, queue_types, sidekiq_jobs
 from fastworker.amqp_url import split_urls, with_files
 from fastworker.balance import Balancer
 from fastworker.console_executor import ConsoleExecutor, ConsoleTargets, check_programs
