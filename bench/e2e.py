@@ -426,10 +426,11 @@ class _Scraper:
     """GETs /metrics every second in a thread while a drain runs, as a busy Prometheus would
     (its default is every 15 s); `stop()` returns how many scrapes answered 200."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, path: str = "/metrics", every: float = 1.0) -> None:
         import threading
 
-        self.url = f"http://127.0.0.1:{port}/metrics"
+        self.url = f"http://127.0.0.1:{port}{path}"
+        self.every = every  # --compare-web: the overview page, every 2 s as its script does
         self.ok = 0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -441,7 +442,7 @@ class _Scraper:
                 with urllib.request.urlopen(self.url, timeout=5) as response:
                     response.read()
                     self.ok += response.status == 200
-            if self._stop.wait(1.0):
+            if self._stop.wait(self.every):
                 return
 
     def stop(self) -> int:
@@ -695,11 +696,14 @@ class Bench:
         profile: bool,
         src: Path = ROOT / "src",
         metrics: bool = False,
+        web: bool | None = None,
     ) -> dict[str, Any]:
         """Queue ``jobs`` messages, start the worker, time the drain; then the latency phase.
 
         ``src`` is the source tree the worker runs from (its compiled codecs built in place):
-        another checkout's, to compare two versions in one invocation.
+        another checkout's, to compare two versions in one invocation. ``web`` (--compare-web):
+        the worker serves --metrics-port, and with True `fastworker web` reads it (every 2 s)
+        while a reader loads the dashboard's overview every 2 s, as its open page does.
         """
         fpm = self.fpm
         assert fpm is not None
@@ -725,12 +729,15 @@ class Bench:
         env["PYTHONPATH"] = os.pathsep.join([str(src), *filter(None, [env.get("PYTHONPATH")])])
         log = self.tmp / f"worker-{queue}.log"
         extra: list[str] = []
-        if metrics:
+        if metrics or web is not None:
             port = free_loopback_port()
             extra = ["--metrics-port", str(port)]
+        dashboard = self._start_web(queue, port, env) if web else None  # polling before the drain
         worker = self.spawn(self.worker_cmd(queue, concurrency, prefetch, extra), log, env)
         t0, started_by = self._wait_consuming(worker, log)
         scraper = _Scraper(port) if metrics else None
+        reader = _Scraper(dashboard[1], "/", 2.0) if dashboard else None
+        d0 = cpu_seconds(dashboard[0].pid) if dashboard else 0.0
         w0, b0, f0 = cpu_seconds(worker.pid), self._broker_cpu(), fpm_cpu(fpm)
         io0, us0 = io_counts(worker.pid), user_system_seconds(worker.pid)
         m0, _ = machine_busy_seconds()
@@ -745,6 +752,15 @@ class Bench:
             if not scrapes:
                 raise BenchError(f"{label}: /metrics never answered on port {port}")
             note(f"{label}: /metrics scraped {scrapes} times during the drain")
+        web_result: dict[str, Any] = {}
+        if dashboard is not None and reader is not None:
+            d1 = cpu_seconds(dashboard[0].pid)
+            pages = reader.stop()
+            if not pages:
+                raise BenchError(f"{label}: the dashboard never answered on port {dashboard[1]}")
+            web_result = {"web_cpu_us": round((d1 - d0) / jobs * 1e6, 1), "web_pages": pages}
+            note(f"{label}: fastworker web read the worker, overview loaded {pages} times")
+            self.stop(dashboard[0])
         io1, us1 = io_counts(worker.pid), user_system_seconds(worker.pid)
         m1, _ = machine_busy_seconds()
         me1 = time.process_time()
@@ -777,6 +793,7 @@ class Bench:
             "bench_busy_cores": round((me1 - me0) / seconds, 2),
             "others_busy_cores": round(max(0.0, (m1 - m0) - ours) / seconds, 2),
             "overshoot_runs": done - jobs,
+            **web_result,
         }
         note(
             f"{label}: {result['jobs_s']:,.0f} jobs/s, worker {result['worker_cpu_us']} us/job,"
@@ -807,6 +824,25 @@ class Bench:
                 f"whole log in {kept}; the first:\n{first}"
             )
         return result
+
+    def _start_web(
+        self, queue: str, worker_port: int, env: dict[str, str]
+    ) -> tuple[subprocess.Popen[bytes], int]:
+        """`fastworker web` on a free port, reading the worker's metrics every 2 s; returns
+        it and its port once it serves."""
+        port = free_loopback_port()
+        log = self.tmp / f"web-{queue}.log"
+        cmd = [
+            sys.executable, "-m", "fastworker", "web", "--amqp-url", self.url, "--queue", queue,
+            "--workers", f"http://127.0.0.1:{worker_port}", "--listen", f"127.0.0.1:{port}",
+        ]  # fmt: skip
+        proc = self.spawn(cmd, log, env)
+        deadline = time.monotonic() + 30
+        while b"fastworker web on" not in log.read_bytes():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                raise BenchError(f"fastworker web did not start:\n{_tail(log)}")
+            time.sleep(0.05)
+        return proc, port
 
     def _broker_cpu(self) -> float:
         return cpu_seconds(self.broker) if self.broker else 0.0
@@ -1067,7 +1103,7 @@ def print_report(results: dict[str, Any]) -> None:
 def compare(bench: Bench, args: argparse.Namespace) -> dict[str, list[dict[str, Any]]]:
     """Drains with a reference source tree and with this one, alternating, ``--rounds`` each:
     before/after figures from one invocation, on the same pool and broker."""
-    if args.compare_metrics:  # this tree without, then with --metrics-port (scraped 1/s)
+    if args.compare_metrics or args.compare_web:  # this tree both times, read or not
         reference = ROOT / "src"
     else:
         reference = Path(args.reference_src).resolve() / "src"
@@ -1085,6 +1121,7 @@ def compare(bench: Bench, args: argparse.Namespace) -> dict[str, list[dict[str, 
                     False,
                     src,
                     metrics=args.compare_metrics and name == "current",
+                    web=(name == "current") if args.compare_web else None,
                 )
             )
     return out
@@ -1119,11 +1156,15 @@ def print_compare(results: dict[str, Any]) -> None:
     before = (
         "this tree without --metrics-port"
         if results["args"].get("compare_metrics")
+        else "--metrics-port, nothing reading it"
+        if results["args"].get("compare_web")
         else f"--reference-src {results['args']['reference_src']}"
     )
     after = (
         "with --metrics-port, /metrics scraped every second"
         if results["args"].get("compare_metrics")
+        else "fastworker web reading it every 2 s, its overview loaded every 2 s"
+        if results["args"].get("compare_web")
         else "this tree"
     )
     print(
@@ -1132,6 +1173,9 @@ def print_compare(results: dict[str, Any]) -> None:
         f"{'yes' if once else 'NO'}"
     )
     _print_table(("metric", "before", "after", "after/before", "each round"), rows)
+    if results["args"].get("compare_web"):
+        web = " / ".join(f"{d['web_cpu_us']:.1f} us" for d in compare["current"])
+        print(f"fastworker web's own CPU per job drained: {web}")
 
 
 def _print_profile(profile: dict[str, Any]) -> None:
@@ -1267,6 +1311,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "--rounds each: what metrics cost per job",
     )
     p.add_argument(
+        "--compare-web",
+        action="store_true",
+        help="drain with --metrics-port, then with `fastworker web` reading it (every 2 s) and "
+        "its overview loaded every 2 s, --rounds each: what the dashboard costs the worker",
+    )
+    p.add_argument(
         "--reference-src",
         metavar="DIR",
         help="also drain with the worker of another checkout (e.g. a `git worktree` of the "
@@ -1380,7 +1430,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                     for c in args.sweep_concurrency
                     for p in args.sweep_prefetch
                 ]
-            elif args.reference_src or args.compare_metrics:
+            elif args.reference_src or args.compare_metrics or args.compare_web:
                 results["compare"] = compare(bench, args)
                 results["drain"] = results["compare"]["current"][0]
             else:

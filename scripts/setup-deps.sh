@@ -15,6 +15,7 @@ PACKAGES=(
     rabbitmq-server redis-server ruby-sidekiq
     python3 python3-venv python3-dev gcc
     nginx-light wrk
+    chromium chromium-driver
 )
 
 log() { printf 'setup-deps: %s\n' "$*" >&2; }
@@ -98,7 +99,7 @@ stamp_file=.venv/.fastworker-install-stamp
 stamp=$({ cat pyproject.toml setup.py src/fastworker/*.pyx src/fastworker/*.pxd \
     2>/dev/null || true; } | sha256sum | cut -d' ' -f1)
 if [[ ${FASTWORKER_FORCE_INSTALL:-} == 1 || ! -f $stamp_file || $(cat "$stamp_file") != "$stamp" ]] \
-    || ! .venv/bin/python -c 'import fastworker._fcgi_codec, fastworker._amqp_codec, pytest, hypothesis' \
+    || ! .venv/bin/python -c 'import fastworker._fcgi_codec, fastworker._amqp_codec, pytest, hypothesis, aiohttp, selenium' \
         >/dev/null 2>&1; then
     log "pip install -e '.[test]' into .venv"
     .venv/bin/python -m pip install -q --upgrade pip

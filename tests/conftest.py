@@ -38,6 +38,7 @@ from services.rabbitmq import (  # noqa: E402
     ensure_rabbitmq,
     sweep_test_queues,
 )
+from services.rabbitmq_cluster import RabbitCluster, start_rabbitmq_cluster  # noqa: E402
 from services.rabbitmq_tls import TlsRabbit, start_tls_rabbitmq  # noqa: E402
 from services.redis import ensure_redis  # noqa: E402
 from services.worker import Workers  # noqa: E402
@@ -148,6 +149,19 @@ def tls_rabbitmq(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TlsRabbit
         pytest.skip(str(exc))
     yield node
     node.stop()
+
+
+@pytest.fixture(scope="session")
+def rabbit_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RabbitCluster]:
+    """A private three-node RabbitMQ cluster on loopback (services/rabbitmq_cluster.py); one
+    per session, all nodes stopped at its end. Skips only when rabbitmq-server is not
+    installed."""
+    try:
+        cluster = start_rabbitmq_cluster(tmp_path_factory.mktemp("rabbitmq-cluster"))
+    except FileNotFoundError as exc:
+        pytest.skip(str(exc))
+    yield cluster
+    cluster.stop()
 
 
 # --------------------------------------------------------------------------- Redis

@@ -15,6 +15,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 # Bottom to top; a module may import from its own layer and the ones listed before it.
 LAYERS: list[tuple[str, set[str]]] = [
     ("vocabulary", {"__init__", "endpoint", "outcome", "message", "callbacks", "stats"}),
+    ("ordering", {"priorities"}),
     (
         "codecs",
         {"fcgi_base", "fcgi_py", "_fcgi_codec", "amqp_base", "amqp_py", "_amqp_codec", "codec"},
@@ -44,6 +45,17 @@ LAYERS: list[tuple[str, set[str]]] = [
             "sidekiq_dlq",
             "check",
             "__main__",
+            # `fastworker web`, the dashboard: cli dispatches to it, and it reads dlq's letters
+            "web",
+            "web_app",
+            "web_pages",
+            "web_chart",
+            "web_html",
+            "web_letters",
+            "web_sampler",
+            "web_amqp",
+            "web_sidekiq",
+            "web_security",
         },
     ),
 ]

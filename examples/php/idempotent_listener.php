@@ -22,8 +22,10 @@
 //   $pdo->commit();                        // an exception rolls both back: the retry redoes it
 //
 // This example has no database: it keeps a marker file per job id in FASTWORKER_DEMO_DONE_DIR
-// (default /tmp/fastworker-demo-done), written once the work is done. A crash between the work
-// and the marker can still repeat it; the transaction above closes that gap.
+// (default /tmp/fastworker-demo-done), written once the work is done, under an exclusive lock
+// on the id, so that two runs of one job at the same time (two FPM children) do not both do
+// it. A crash between the work and the marker can still repeat it; the transaction above
+// closes that gap.
 //
 // Run it as the worker's --script (it takes the same messages as dispatch.php).
 
@@ -79,7 +81,15 @@ final class IdempotentOrderListener
             return;
         }
         // The id is the publisher's message_id when it set one: any text, so hash it for a name.
+        if (!is_dir($this->doneDir)) {
+            @mkdir($this->doneDir, 0700, true);
+        }
         $marker = $this->doneDir . '/' . hash('sha256', $this->job->id);
+        $lock = fopen($marker . '.lock', 'c');
+        // Held until this method returns (or the process dies): a second run of the job waits.
+        if ($lock === false || !flock($lock, LOCK_EX)) {
+            throw new RuntimeException("cannot lock $marker.lock");
+        }
         if (file_exists($marker)) {
             error_log(sprintf(
                 'order %d: job %s already done, attempt %d skipped',
@@ -89,11 +99,8 @@ final class IdempotentOrderListener
             ));
             return;
         }
-        $this->inner->onOrderPlaced($event);
-        if (!is_dir($this->doneDir)) {
-            @mkdir($this->doneDir, 0700, true);
-        }
-        if (file_put_contents($marker, $this->job->id . "\n", LOCK_EX) === false) {
+        $this->inner->onOrderPlaced($event);   // an exception leaves no marker: a retry redoes it
+        if (file_put_contents($marker, $this->job->id . "\n") === false) {
             throw new RuntimeException("cannot write $marker");
         }
     }

@@ -26,11 +26,25 @@ log = logging.getLogger("fastworker.broker")
 
 
 class _NoConnectErrors(logging.Filter):
-    """aiormq logs each failed connect at ERROR, then raises it; fastworker says it once (the
-    retry line, or the line that ends the process), naming the cause."""
+    """aiormq logs each failed connect at ERROR, then raises it, and a lost connection twice
+    (once with a traceback); fastworker says each once (the retry or failover line, or the
+    line that ends the process), naming the cause."""
+
+    _SAID_BY_FASTWORKER = (
+        "error when creating transport",
+        "Unexpected connection close from remote",
+    )
+    _READER_EXITED = "Cancelling cause reader exited abnormally"  # kept for a malformed frame
+    _LOST = (ConnectionError, OSError)  # aiormq's connection errors among them
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return not str(record.msg).startswith("error when creating transport")
+        text = str(record.msg)
+        if text.startswith(self._READER_EXITED):
+            error = record.exc_info[1] if record.exc_info else None
+            return not (
+                isinstance(error, self._LOST) or isinstance(error and error.__cause__, self._LOST)
+            )
+        return not text.startswith(self._SAID_BY_FASTWORKER)
 
 
 logging.getLogger("aiormq.connection").addFilter(_NoConnectErrors())

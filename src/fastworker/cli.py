@@ -40,6 +40,7 @@ example:
   fastworker check --fpm 127.0.0.1:9000 --script /srv/app/bin/dispatch.php   # try first
   fastworker dlq show --queue sf_deferred_events     # what failed, and why
   fastworker dlq --help
+  fastworker web --workers http://127.0.0.1:9464     # a dashboard (fastworker web --help)
 """
 
 
@@ -54,6 +55,13 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
+    return value
+
+
+def _priority(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 255:
+        raise argparse.ArgumentTypeError(f"must be 1-255 (0: off), got {value}")
     return value
 
 
@@ -347,6 +355,15 @@ def worker_parser() -> argparse.ArgumentParser:
         "0 turns them off (default: %(default)g)",
     )
     p.add_argument(
+        "--max-priority",
+        type=_priority,
+        default=0,
+        metavar="N",
+        help="1-255: jobs delivered but not started yet start highest priority first (the "
+        "AMQP priority property, or a bundle message's 'priority:' line), and queues the "
+        "worker declares get x-max-priority N (default: off)",
+    )
+    p.add_argument(
         "--metrics-port",
         type=_port,
         default=0,
@@ -410,6 +427,7 @@ def settings_from(args: argparse.Namespace) -> Settings:
         retry_max_delay=args.retry_max_delay,
         dead_letter_queue=args.dead_letter_queue,
         stats_interval=args.stats_interval,
+        max_priority=args.max_priority,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
     )
@@ -421,6 +439,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from fastworker.dlq import main as dlq_main
 
         return dlq_main(argv[1:])
+    if argv[:1] == ["web"]:
+        from fastworker.web import main as web_main
+
+        return web_main(argv[1:])
     if argv[:1] == ["check"]:
         return check_main(argv[1:])
     if argv[:1] == ["config"]:

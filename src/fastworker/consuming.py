@@ -23,6 +23,7 @@ from functools import partial
 from typing import Any, ClassVar, Generic, Protocol, TypeVar
 
 from fastworker.message import Message, NotStarted
+from fastworker.priorities import Prioritized
 from fastworker.stats import Durations
 
 log = logging.getLogger("fastworker.consumer")
@@ -221,7 +222,7 @@ class ConsumerBase(ABC, Generic[C]):
         self._rest_unstarted = start is None
         # Delivered, not started yet, in delivery order; `_dispatch` takes from the left while
         # fewer than `concurrency` jobs are in flight.
-        self._pending: deque[Delivery] = deque()
+        self._pending: deque[Delivery] | Prioritized = deque()
         # The same, for transports to read (only its length): while deliveries wait to start,
         # acks may be batched; while none do, the prefetch window limits the consumer, and acks
         # should go at once.
@@ -242,6 +243,13 @@ class ConsumerBase(ABC, Generic[C]):
         return self._in_flight
 
     # ---------------------------------------------------------------- for subclasses
+
+    def prioritize(self, highest: int) -> None:
+        """Starts waiting deliveries highest priority first (0..highest), FIFO within one; call
+        before `run()`. Without it, deliveries start in the order they came."""
+        if highest > 0:
+            self._pending = Prioritized(highest)
+            self.waiting = self._pending
 
     def configure(self) -> None:
         """Checks and derives settings at construction (a bad URL fails here, not in `run()`)."""

@@ -20,8 +20,8 @@ from dataclasses import dataclass, field
 import aiormq
 from aiormq.abc import AbstractChannel, AbstractConnection
 
-from fastworker import amqp_tls, broker
-from fastworker.amqp_url import AmqpUrl
+from fastworker import broker
+from fastworker.amqp_nodes import Nodes
 from fastworker.broker import Publisher, PublishFailed
 from fastworker.dlq import DeadLetter
 from fastworker.failures import RetryPolicy, delay_queue
@@ -57,17 +57,17 @@ class Outcome:
 
 
 class AmqpStore:
-    """One broker connection, opened when first needed and again after it is lost."""
+    """One broker connection (to the first of a cluster's nodes that answers), opened when
+    first needed and again after it is lost."""
 
     def __init__(
         self,
-        url: str,
+        urls: Sequence[str],
         queues: Sequence[str],
         policy: RetryPolicy,
         scan_limit: int = 10_000,
     ) -> None:
-        self.url = AmqpUrl.parse(url)  # UrlError: a configuration error, said at start
-        self.context = amqp_tls.client_context(self.url)
+        self.nodes = Nodes.parse(urls)  # UrlError: a configuration error, said at start
         self.queues = list(queues)
         self.policy = policy
         self.scan_limit = scan_limit
@@ -81,9 +81,8 @@ class AmqpStore:
     async def connection(self) -> AbstractConnection:
         async with self._connecting:
             if self._connection is None or self._connection.is_closed:
-                self._connection = await asyncio.wait_for(
-                    broker.connect(self.url, self.context, "web"), CONNECT_TIMEOUT
-                )
+                # The first node that answers (a cluster's); NoBrokerAnswered says why none did.
+                _, self._connection = await broker.connect_any(self.nodes, "web", CONNECT_TIMEOUT)
             return self._connection
 
     async def close(self) -> None:

@@ -39,6 +39,7 @@ _URL_PASSWORD = re.compile(r"(?P<head>[a-z][a-z0-9+.-]*://[^/\s:@]*:)[^@\s/]+(?=
 _BEARER = re.compile(r"\b(?P<head>(?:bearer|basic)\s+)[A-Za-z0-9._~+/=-]{8,}", re.I)
 _JWT = re.compile(r"\beyJ[A-Za-z0-9_-]{5,}\.eyJ[A-Za-z0-9_-]{5,}\.[A-Za-z0-9_-]+")
 MASK = "***"
+DELIVERY_COUNT = "x-delivery-count"
 _EVENT_CLASS = re.compile(rb'^[OC]:\d+:"([A-Za-z_\\][A-Za-z0-9_\\]*)"')
 _BUNDLE_LINE = re.compile(rb"^[a-z_]+: ")
 
@@ -177,11 +178,10 @@ def _status(value: Any) -> int | None:
 def from_amqp(delivered: DeliveredMessage, default_queue: str) -> Letter:
     """A dead letter fetched from an AMQP dead-letter queue (dlq's reader decodes it)."""
     props = delivered.header.properties
-    all_headers = dict(props.headers or {})
+    # A quorum queue counts redeliveries in x-delivery-count: not part of what the letter is.
+    all_headers = {k: v for k, v in (props.headers or {}).items() if k != DELIVERY_COUNT}
     properties = {
-        name: value
-        for name in PROPERTY_NAMES
-        if (value := getattr(props, name, None)) is not None
+        name: value for name in PROPERTY_NAMES if (value := getattr(props, name, None)) is not None
     }
     letter_id = digest(delivered.body, _canonical(all_headers), _canonical(properties))
     dead = DeadLetter.parse(0, delivered, default_queue)

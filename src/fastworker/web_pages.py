@@ -19,7 +19,13 @@ from fastworker.web_sampler import Sampler, WorkerView
 from fastworker.web_sidekiq import SidekiqCounts
 
 PAGE_SIZE = 50
-STORE_TITLES = {"dead": "Dead letters", "retry": "Retrying"}
+STORE_TITLES = {"dead": "Dead letters", "retry": "Retry set"}
+
+
+def store_title(view: ListView) -> str:
+    if view.store == "dead" and view.backend == "sidekiq":
+        return "Dead set"
+    return STORE_TITLES[view.store]
 
 
 def when(at: float | None) -> str:
@@ -34,12 +40,17 @@ def number(value: float | None) -> str:
     return f"{value:,.0f}" if float(value).is_integer() else f"{value:,.1f}"
 
 
-def layout(title: str, body: Html, active: str = "", refresh: bool = False) -> Html:
+def layout(title: str, body: Html, active: str = "", refresh_ms: int = 0) -> Html:
+    """The page around `body`; `refresh_ms`: the script swaps in a fresh #live that often."""
     nav = join(
         render('<a href="{href}"{current}>{text}</a>', href=href, text=text, current=current)
         for href, text, current in (
             ("/", "Overview", Html(' aria-current="page"') if active == "overview" else ""),
-            ("/letters", "Dead letters", Html(' aria-current="page"') if active == "letters" else ""),
+            (
+                "/letters",
+                "Dead letters",
+                Html(' aria-current="page"') if active == "letters" else "",
+            ),
         )
     )
     return render(
@@ -54,7 +65,9 @@ def layout(title: str, body: Html, active: str = "", refresh: bool = False) -> H
         title=title,
         nav=nav,
         body=body,
-        refresh=Html(' data-live="live"') if refresh else "",
+        refresh=render(' data-live="live" data-interval="{ms}"', ms=refresh_ms)
+        if refresh_ms
+        else "",
     )
 
 
@@ -100,7 +113,12 @@ def overview_page(sampler: Sampler, view: Overview) -> Html:
         for cls, label, ident, value in (
             ("success", "succeeded/s", "rate-success", number(latest.success if latest else 0)),
             ("retry", "retried/s", "rate-retry", number(latest.retry if latest else 0)),
-            ("dead-letter", "dead-lettered/s", "rate-dead", number(latest.dead_letter if latest else 0)),
+            (
+                "dead-letter",
+                "dead-lettered/s",
+                "rate-dead",
+                number(latest.dead_letter if latest else 0),
+            ),
             ("", "in flight", "in-flight", number(sampler.in_flight())),
             ("success", "succeeded", "total-success", number(totals["success"])),
             ("retry", "retried", "total-retry", number(totals["retry"])),
@@ -121,7 +139,7 @@ def overview_page(sampler: Sampler, view: Overview) -> Html:
     body = render(
         '<section id="live"><h1>Overview</h1><p class="meta">{meta}</p>'
         '<div class="cards">{cards}</div>'
-        "<h2>Jobs per second</h2>{chart}<p class=\"legend\">{legend}</p>"
+        '<h2>Jobs per second</h2>{chart}<p class="legend">{legend}</p>'
         "<h2>Queues</h2>{queues}<h2>Workers</h2>{workers}<h2>PHP-FPM endpoints</h2>{fpm}"
         '<noscript><p class="meta">JavaScript is off: reload the page for newer figures.</p>'
         "</noscript></section>",
@@ -133,7 +151,7 @@ def overview_page(sampler: Sampler, view: Overview) -> Html:
         workers=_workers_table(list(sampler.views.values())),
         fpm=_fpm_table(sampler),
     )
-    return layout("Overview", body, "overview", refresh=True)
+    return layout("Overview", body, "overview", refresh_ms=int(sampler.interval * 1000))
 
 
 def _queues_table(view: Overview, by_queue: Mapping[str, Mapping[str, float]]) -> Html:
@@ -154,7 +172,9 @@ def _queues_table(view: Overview, by_queue: Mapping[str, Mapping[str, float]]) -
             ready = retry = dead = None
             retry_title = ""
         given = queue in view.queues
-        link = render('<a href="{href}">{n}</a>', href=url("queues", queue, "letters"), n=number(dead))
+        link = render(
+            '<a href="{href}">{n}</a>', href=url("queues", queue, "letters"), n=number(dead)
+        )
         rows.append(
             render(
                 '<tr data-queue="{queue}"><th scope="row">{queue}</th>'
@@ -173,7 +193,9 @@ def _queues_table(view: Overview, by_queue: Mapping[str, Mapping[str, float]]) -
                 rq=number(jobs.get("requeue")),
             )
         )
-    problem = render('<p class="problem">{p}</p>', p=view.counts_problem) if view.counts_problem else ""
+    problem = (
+        render('<p class="problem">{p}</p>', p=view.counts_problem) if view.counts_problem else ""
+    )
     retry_head = "in the retry set" if sidekiq else "waiting to retry"
     dead_head = "in the dead set" if sidekiq else "dead letters"
     return render(
@@ -302,17 +324,23 @@ def letters_page(view: ListView) -> Html:
     shown = matching[(page - 1) * PAGE_SIZE : page * PAGE_SIZE]
     action = url("queues", view.queue, "letters", "act")
     word = "retrying jobs" if view.store == "retry" else "dead letters"
-    title = f"{STORE_TITLES[view.store]} of {view.queue}"
+    title = f"{store_title(view)} of queue {view.queue}"
     kinds = group_kinds(view.letters)
     options = join(
-        render('<option value="{k}"{sel}>{k} ({n})</option>', k=k, n=n, sel=Html(" selected") if k == view.kind else "")
+        render(
+            '<option value="{k}"{sel}>{k} ({n})</option>',
+            k=k,
+            n=n,
+            sel=Html(" selected") if k == view.kind else "",
+        )
         for k, n in kinds.items()
     )
     search = render(
         '<form class="search" method="get" action="{action}">'
         '<input type="hidden" name="store" value="{store}">'
         '<label>kind <select name="kind"><option value="">any</option>{options}</select></label> '
-        '<label>text <input type="search" name="q" value="{q}" placeholder="error, event, data"></label> '
+        '<label>text <input type="search" name="q" value="{q}" '
+        'placeholder="error, event, data"></label> '
         '<button type="submit">Search</button></form>',
         action=url("queues", view.queue, "letters"),
         store=view.store,
@@ -327,19 +355,24 @@ def letters_page(view: ListView) -> Html:
     if pages > 1:
         summary += f"; page {page} of {pages}"
     rows = join(_row(letter, view) for letter in shown)
-    empty = render('<tr><td colspan="9" class="meta">{t}</td></tr>', t=f"no {word}") if not shown else ""
+    empty = (
+        render('<tr><td colspan="9" class="meta">{t}</td></tr>', t=f"no {word}")
+        if not shown
+        else ""
+    )
     replay_word = "Run now" if view.store == "retry" else "Replay"
     table = render(
         '<form method="post" action="{action}" id="letters">'
         '<input type="hidden" name="csrf" value="{csrf}">'
         '<input type="hidden" name="store" value="{store}">'
-        '<div class="bulk"><button type="submit" name="action" value="replay">{rw} selected</button> '
+        '<div class="bulk">'
+        '<button type="submit" name="action" value="replay">{rw} selected</button> '
         '<button type="submit" name="action" value="delete" class="danger" '
         'data-confirm="Delete the selected jobs for good?">Delete selected</button></div>'
         '<table class="letters"><thead><tr>'
         '<th><input type="checkbox" class="select-all" aria-label="select all" hidden></th>'
         "<th>event / script</th><th>kind</th><th>status</th><th>attempts</th>"
-        "<th>first failure</th><th>last failure</th><th>error</th><th></th></tr></thead>"
+        "<th>{first}</th><th>last failure</th><th>error</th><th></th></tr></thead>"
         "<tbody>{rows}{empty}</tbody></table></form>",
         action=action,
         csrf=view.csrf,
@@ -347,15 +380,26 @@ def letters_page(view: ListView) -> Html:
         rw=replay_word,
         rows=rows,
         empty=empty,
+        first="runs again" if view.store == "retry" else "first failure",
     )
     nav = []
     query = {"store": view.store, "kind": view.kind, "q": view.text}
     if page > 1:
-        nav.append(render('<a href="{h}" rel="prev">newer</a>', h=url("queues", view.queue, "letters", query={**query, "page": page - 1})))
+        nav.append(
+            render(
+                '<a href="{h}" rel="prev">newer</a>',
+                h=url("queues", view.queue, "letters", query={**query, "page": page - 1}),
+            )
+        )
     if page < pages:
-        nav.append(render('<a href="{h}" rel="next">older</a>', h=url("queues", view.queue, "letters", query={**query, "page": page + 1})))
+        nav.append(
+            render(
+                '<a href="{h}" rel="next">older</a>',
+                h=url("queues", view.queue, "letters", query={**query, "page": page + 1}),
+            )
+        )
     body = render(
-        "<h1>{title}</h1>{tabs}{note}{problem}{search}<p class=\"meta\" id=\"summary\">{summary}</p>"
+        '<h1>{title}</h1>{tabs}{note}{problem}{search}<p class="meta" id="summary">{summary}</p>'
         '{table}<p class="pager">{nav}</p>',
         title=title,
         tabs=_tabs(view),
@@ -374,7 +418,8 @@ def _row(letter: Letter, view: ListView) -> Html:
     script = letter.script.rsplit("/", 1)[-1]
     replay_word = "Run now" if view.store == "retry" else "Replay"
     return render(
-        '<tr data-id="{id}"><td><input type="checkbox" name="id" value="{id}" aria-label="select"></td>'
+        '<tr data-id="{id}">'
+        '<td><input type="checkbox" name="id" value="{id}" aria-label="select"></td>'
         '<td><a href="{detail}">{event}</a><br><small title="{script_full}">{script}</small></td>'
         '<td data-col="kind">{kind}</td><td data-col="status">{status}</td>'
         '<td data-col="attempts">{attempts}</td><td>{first}</td><td>{last}</td>'
@@ -390,7 +435,7 @@ def _row(letter: Letter, view: ListView) -> Html:
         kind=letter.kind,
         status=letter.status or "-",
         attempts=letter.attempts,
-        first=when(letter.first_failure),
+        first=when(letter.next_run if view.store == "retry" else letter.first_failure),
         last=when(letter.last_failure),
         error=letter.first_line,
         rw=replay_word,
@@ -400,9 +445,7 @@ def _row(letter: Letter, view: ListView) -> Html:
 # ---------------------------------------------------------------- one letter
 
 
-def letter_page(
-    letter: Letter, view: ListView, parse: ParseSettings
-) -> Html:
+def letter_page(letter: Letter, view: ListView, parse: ParseSettings) -> Html:
     error = json_view(letter)
     facts = [
         ("queue", letter.queue),
@@ -430,21 +473,32 @@ def letter_page(
         ("traceback", "fastworker's traceback"),
     ):
         if error.get(key):
-            texts.append(render('<h2>{l}</h2><pre class="text" data-field="{k}">{t}</pre>', l=label, k=key, t=error[key]))
+            texts.append(
+                render(
+                    '<h2>{l}</h2><pre class="text" data-field="{k}">{t}</pre>',
+                    l=label,
+                    k=key,
+                    t=error[key],
+                )
+            )
     if letter.job is not None and letter.job.get("error_class"):
         texts.insert(0, render("<h2>Error class</h2><pre>{t}</pre>", t=letter.job["error_class"]))
     params, why = params_sent(letter, parse)
     params_html = (
         render(
-            "<table class=\"params\"><tbody>{rows}</tbody></table>",
-            rows=join(render("<tr><th>{n}</th><td><code>{v}</code></td></tr>", n=n, v=v) for n, v in params),
+            '<table class="params"><tbody>{rows}</tbody></table>',
+            rows=join(
+                render("<tr><th>{n}</th><td><code>{v}</code></td></tr>", n=n, v=v)
+                for n, v in params
+            ),
         )
         if params
         else render('<p class="meta">{w}</p>', w=why)
     )
     actions = render(
         '<form method="post" action="{action}" class="bulk">'
-        '<input type="hidden" name="csrf" value="{csrf}"><input type="hidden" name="store" value="{store}">'
+        '<input type="hidden" name="csrf" value="{csrf}">'
+        '<input type="hidden" name="store" value="{store}">'
         '<button type="submit" name="one" value="replay:{id}">{rw}</button> '
         '<button type="submit" name="one" value="delete:{id}" class="danger" '
         'data-confirm="Delete this job for good?">Delete</button></form>',
@@ -456,10 +510,11 @@ def letter_page(
     )
     title = f"{letter.event or letter.script or 'Job'}: {letter.kind}"
     body = render(
-        '<p><a href="{back}">{back_text}</a></p><h1>{title}</h1>{actions}<dl class="facts">{dl}</dl>'
+        '<p><a href="{back}">{back_text}</a></p><h1>{title}</h1>{actions}'
+        '<dl class="facts">{dl}</dl>'
         "{texts}<h2>Params sent to PHP (last run)</h2>{params}{body}{extra}",
         back=url("queues", view.queue, "letters", query={"store": view.store}),
-        back_text=f"{STORE_TITLES[view.store]} of {view.queue}",
+        back_text=f"{store_title(view)} of queue {view.queue}",
         title=title,
         actions=actions,
         dl=dl,
@@ -475,9 +530,14 @@ def _body(letter: Letter) -> Html:
     bundle = letter.bundle
     if bundle is None:
         return render(
-            '<h2>Body ({n} bytes)</h2><pre class="text">{b}</pre>', n=len(letter.body), b=letter.body
+            '<h2>Body ({n} bytes)</h2><pre class="text">{b}</pre>',
+            n=len(letter.body),
+            b=letter.body,
         )
-    lines = join(render("<tr><th>{k}</th><td><code>{v}</code></td></tr>", k=k, v=v) for k, v in bundle.fields.items())
+    lines = join(
+        render("<tr><th>{k}</th><td><code>{v}</code></td></tr>", k=k, v=v)
+        for k, v in bundle.fields.items()
+    )
     decoded = (
         render(
             "<h3>Data, base64-decoded (PHP's serialize() of the event)</h3>"
@@ -507,7 +567,9 @@ def _extra(letter: Letter) -> Html:
     if letter.job is not None:
         job = {k: v for k, v in letter.job.items() if k != "fastworker_error"}
         parts.append(("Sidekiq job", job))
-    return join(render('<h2>{t}</h2><pre class="text">{j}</pre>', t=t, j=_json(v)) for t, v in parts)
+    return join(
+        render('<h2>{t}</h2><pre class="text">{j}</pre>', t=t, j=_json(v)) for t, v in parts
+    )
 
 
 def _json(value: Any) -> str:

@@ -105,7 +105,9 @@ class SidekiqSets:
                 done = await self.store.replay(letter.entry, queue, fresh)
             else:
                 keys = [store, sidekiq_jobs.queue_key(queue)]
-                done = bool(await self._retry_now(keys=keys, args=[letter.entry, letter.entry, queue]))
+                done = bool(
+                    await self._retry_now(keys=keys, args=[letter.entry, letter.entry, queue])
+                )
             if done:
                 outcome.done.append(letter)
             else:

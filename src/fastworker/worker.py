@@ -77,6 +77,7 @@ class Settings:
     max_message_size: int = 8 * 1024 * 1024
     max_response_head: int = 65536  # bytes of PHP's STDOUT/STDERR kept per job
     stats_interval: float = 60.0  # seconds between progress lines in the log; 0: none
+    max_priority: int = 0  # >0: start waiting jobs highest AMQP priority first; queues declared so
     metrics_port: int = 0  # Prometheus /metrics and /healthz on this port; 0: off
     metrics_host: str = "127.0.0.1"
     max_attempts: int = 5
@@ -229,6 +230,7 @@ def build(settings: Settings) -> tuple[Consumer, Executor | ConsoleExecutor, Fai
         # Queues it declares because they are missing: the work queue, its delay and
         # dead-letter queues.
         consumer.queue_type = amqp_failures.queue_type = queue_types.check(settings.queue_type)
+    consumer.prioritize(settings.max_priority)
     consumer.in_flight_note = (
         f"{settings.concurrency} connections per FPM endpoint x pipeline {settings.pipeline} = "
         f"{settings.jobs_in_flight} jobs in flight"
