@@ -73,3 +73,76 @@ def test_a_priority_job_overtakes_the_prefetched_backlog(
     position = order.index(digest)
     assert position < 40, f"the urgent job ran as number {position + 1} of {len(order)}"
     assert len(order) < 150  # it did not wait for the backlog
+
+
+def declare_priority_queue(url: str, queue: str, highest: int) -> None:
+    import asyncio
+
+    async def declare() -> None:
+        connection = await aiormq.connect(url)
+        try:
+            channel = await connection.channel()
+            await channel.queue_declare(queue, arguments={"x-max-priority": highest})
+        finally:
+            await connection.close()
+
+    asyncio.run(declare())
+
+
+def test_priority_jobs_start_within_a_second_behind_2000_prefetched(
+    rabbitmq_url: str, queue_name: str, fpm, workers: Workers
+) -> None:
+    """The issue's acceptance run: a priority queue with 2,000 low-priority 10 ms jobs and
+    --prefetch 1000; 20 priority-9 jobs published later each start within 1 s."""
+    import time
+    from pathlib import Path
+
+    script = str(PHP_DIR / "record_start.php")
+    starts = Path(f"{fpm.record_file}.start")
+    starts.unlink(missing_ok=True)
+    declare_priority_queue(rabbitmq_url, queue_name, 10)
+    low = [f"low-{i}" for i in range(2000)]
+    amqp_publish(
+        rabbitmq_url,
+        queue_name,
+        [bundle_message(d, script, host="", port="") for d in low],
+        properties=aiormq.spec.Basic.Properties(priority=1),
+    )
+    workers.start(
+        [
+            "--amqp-url", rabbitmq_url, "--queue", queue_name, "--fpm", fpm.address,
+            "--script", script, "--prefetch", "1000", "--max-priority", "10",
+            "--concurrency", "4", "--pipeline", "1",
+        ]
+    )  # fmt: skip
+    # 400 jobs/s: the prefetched backlog alone would hold a new job back about 2.5 s.
+    wait_for(lambda: starts.exists() and len(starts.read_text().splitlines()) > 100, what="100")
+    published = {}
+    for i in range(20):
+        data = f"urgent-{i}"
+        published[data] = time.time()
+        amqp_publish(
+            rabbitmq_url,
+            queue_name,
+            [bundle_message(data, script, host="", port="")],
+            properties=aiormq.spec.Basic.Properties(priority=9),
+        )
+        time.sleep(0.05)
+
+    def started() -> dict[str, float] | None:
+        found = {}
+        for line in starts.read_text().splitlines():
+            at, data = line.split(" ", 1)
+            if data in published:
+                found[data] = float(at)
+        return found if len(found) == 20 else None
+
+    found = wait_for(started, timeout=30, what="20 urgent jobs started")
+    waits = sorted(found[d] - published[d] for d in published)
+    ran_before = sum(1 for line in starts.read_text().splitlines() if line.split(" ", 1)[1] in low)
+    print(
+        f"urgent jobs started {waits[0]:.3f}-{waits[-1]:.3f} s after publishing; "
+        f"{ran_before} low-priority jobs had started by then"
+    )
+    assert waits[-1] < 1.0, waits
+    assert ran_before < 1500  # they did not wait for the backlog

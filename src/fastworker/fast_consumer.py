@@ -43,6 +43,9 @@ codec = selected.amqp  # read per connection (FastTransport.__init__): swap it t
 log = logging.getLogger("fastworker.consumer")
 
 _NO_PROPERTIES = b"\x00\x00"  # a content header's property flags when none is set
+# Property flags with delivery_mode alone, and its value: what a quorum queue delivers for a
+# message published without properties (it sets delivery_mode), or with only persistence.
+_MODE_ONLY = {b"\x10\x00\x01": 1, b"\x10\x00\x02": 2}
 
 
 class FastTransport(AmqpWire, Transport):
@@ -130,6 +133,9 @@ class FastTransport(AmqpWire, Transport):
     def _message(self, item: Delivery, queue: str) -> Message:
         """A delivery with properties or with a body too large to keep: whatever is wrong
         with it is the message's problem (a bad_message), never the connection's."""
+        mode = _MODE_ONLY.get(item.properties_raw)
+        if mode is not None and item.body is not None:  # as decode_properties would say
+            return Message(item.body, queue, {}, {"delivery_mode": mode}, item.redelivered)
         problem = ""
         try:
             properties, headers = decode_properties(item.properties_raw)

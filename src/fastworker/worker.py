@@ -230,6 +230,13 @@ def build(settings: Settings) -> tuple[Consumer, Executor | ConsoleExecutor, Fai
         # Queues it declares because they are missing: the work queue, its delay and
         # dead-letter queues.
         consumer.queue_type = amqp_failures.queue_type = queue_types.check(settings.queue_type)
+        if len(settings.effective_amqp_urls) > 1 and settings.queue_type == queue_types.CLASSIC:
+            log.warning(
+                "several --amqp-url (a cluster) with --queue-type classic: a queue this worker "
+                "declares (the work queue if missing, the delay and dead-letter queues) lives "
+                "on one node, and while that node is down no worker can consume from it or "
+                "retry into it; --queue-type quorum replicates them"
+            )
     consumer.prioritize(settings.max_priority)
     consumer.in_flight_note = (
         f"{settings.concurrency} connections per FPM endpoint x pipeline {settings.pipeline} = "
