@@ -49,6 +49,7 @@ from services.worker import Worker, worker_args, worker_env
 
 RECORD = str(PHP_DIR / "record.php")
 FAIL_IF = str(PHP_DIR / "fail_if.php")
+PACED = str(PHP_DIR / "record_paced.php")  # 2 ms per job: 10,000 outlast a node's stop
 PERSISTENT = Basic.Properties(delivery_mode=2)
 QUICK_RETRIES = ["--max-attempts", "3", "--retry-delay", "0.2", "--retry-max-delay", "1"]
 
@@ -420,7 +421,7 @@ def test_persistent_events_survive_stopping_the_node_the_worker_is_connected_to(
     amqp_publish(
         urls[0],
         queue,
-        [bundle_message(d, RECORD, "127.0.0.1", fpm.port) for d in datas],
+        [bundle_message(d, PACED, "127.0.0.1", fpm.port) for d in datas],
         declare=False,
         properties=PERSISTENT,
     )

@@ -455,8 +455,9 @@ def worker(workers: Workers, rabbitmq_url: str, queue_name: str) -> Callable[...
 def test_each_attempt_sees_the_same_job_id_and_trace(
     rabbitmq_url: str, queue_name: str, fpm: FpmServer, worker: Callable[..., Worker]
 ) -> None:
-    """The issue's done-when: a failing job, 3 attempts, one id, one traceparent."""
-    worker(fpm)
+    """The issue's done-when: a failing job, 3 attempts, one id, one traceparent; the JSON log
+    lines of its failures carry both ids."""
+    started = worker(fpm, "--log-format", "json")
     data = order_placed_data(1, f"FAIL UNTIL 3 {queue_name}")
     body = bundle(data, fpm)
     stamp = datetime(2024, 5, 6, 7, 8, 9, tzinfo=UTC)
@@ -473,6 +474,10 @@ def test_each_attempt_sees_the_same_job_id_and_trace(
         assert run["FASTWORKER_FIRST_ENQUEUED"] == "1714979289"
         assert (run["HTTP_TRACEPARENT"], run["HTTP_TRACESTATE"]) == (TP, TS)
     assert amqp_queue_count(rabbitmq_url, f"{queue_name}.failed") == 0
+    lines = [json.loads(line) for line in started.log().splitlines() if line.startswith("{")]
+    failed = [line for line in lines if line.get("kind") == "php_error"]
+    assert [line["attempt"] for line in failed] == [1, 2]
+    assert {(line["job_id"], line["trace_id"]) for line in failed} == {(blake(body), TP[3:35])}
 
 
 def test_the_job_id_survives_dead_lettering_and_dlq_replay(

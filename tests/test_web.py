@@ -20,8 +20,9 @@ from typing import Any
 import pytest
 import redis
 
+from fastworker.web_html import Html, render, url
 from fastworker.web_letters import mask
-from fastworker.web_sampler import WorkerView, read_metrics
+from fastworker.web_sampler import Sampler, WorkerView, read_metrics
 from fastworker.web_security import SecurityError, check_exposure, parse_listen
 from helpers import bundle_message, order_placed_data, read_records, wait_for
 from services import PHP_DIR, ROOT
@@ -475,3 +476,38 @@ def test_secrets_in_params_are_masked() -> None:
     assert mask("DSN", "mysql://app:hunter2@db/app") == "mysql://app:***@db/app"
     assert mask("HEADER", "Bearer abcdefghijklmnop") == "Bearer ***"
     assert mask("FASTWORKER_QUEUE", "orders") == "orders"
+
+
+def test_every_value_is_escaped_and_every_url_quoted() -> None:
+    page = render('<a href="{h}" title="{t}">{b}</a>', h="/x", t='" onmouseover="x()', b="<b>&")
+    assert page == '<a href="/x" title="&quot; onmouseover=&quot;x()">&lt;b&gt;&amp;</a>'
+    assert render("{v}", v=Html("<i>ours</i>")) == "<i>ours</i>"
+    assert url("queues", "a/b?c#d", "letters", query={"q": "<x>", "kind": ""}) == (
+        "/queues/a%2Fb%3Fc%23d/letters?q=%3Cx%3E"
+    )
+
+
+def test_rates_come_from_counter_differences_and_survive_a_restart() -> None:
+    class Fake(Sampler):
+        def __init__(self) -> None:
+            super().__init__(["http://w"], interval=1.0)
+            self.totals = [10.0, 30.0, 5.0]  # the worker restarted before the third sample
+
+        async def _read(self, url: str) -> WorkerView:
+            view = WorkerView(url, reachable=True, health_status=200)
+            view.jobs = {("q", "success"): self.totals.pop(0)}
+            return view
+
+    import asyncio
+
+    sampler = Fake()
+
+    async def three() -> None:
+        for _ in range(3):
+            await sampler.sample_once()
+            await asyncio.sleep(0.05)
+
+    asyncio.run(three())
+    first, second = sampler.points
+    assert first.success > 0 and second.success > 0
+    assert first.success / second.success == pytest.approx(20 / 5, rel=0.5)

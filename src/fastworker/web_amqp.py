@@ -186,7 +186,7 @@ class AmqpStore:
         outcome.gone = sorted(wanted)
         for letter in outcome.done:
             log.info(
-                "web: %s dead letter %s of %s (%s: %s)",
+                "%s dead letter %s of %s (%s: %s)",
                 "replayed" if action == "replay" else "deleted",
                 letter.id,
                 name,

@@ -161,7 +161,7 @@ class Dashboard:
             token = form.get("csrf")
             if not isinstance(token, str) or not self.csrf.valid(request["user"], token):
                 log.warning(
-                    "web: refused a %s to %s without a valid CSRF token",
+                    "refused a %s to %s without a valid CSRF token",
                     request.method,
                     request.path,
                 )
@@ -305,7 +305,8 @@ class Dashboard:
                     assert self.sidekiq is not None
                     outcome = await self.sidekiq.act(queue, store, ids, action)
                     for letter in outcome.done:
-                        log.info("web: %s %s job %s of %s", action, store, letter.id, queue)
+                        done = "replayed" if action == "replay" else "deleted"
+                        log.info("%s %s job %s of %s", done, store, letter.id, queue)
                 note = describe(outcome, action, store, queue, self.settings.backend)
             except STORE_ERRORS as exc:
                 note = f"Nothing done: {_reason(exc)}"

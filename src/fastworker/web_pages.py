@@ -15,17 +15,13 @@ from fastworker.web_amqp import QueueCounts
 from fastworker.web_chart import SERIES, chart
 from fastworker.web_html import Html, join, render, url
 from fastworker.web_letters import Letter, ParseSettings, group_kinds, json_view, params_sent
-from fastworker.web_sampler import Sampler, WorkerView
+from fastworker.web_sampler import OUTCOMES, Sampler, WorkerView
 from fastworker.web_sidekiq import SidekiqCounts
 
 PAGE_SIZE = 50
 STORE_TITLES = {"dead": "Dead letters", "retry": "Retry set"}
-
-
-def store_title(view: ListView) -> str:
-    if view.store == "dead" and view.backend == "sidekiq":
-        return "Dead set"
-    return STORE_TITLES[view.store]
+CURRENT = Html(' aria-current="page"')
+NAV = (("/", "Overview", "overview"), ("/letters", "Dead letters", "letters"))
 
 
 def when(at: float | None) -> str:
@@ -43,15 +39,13 @@ def number(value: float | None) -> str:
 def layout(title: str, body: Html, active: str = "", refresh_ms: int = 0) -> Html:
     """The page around `body`; `refresh_ms`: the script swaps in a fresh #live that often."""
     nav = join(
-        render('<a href="{href}"{current}>{text}</a>', href=href, text=text, current=current)
-        for href, text, current in (
-            ("/", "Overview", Html(' aria-current="page"') if active == "overview" else ""),
-            (
-                "/letters",
-                "Dead letters",
-                Html(' aria-current="page"') if active == "letters" else "",
-            ),
+        render(
+            '<a href="{href}"{current}>{text}</a>',
+            href=href,
+            text=text,
+            current=CURRENT if key == active else "",
         )
+        for href, text, key in NAV
     )
     return render(
         "<!doctype html>\n"
@@ -99,8 +93,7 @@ def overview_page(sampler: Sampler, view: Overview) -> Html:
     now = time.time()
     latest = sampler.points[-1] if sampler.points else None
     by_queue = sampler.jobs_by_queue()
-    totals = {o: sum(per.get(o, 0.0) for per in by_queue.values()) for o in ("success", "retry")}
-    totals["dead_letter"] = sum(per.get("dead_letter", 0.0) for per in by_queue.values())
+    totals = {o: sum(per.get(o, 0.0) for per in by_queue.values()) for o in OUTCOMES}
     cards = join(
         render(
             '<div class="card {cls}"><span class="label">{label}</span>'
@@ -175,6 +168,10 @@ def _queues_table(view: Overview, by_queue: Mapping[str, Mapping[str, float]]) -
         link = render(
             '<a href="{href}">{n}</a>', href=url("queues", queue, "letters"), n=number(dead)
         )
+        retry_cell: Html | str = number(retry)
+        if sidekiq and given and retry is not None:  # Sidekiq's retry set is browsable too
+            href = url("queues", queue, "letters", query={"store": "retry"})
+            retry_cell = render('<a href="{href}">{n}</a>', href=href, n=number(retry))
         rows.append(
             render(
                 '<tr data-queue="{queue}"><th scope="row">{queue}</th>'
@@ -185,7 +182,7 @@ def _queues_table(view: Overview, by_queue: Mapping[str, Mapping[str, float]]) -
                 queue=queue,
                 ready=number(ready),
                 rt=retry_title,
-                retry=number(retry),
+                retry=retry_cell,
                 dead=link if given and dead is not None else number(dead),
                 ok=number(jobs.get("success")),
                 retried=number(jobs.get("retry")),
@@ -288,6 +285,12 @@ class ListView:
     problem: str = ""
 
 
+def store_title(view: ListView) -> str:
+    if view.store == "dead" and view.backend == "sidekiq":
+        return "Dead set"
+    return STORE_TITLES[view.store]
+
+
 def _tabs(view: ListView) -> Html:
     tabs = []
     if len(view.queues) > 1:
@@ -297,7 +300,7 @@ def _tabs(view: ListView) -> Html:
                     '<a href="{href}"{cur}>{q}</a>',
                     href=url("queues", q, "letters", query={"store": view.store}),
                     q=q,
-                    cur=Html(' aria-current="page"') if q == view.queue else "",
+                    cur=CURRENT if q == view.queue else "",
                 )
                 for q in view.queues
             )
@@ -309,7 +312,7 @@ def _tabs(view: ListView) -> Html:
                     '<a href="{href}"{cur}>{title}</a>',
                     href=url("queues", view.queue, "letters", query={"store": s}),
                     title=f"{'Dead set' if s == 'dead' else 'Retry set'}",
-                    cur=Html(' aria-current="page"') if s == view.store else "",
+                    cur=CURRENT if s == view.store else "",
                 )
                 for s in ("dead", "retry")
             )
