@@ -414,6 +414,13 @@ def test_sidekiqs_retry_and_dead_sets_on_the_same_pages(
         wait_until(lambda: len(rows(browser)) == 2, 10, "2 retrying jobs")
         assert "Retry set of queue orders" in browser.title
         screenshot(browser, tmp_path / "screenshots" / "sidekiq-retry.png", shots_dir())
+        row_with(browser, sha1(retrying[1])).find_element("css selector", "td a").click()
+        wait_until(lambda: by_css(browser, 'pre[data-field="message"]'), 10, "a job's detail")
+        assert sha1(retrying[1]) in cell(browser, 'pre[data-field="message"]')
+        params = cell(browser, "table.params")
+        assert f"DEFERRED_DATA {retrying[1]}" in params and "FASTWORKER_ATTEMPT 1" in params
+        assert "RuntimeException" in cell(browser, "main")  # Sidekiq's error_class
+        browser.back()
 
         fixed.touch()
         # Run now, on a retrying job; Replay, on a dead one: each runs once.

@@ -7,7 +7,7 @@ import logging
 import signal
 from dataclasses import dataclass, field, replace
 from functools import partial
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import uvloop
 
@@ -24,11 +24,11 @@ from fastworker.formats import parse_event_data, parser_for
 from fastworker.fpm import FpmPools
 from fastworker.handler import Failures, JobHandler
 from fastworker.job_context import amqp_context
-from fastworker.metrics import MetricsServer, WorkerCollector, health
-from fastworker.sidekiq_consumer import SidekiqConsumer
-from fastworker.sidekiq_failures import SidekiqFailures
 from fastworker.supervisor import share
 from fastworker.targets import TargetPolicy, parse_alias, parse_fpm
+
+if TYPE_CHECKING:  # imported where used: a worker without them never loads redis-py or prometheus
+    from fastworker.metrics import MetricsServer
 
 log = logging.getLogger("fastworker")
 
@@ -185,6 +185,8 @@ def build(settings: Settings) -> tuple[Consumer, Executor | ConsoleExecutor, Fai
         raise ValueError(f"unknown backend {settings.backend!r}; choose amqp or sidekiq")
     failures: Failures
     if sidekiq:
+        from fastworker.sidekiq_failures import SidekiqFailures
+
         failures = SidekiqFailures(retry_policy)
     else:
         failures = amqp_failures = FailureHandler(retry_policy)
@@ -199,7 +201,9 @@ def build(settings: Settings) -> tuple[Consumer, Executor | ConsoleExecutor, Fai
         sidekiq_jobs.context if sidekiq else amqp_context,  # FASTWORKER_* params, delays
     )
     consumer: ConsumerBase[Any]
-    if isinstance(failures, SidekiqFailures):
+    if sidekiq:
+        from fastworker.sidekiq_consumer import SidekiqConsumer
+
         consumer = SidekiqConsumer(
             settings.redis_url,
             settings.queues,
@@ -294,8 +298,10 @@ async def serve(settings: Settings) -> None:
     loop = asyncio.get_running_loop()
     for signum in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(signum, _on_signal, consumer, executor, signum)
-    metrics = None
+    metrics: MetricsServer | None = None
     if settings.metrics_port:
+        from fastworker.metrics import MetricsServer, WorkerCollector, health
+
         collector = WorkerCollector(consumer, failures, executor, settings.concurrency)
         metrics = MetricsServer(collector, partial(health, consumer, executor))
         where = await metrics.start(settings.metrics_host, settings.metrics_port)
