@@ -177,6 +177,14 @@ def test_a_quorum_queue_s_redelivery_count_is_read_only_on_redeliveries() -> Non
     assert queue_types.declare_as("classic", False, None) == (False, None)
 
 
+def test_a_quorum_delivery_with_only_delivery_mode_skips_the_property_decoder() -> None:
+    from fastworker.amqp_base import decode_properties
+    from fastworker.fast_consumer import _MODE_ONLY
+
+    for raw, mode in _MODE_ONLY.items():
+        assert decode_properties(raw) == ({"delivery_mode": mode}, {})
+
+
 def test_fastworker_config_shows_every_node_masked(tmp_path: Path) -> None:
     done = subprocess.run(
         [sys.executable, "-m", "fastworker", "config"],
@@ -404,16 +412,19 @@ def test_retries_and_dead_letters_work_on_quorum_queues(
         amqp_delete_queues(urls[0], sorted({queue, f"{queue}.failed"} | set(types)))
 
 
-@pytest.mark.parametrize("client", ["fast", "aiormq"])
+@pytest.mark.parametrize(
+    ("client", "how"), [("fast", "stop_app"), ("aiormq", "stop_app"), ("fast", "kill")]
+)
 def test_persistent_events_survive_stopping_the_node_the_worker_is_connected_to(
-    rabbit_cluster: RabbitCluster, fpm: FpmServer, tmp_path: Path, client: str
+    rabbit_cluster: RabbitCluster, fpm: FpmServer, tmp_path: Path, client: str, how: str
 ) -> None:
     """The issue's done-when: a quorum queue on three nodes, persistent events, the worker's
-    node stopped mid-run: every event dispatched, none dead-lettered, duplicates within the
-    prefetch window; the time to resume is printed."""
+    node stopped mid-run (`rabbitmqctl stop_app`, or its VM killed: a crash): every event
+    dispatched, none dead-lettered, duplicates within the prefetch window; the time to resume
+    is printed."""
     fpm.clear_records()
     events = 10_000
-    queue = new_queue(f"failover-{client}")
+    queue = new_queue(f"failover-{client}-{how}")
     urls = rabbit_cluster.urls
     declare_quorum_queue(urls[0], queue)  # its leader on the first node
     datas = [f"event-{client}-{i}" for i in range(events)]
@@ -444,8 +455,8 @@ def test_persistent_events_survive_stopping_the_node_the_worker_is_connected_to(
         wait_for(lambda: len(fpm.records()) >= events // 20, 60, what="some of the events")
         before_stop = len(fpm.records())
         stop_issued = time.time()
-        node.stop_app()
         stopped = node
+        node.stop_app() if how == "stop_app" else node.kill()
         stop_returned = time.time()
         wait_for(lambda: worker.log().count(" consuming ") >= 2, 60, what="the resumption")
         wait_for(
@@ -458,7 +469,7 @@ def test_persistent_events_survive_stopping_the_node_the_worker_is_connected_to(
         sampler.done.set()
         code = worker.stop()
         if stopped is not None:
-            stopped.start_app()
+            stopped.start_app() if how == "stop_app" else stopped.restart()
     log = worker.log()
     live = next(u for u in urls if not u.endswith(f":{port}/"))
     try:
@@ -481,13 +492,14 @@ def test_persistent_events_survive_stopping_the_node_the_worker_is_connected_to(
         done_at_loss = round(sampler.size_at(lost_at) / line_size)
         assert done_at_loss <= events * 9 // 10, f"the node stopped only after {done_at_loss} jobs"
         print(
-            f"\n[failover {client}] {events} persistent events on a 3-node quorum queue, "
-            f"published in {published:.1f} s; node {node.name} stopped (stop_app issued after "
-            f"{before_stop} jobs, connection lost after {done_at_loss}): stop_app issued -> connection lost {lost_at - stop_issued:.2f} s "
-            f"(stop_app returned after {stop_returned - stop_issued:.2f} s); lost -> "
-            f"consuming on another node {resumed_at - lost_at:.2f} s; -> first job "
-            f"{first_job - resumed_at:.2f} s; node loss -> first job {first_job - lost_at:.2f} s; "
-            f"duplicates {duplicates} (prefetch {prefetch})"
+            f"\n[failover {client}, {how}] {events} persistent events on a 3-node quorum "
+            f"queue (published in {published:.1f} s); {how} on {node.name} after "
+            f"{before_stop} jobs, connection lost after {done_at_loss}: {how} -> connection "
+            f"lost {lost_at - stop_issued:.2f} s ({how} returned after "
+            f"{stop_returned - stop_issued:.2f} s); lost -> consuming on another node "
+            f"{resumed_at - lost_at:.2f} s; -> first job {first_job - resumed_at:.2f} s; node "
+            f"loss -> first job {first_job - lost_at:.2f} s; duplicates {duplicates} (prefetch "
+            f"{prefetch})"
         )
     finally:
         amqp_delete_queues(live, [queue, f"{queue}.failed", *retry_queues(queue, QUICK_RETRIES)])

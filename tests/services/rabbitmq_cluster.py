@@ -16,6 +16,7 @@ would then eat a core, so they are told not to (``+sbwt none``).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import secrets
@@ -101,6 +102,19 @@ class ClusterNode:
     def start_app(self, timeout: float = START_TIMEOUT) -> None:
         """Starts RabbitMQ again after `stop_app`; returns once it takes AMQP connections."""
         self.rabbitmqctl("start_app", timeout=timeout)
+        self.wait_ready(timeout)
+
+    def kill(self) -> None:
+        """SIGKILL to the node's Erlang VM (its pid file names it): a crash, with no goodbye to
+        clients or to the other nodes. `restart` brings it back as a member."""
+        pid = int((self.base / "node.pid").read_text().strip())
+        os.kill(pid, signal.SIGKILL)
+        if self.proc is not None:
+            self.proc.wait(STOP_TIMEOUT)
+
+    def restart(self, timeout: float = START_TIMEOUT) -> None:
+        """Starts a killed node again (it rejoins its cluster); returns once it takes AMQP."""
+        self.start()
         self.wait_ready(timeout)
 
     def accepts_amqp(self) -> bool:
@@ -215,9 +229,18 @@ def _node(base: Path, index: int, token: str, cookie_home: Path) -> ClusterNode:
 
 
 def _join(node: ClusterNode, first: ClusterNode) -> None:
-    node.rabbitmqctl("stop_app")
-    node.rabbitmqctl("join_cluster", first.name)
-    node.rabbitmqctl("start_app")
+    """`stop_app; join_cluster; start_app`; once more after a `reset` if that failed (two nodes
+    joining at once, on a busy machine, have been seen to fail one of them)."""
+    try:
+        node.rabbitmqctl("stop_app")
+        node.rabbitmqctl("join_cluster", first.name)
+        node.rabbitmqctl("start_app")
+    except (RuntimeError, subprocess.TimeoutExpired):
+        with contextlib.suppress(RuntimeError, subprocess.TimeoutExpired):
+            node.rabbitmqctl("stop_app")
+        node.rabbitmqctl("reset")
+        node.rabbitmqctl("join_cluster", first.name)
+        node.rabbitmqctl("start_app")
     node.wait_ready(JOIN_TIMEOUT)
 
 
