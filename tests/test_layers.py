@@ -37,6 +37,7 @@ LAYERS: list[tuple[str, set[str]]] = [
         {
             "worker",
             "supervisor",
+            "control",
             "config",
             "metrics",
             "logs",

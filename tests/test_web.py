@@ -44,10 +44,9 @@ def sha1(text: str) -> str:
 
 
 def shots_dir() -> Path | None:
+    """Where screenshots are copied: $FASTWORKER_WEB_SCREENSHOTS, relative to the repository."""
     where = os.environ.get("FASTWORKER_WEB_SCREENSHOTS")
-    return (
-        (ROOT / where) if where and not os.path.isabs(where) else (Path(where) if where else None)
-    )
+    return ROOT / where if where else None
 
 
 @pytest.fixture
@@ -234,8 +233,9 @@ def _done_when(
     ).click()
     wait_until(lambda: "Replayed 1 dead letter" in note(browser), 15, "the replay's note")
     assert len(rows(browser)) == 6
-    ran = lambda: [r for r in fpm.records() if r[1] == sha1(datas[x])]  # noqa: E731
-    wait_for(lambda: len(ran()) == 1, timeout=20, what="the replayed job to run")
+    wait_for(
+        lambda: any(r[1] == sha1(datas[x]) for r in fpm.records()), 20, what="the replayed job"
+    )
     # Delete on another: 5 left; it never runs.
     delete = row_with(browser, sha1(datas[z])).find_element(
         "css selector", 'button[value^="delete:"]'
@@ -265,9 +265,9 @@ def _done_when(
     assert len(rows(browser)) == 4
     wait_for(lambda: any(r[1] == sha1(datas[w]) for r in fpm.records()), timeout=20, what="w")
     time.sleep(1.0)  # time for a second run, if one were coming
-    assert len(ran()) == 1
-    assert [r for r in fpm.records() if r[1] == sha1(datas[w])].__len__() == 1
-    assert not [r for r in fpm.records() if r[1] == sha1(datas[z])]
+    runs = [r[1] for r in fpm.records()]
+    assert runs.count(sha1(datas[x])) == 1 and runs.count(sha1(datas[w])) == 1
+    assert sha1(datas[z]) not in runs  # deleted: never ran again
     assert read_records(failed_file) == failures_before  # nothing failed again
 
     # Search by kind and text.

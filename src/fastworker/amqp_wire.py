@@ -319,6 +319,24 @@ class AmqpWire(asyncio.Protocol):
                 commands.Basic.Cancel(consumer_tag=tag), CHANNEL, commands.Basic.CancelOk
             )
 
+    async def cancel_queue(self, queue: str) -> None:
+        """Stops consuming `queue` alone (pause); deliveries already sent still arrive."""
+        for tag in [t for t in self.consumer_tags if self.queue_by_tag.get(t) == queue]:
+            self.consumer_tags.remove(tag)
+            await self._call(
+                commands.Basic.Cancel(consumer_tag=tag), CHANNEL, commands.Basic.CancelOk
+            )
+
+    async def consume_queue(self, queue: str) -> None:
+        """Consumes `queue` again (resume), under a consumer tag not used before."""
+        tag = f"fastworker.{queue}.{len(self.queue_by_tag)}"
+        self.queue_by_tag[tag] = queue
+        ok = await self._call(
+            commands.Basic.Consume(queue=queue, consumer_tag=tag), CHANNEL, commands.Basic.ConsumeOk
+        )
+        self.queue_by_tag[ok.consumer_tag] = queue
+        self.consumer_tags.append(ok.consumer_tag)
+
     async def disconnect(self) -> None:
         """Connection.Close, then waits for the socket to go (the broker requeues unacked ones)."""
         self.alive = False

@@ -447,6 +447,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_main(argv[1:])
     if argv[:1] == ["config"]:
         return config_main(argv[1:])
+    if argv[:1] in (["pause"], ["resume"]):
+        return control_main(argv[0], argv[1:])
     try:
         args = resolve(worker_parser(), argv).args
     except ConfigError as exc:
@@ -528,6 +530,78 @@ def config_main(argv: list[str]) -> int:
     if resolved.args.config:
         print(f"# settings file: {resolved.args.config}")
     print(render(resolved, effective))
+    return 0
+
+
+def control_main(action: str, argv: list[str]) -> int:
+    """`fastworker pause|resume`: every worker of a queue, on every host, through the broker
+    (see fastworker.control)."""
+    import asyncio
+
+    from fastworker.amqp_nodes import Nodes
+    from fastworker.amqp_url import with_files
+    from fastworker.config import preset
+
+    parser = argparse.ArgumentParser(
+        prog=f"fastworker {action}",
+        description=(
+            "Stops every worker consuming the queue, on every host, from taking new jobs: "
+            "jobs already running finish, the ones delivered and not started go back to the "
+            "queue, and workers that start later stay off it until `fastworker resume`."
+            if action == "pause"
+            else "Lets every worker take jobs from the paused queue again."
+        ),
+    )
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--queue", action="append", metavar="NAME", help="repeatable")
+    target.add_argument("--all", action="store_true", help="every queue of every worker")
+    parser.add_argument("--config", metavar="FILE", help="the worker's TOML settings file")
+    parser.add_argument("--amqp-url", action="append", help="broker URL(s), as for the worker")
+    for flag, dest, text in TLS_FLAGS:
+        parser.add_argument(flag, dest=dest, metavar="PATH", help=text)
+    parser.add_argument(
+        "--wait",
+        type=_positive_float,
+        default=3.0,
+        metavar="S",
+        help="seconds to collect the workers' answers (default: %(default)g)",
+    )
+    try:
+        values = preset(worker_parser(), ("amqp_url", "amqp_ca", "amqp_cert", "amqp_key"), argv)
+    except ConfigError as exc:
+        print(f"fastworker {action}: {exc}", file=sys.stderr)
+        return 2
+    urls_found = values.pop("amqp_url", None)  # flags replace it, they do not add to it
+    parser.set_defaults(**values)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    from fastworker import control
+
+    queues = [control.ALL] if args.all else args.queue
+    try:
+        urls = [
+            with_files(url, args.amqp_ca, args.amqp_cert, args.amqp_key)
+            for url in split_urls(args.amqp_url or urls_found or [DEFAULT_URL])
+        ]
+        answers, node = asyncio.run(control.send(Nodes.parse(urls), action, queues, args.wait))
+    except Exception as exc:  # noqa: BLE001 - one line, whatever the broker said
+        print(f"fastworker {action}: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ValueError) else 1
+    what = "every queue" if args.all else ", ".join(queues)
+    done = "paused" if action == "pause" else "resumed"
+    workers = sorted(answer.get("worker", "?") for answer in answers if answer.get("queues"))
+    print(
+        f"{done} {what} (broker {node}): {len(workers)} workers acknowledged"
+        + (f": {', '.join(workers)}" if workers else "")
+    )
+    if not workers:
+        recorded = "workers that start stay off it" if action == "pause" else "nothing is paused"
+        print(
+            f"no worker consuming it answered within {args.wait:g} s; the state is recorded: "
+            f"{recorded}",
+            file=sys.stderr,
+        )
+        return 1
     return 0
 
 

@@ -120,6 +120,7 @@ class _Session:
         self.publisher = publisher
         self.acks = AckTracker()
         self.consumer_tags: list[str] = []
+        self.queue_by_tag: dict[str, str] = {}  # consumer tag -> queue, for pause
         self.requeues: deque[int] = deque()  # nacks not yet sent, sent before any later ack
         self.flush_scheduled = False
         self.flushing: set[asyncio.Task[None]] = set()
@@ -234,11 +235,9 @@ class AiormqTransport(Transport):
 
         channel.on_consumer_cancel_callbacks.add(on_cancel)
         await channel.basic_qos(prefetch_count=consumer.prefetch)
-        session = self.session = _Session(channel, publisher)
-        for queue in consumer.queues:
-            ok = await channel.basic_consume(queue, self._on_delivery(session, queue))
-            if ok.consumer_tag is not None:  # the broker always names it
-                session.consumer_tags.append(ok.consumer_tag)
+        self.session = _Session(channel, publisher)
+        for queue in consumer.active_queues():
+            await self.resume(queue)
         self._close_on(connection, (channel, publisher.channel), cancelled)
         consumer.nodes.connected()
 
@@ -302,6 +301,24 @@ class AiormqTransport(Transport):
     def requeue(self, tag: int) -> None:
         if self.session is not None:
             self.session.requeue(tag)
+
+    async def pause(self, queue: str) -> None:
+        session = self.session
+        if session is None:
+            return
+        for tag in [t for t, q in session.queue_by_tag.items() if q == queue]:
+            del session.queue_by_tag[tag]
+            session.consumer_tags.remove(tag)
+            await session.channel.basic_cancel(tag)
+
+    async def resume(self, queue: str) -> None:
+        session = self.session
+        if session is None:
+            return
+        ok = await session.channel.basic_consume(queue, self._on_delivery(session, queue))
+        if ok.consumer_tag is not None:  # the broker always names it
+            session.consumer_tags.append(ok.consumer_tag)
+            session.queue_by_tag[ok.consumer_tag] = queue
 
     async def cancel(self) -> None:
         if self.session is None:

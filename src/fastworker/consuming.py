@@ -132,6 +132,14 @@ class Transport(ABC):
     async def cancel(self) -> None:
         """Asks the broker for no new deliveries (those already sent may still arrive)."""
 
+    async def pause(self, queue: str) -> None:
+        """No new deliveries from `queue` alone (those already sent may still arrive)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot pause one queue")
+
+    async def resume(self, queue: str) -> None:
+        """Deliveries from a paused `queue` again."""
+        raise NotImplementedError(f"{type(self).__name__} cannot resume one queue")
+
     @abstractmethod
     def finished(self, tag: int) -> None:
         """Delivery `tag` may be acked (now or batched with others, soon)."""
@@ -209,6 +217,8 @@ class ConsumerBase(ABC, Generic[C]):
         self.succeeded: dict[str, int] = {}
         self.durations = Durations()
         self.reconnects = 0
+        self.paused: set[str] = set()  # queues not consumed (fastworker pause), see pause()
+        self._transport: Transport | None = None  # the session's, while one is open
         self._loop_time = time.monotonic  # the loop's clock once run() starts
         # How the start line names `concurrency` (the worker says where the number comes from).
         self.in_flight_note = f"{concurrency} jobs in flight"
@@ -269,8 +279,57 @@ class ConsumerBase(ABC, Generic[C]):
 
     def deliver(self, deliveries: Iterable[Delivery]) -> None:
         """Takes deliveries, in the order received, and starts what the concurrency allows."""
+        if self.paused:  # sent before the broker took the pause in: back to the queue
+            deliveries = self._returned(deliveries)
         self._pending.extend(deliveries)
         self._dispatch()
+
+    # ---------------------------------------------------------------- pause and resume
+
+    def active_queues(self) -> list[str]:
+        """The queues to consume: all but the paused ones (transports read it at open)."""
+        return [queue for queue in self.queues if queue not in self.paused]
+
+    async def pause(self, queue: str) -> bool:
+        """Stops taking jobs from `queue`: its consumer is cancelled, what was delivered and not
+        started goes back to the broker, running jobs finish. False if it is not one of ours or
+        already paused."""
+        if queue not in self.queues or queue in self.paused:
+            return False
+        self.paused.add(queue)
+        transport = self._transport
+        if transport is not None and transport.alive:
+            await transport.pause(queue)
+        if self._pending:
+            kept = self._returned(self._pending)
+            self._pending.clear()
+            self._pending.extend(kept)
+        log.info("paused %s: no new jobs from it until resumed", queue)
+        return True
+
+    async def resume(self, queue: str) -> bool:
+        """Takes jobs from a paused `queue` again; False if it was not paused."""
+        if queue not in self.paused:
+            return False
+        self.paused.discard(queue)
+        transport = self._transport
+        if transport is not None and transport.alive:
+            await transport.resume(queue)
+        log.info("resumed %s", queue)
+        return True
+
+    def _returned(self, deliveries: Iterable[Delivery]) -> list[Delivery]:
+        """`deliveries` without those of paused queues, which go back to the broker."""
+        kept = []
+        paused = self.paused
+        for delivery in deliveries:
+            transport, tag, message = delivery
+            if message.queue in paused:
+                if transport.alive:
+                    transport.requeue(tag)
+            else:
+                kept.append(delivery)
+        return kept
 
     # ---------------------------------------------------------------- the session loop
 
@@ -329,6 +388,7 @@ class ConsumerBase(ABC, Generic[C]):
             await asyncio.gather(*runners, return_exceptions=True)
 
     async def _session(self, transport: Transport) -> None:
+        self._transport = transport
         try:
             await transport.open()
             if self._started:

@@ -210,7 +210,7 @@ class FastTransport(AmqpWire, Transport):
         self.publisher = await Publisher.open(control)
         try:
             await asyncio.wait_for(
-                self.connect(node.url, node.tls, consumer.prefetch, consumer.queues),
+                self.connect(node.url, node.tls, consumer.prefetch, consumer.active_queues()),
                 node.url.connect_timeout,
             )
         except TimeoutError:
@@ -243,6 +243,12 @@ class FastTransport(AmqpWire, Transport):
             await asyncio.wait_for(self.cancel_consumers(), HANDSHAKE_TIMEOUT)
         except (TimeoutError, ConnectionError) as exc:
             log.warning("could not cancel the consumers (%r)", exc)
+
+    async def pause(self, queue: str) -> None:
+        await asyncio.wait_for(self.cancel_queue(queue), HANDSHAKE_TIMEOUT)
+
+    async def resume(self, queue: str) -> None:
+        await asyncio.wait_for(self.consume_queue(queue), HANDSHAKE_TIMEOUT)
 
     async def close(self) -> None:
         for observer in self._observers:

@@ -99,6 +99,12 @@ class WorkerCollector:
         for (endpoint, kind), n in sorted(getattr(self.executor, "errors", {}).items()):
             errors.add_metric([endpoint, kind], n)
         yield errors
+        paused = GaugeMetricFamily(
+            "fastworker_paused", "1 while the queue is paused (fastworker pause)", labels=["queue"]
+        )
+        for queue in consumer.queues:
+            paused.add_metric([queue], 1.0 if queue in getattr(consumer, "paused", ()) else 0.0)
+        yield paused
         yield CounterMetricFamily(
             "fastworker_broker_reconnects",
             "Broker sessions opened after the first",
@@ -120,6 +126,9 @@ def health(consumer: Any, executor: Any) -> tuple[bool, str]:
     if pools and len(down) == len(pools):
         names = ", ".join(str(p.endpoint) for p in down)
         return False, f"every FPM endpoint is down ({names})"
+    paused = getattr(consumer, "paused", None)
+    if paused:
+        return True, f"consuming; paused: {', '.join(sorted(paused))}"
     return True, "consuming"
 
 

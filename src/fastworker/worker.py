@@ -309,15 +309,39 @@ async def serve(settings: Settings) -> None:
     stats = None
     if settings.stats_interval > 0:
         stats = loop.create_task(_log_progress(consumer, failures, settings.stats_interval))
+    control = await _control(consumer) if settings.backend == "amqp" else None
     try:
         await consumer.run()
     finally:
+        if control is not None:
+            control.cancel()
         if stats is not None:
             stats.cancel()
         if metrics is not None:
             await metrics.close()
         await executor.close()
     log.info("stopped after %d jobs", consumer.processed)
+
+
+async def _control(consumer: Any) -> asyncio.Task[None] | None:
+    """The pause/resume listener (control.py), after applying the paused state the broker
+    holds, so the first session already leaves paused queues alone."""
+    from fastworker import broker, control
+
+    nodes = consumer.nodes
+    try:
+        _, connection = await broker.connect_any(nodes, "control")
+        try:
+            consumer.paused.update(await control.paused_queues(connection, consumer.queues))
+        finally:
+            await connection.close()
+    except Exception as exc:  # noqa: BLE001 - the consumer's own connect says what is wrong
+        log.debug("paused state not read at start: %r", exc)
+    if consumer.paused:
+        log.warning(
+            "paused at start (fastworker resume to go on): %s", ", ".join(sorted(consumer.paused))
+        )
+    return asyncio.get_running_loop().create_task(control.ControlListener(nodes, consumer).run())
 
 
 async def _log_progress(consumer: Consumer, failures: Failures, interval: float) -> None:
