@@ -518,3 +518,41 @@ def test_rates_come_from_counter_differences_and_survive_a_restart() -> None:
     first, second = sampler.points
     assert first.success > 0 and second.success > 0
     assert first.success / second.success == pytest.approx(20 / 5, rel=0.5)
+
+
+def test_pause_and_resume_from_the_overview(
+    rabbitmq_url: str,
+    queue_name: str,
+    fpm: FpmServer,
+    workers: Workers,
+    browser: Any,
+    tmp_path: Path,
+) -> None:
+    """The overview's Pause reaches every worker of the queue (as `fastworker pause`), the row
+    says paused, Resume lifts it."""
+    worker = workers.start(
+        [
+            "--amqp-url", rabbitmq_url, "--queue", queue_name, "--fpm", fpm.address,
+            "--script", str(PHP_DIR / "record.php"), "--stats-interval", "0",
+        ]
+    )  # fmt: skip
+    web = WebProcess(
+        ["--amqp-url", rabbitmq_url, "--queue", queue_name],
+        tmp_path / "web.log",
+        auth=(USER, PASSWORD),
+    )
+    try:
+        basic_auth(browser, USER, PASSWORD)
+        browser.get(web.base + "/")
+        row = f'tr[data-queue="{queue_name}"]'
+        by_css(browser, f'{row} td[data-col="control"] button')[0].click()
+        wait_until(lambda: "workers acknowledged" in note(browser), 20, "the pause note")
+        assert note(browser) == f"Paused {queue_name}: 1 workers acknowledged."
+        assert cell(browser, f'{row} td[data-col="control"] .paused') == "paused"
+        wait_for(lambda: f"paused {queue_name}" in worker.log(), what="the worker paused")
+        by_css(browser, f'{row} td[data-col="control"] button')[0].click()
+        wait_until(lambda: note(browser).startswith("Resumed"), 20, "the resume note")
+        assert by_css(browser, f'{row} td[data-col="control"] .paused') == []
+        wait_for(lambda: f"resumed {queue_name}" in worker.log(), what="the worker resumed")
+    finally:
+        assert web.stop() == 0, web.log()

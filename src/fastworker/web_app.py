@@ -22,6 +22,7 @@ import aiormq
 import redis.exceptions
 from aiohttp import web
 
+from fastworker import control
 from fastworker.broker import NoBrokerAnswered
 from fastworker.failures import RetryPolicy
 from fastworker.web_amqp import AmqpStore, Outcome, QueueCounts
@@ -44,6 +45,7 @@ log = logging.getLogger("fastworker.web")
 STATIC_DIR = Path(__file__).resolve().parent / "web_static"
 MAX_FORM = 256 * 1024  # bytes of a POST: ids of a few thousand letters
 NOTES_KEPT = 200  # outcome notes waiting for their redirect
+CONTROL_WAIT = 2.0  # seconds a pause/resume from the page collects the workers' answers
 HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -109,6 +111,7 @@ class Dashboard:
         app.router.add_get("/letters", self.first_queue)
         app.router.add_get("/queues/{queue}/letters", self.letters)
         app.router.add_post("/queues/{queue}/letters/act", self.act)
+        app.router.add_post("/queues/{queue}/control", self.control)
         app.router.add_get("/queues/{queue}/letters/{id}", self.letter)
         app.router.add_static("/static/", STATIC_DIR, show_index=False)
         app.on_startup.append(self._start)
@@ -214,10 +217,45 @@ class Dashboard:
 
     async def overview(self, request: web.Request) -> web.Response:
         counts, problem = await self.counts()
+        paused: frozenset[str] = frozenset()
+        if self.amqp is not None and not problem:
+            try:
+                connection = await self.amqp.connection()
+                paused = frozenset(await control.paused_queues(connection, self.settings.queues))
+            except STORE_ERRORS as exc:
+                problem = f"cannot read the paused queues: {_reason(exc)}"
         view = Overview(
-            self.settings.backend, self.settings.queues, counts, problem, self.settings.history
+            self.settings.backend,
+            self.settings.queues,
+            counts,
+            problem,
+            self.settings.history,
+            paused,
+            self.csrf.token(request["user"]) if self.amqp is not None else "",
+            self.notes.pop(request.query.get("note", ""), ""),
         )
         return _html(overview_page(self.sampler, view))
+
+    async def control(self, request: web.Request) -> web.Response:
+        """Pause or resume a queue on every worker (as `fastworker pause/resume` does)."""
+        queue = self._queue(request)
+        form = await request.post()
+        action = str(form.get("action") or "")
+        if action not in ("pause", "resume") or self.amqp is None:
+            raise web.HTTPBadRequest(text="action must be pause or resume (AMQP backend)\n")
+        try:
+            answers, _ = await control.send(self.amqp.nodes, action, [queue], CONTROL_WAIT)
+            workers = sum(1 for answer in answers if answer.get("queues"))
+            done = "Paused" if action == "pause" else "Resumed"
+            note = f"{done} {queue}: {workers} workers acknowledged."
+            log.info("%s %s from the dashboard: %d workers acknowledged", action, queue, workers)
+        except STORE_ERRORS as exc:
+            note = f"Nothing done: {_reason(exc)}"
+        token = secrets.token_urlsafe(12)
+        self.notes[token] = note
+        while len(self.notes) > NOTES_KEPT:
+            self.notes.popitem(last=False)
+        raise web.HTTPSeeOther(url(query={"note": token}))
 
     async def first_queue(self, request: web.Request) -> web.Response:
         raise web.HTTPFound(url("queues", self.settings.queues[0], "letters"))

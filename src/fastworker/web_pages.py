@@ -87,6 +87,9 @@ class Overview:
     counts: Sequence[QueueCounts | SidekiqCounts]
     counts_problem: str  # why the counts could not be read, or ""
     span: float  # seconds of history charted
+    paused: frozenset[str] = frozenset()  # queues paused (fastworker pause), AMQP only
+    csrf: str = ""  # the token the pause/resume forms carry; "" shows no buttons
+    note: str = ""  # what the last pause/resume did
 
 
 def overview_page(sampler: Sampler, view: Overview) -> Html:
@@ -130,12 +133,13 @@ def overview_page(sampler: Sampler, view: Overview) -> Html:
         else "no workers given (--workers URL): no rates, no worker health"
     )
     body = render(
-        '<section id="live"><h1>Overview</h1><p class="meta">{meta}</p>'
+        '<section id="live"><h1>Overview</h1>{note}<p class="meta">{meta}</p>'
         '<div class="cards">{cards}</div>'
         '<h2>Jobs per second</h2>{chart}<p class="legend">{legend}</p>'
         "<h2>Queues</h2>{queues}<h2>Workers</h2>{workers}<h2>PHP-FPM endpoints</h2>{fpm}"
         '<noscript><p class="meta">JavaScript is off: reload the page for newer figures.</p>'
         "</noscript></section>",
+        note=render('<p class="note">{n}</p>', n=view.note) if view.note else "",
         meta=meta,
         cards=cards,
         chart=chart(sampler.points, view.span, now),
@@ -145,6 +149,23 @@ def overview_page(sampler: Sampler, view: Overview) -> Html:
         fpm=_fpm_table(sampler),
     )
     return layout("Overview", body, "overview", refresh_ms=int(sampler.interval * 1000))
+
+
+def _control_cell(view: Overview, queue: str) -> Html:
+    """Pause or Resume for a given queue: reaches every worker of it (fastworker pause)."""
+    if queue not in view.queues or not view.csrf:
+        return render("<td></td>")
+    paused = queue in view.paused
+    return render(
+        '<td data-col="control">{state}<form method="post" action="{action}" class="inline">'
+        '<input type="hidden" name="csrf" value="{csrf}">'
+        '<button name="action" value="{value}">{label}</button></form></td>',
+        state=render('<span class="paused">paused</span> ') if paused else "",
+        action=url("queues", queue, "control"),
+        csrf=view.csrf,
+        value="resume" if paused else "pause",
+        label="Resume" if paused else "Pause",
+    )
 
 
 def _queues_table(view: Overview, by_queue: Mapping[str, Mapping[str, float]]) -> Html:
@@ -178,7 +199,8 @@ def _queues_table(view: Overview, by_queue: Mapping[str, Mapping[str, float]]) -
                 '<td data-col="ready">{ready}</td><td data-col="retrying" title="{rt}">{retry}</td>'
                 '<td data-col="dead">{dead}</td><td data-col="succeeded">{ok}</td>'
                 '<td data-col="retried">{retried}</td><td data-col="dead-lettered">{dl}</td>'
-                '<td data-col="requeued">{rq}</td></tr>',
+                '<td data-col="requeued">{rq}</td>{control}</tr>',
+                control=_control_cell(view, queue) if not sidekiq else "",
                 queue=queue,
                 ready=number(ready),
                 rt=retry_title,
@@ -197,13 +219,15 @@ def _queues_table(view: Overview, by_queue: Mapping[str, Mapping[str, float]]) -
     dead_head = "in the dead set" if sidekiq else "dead letters"
     return render(
         "{problem}<table><thead><tr><th>queue</th><th>ready</th><th>{rh}</th><th>{dh}</th>"
-        "<th>succeeded</th><th>retried</th><th>dead-lettered</th><th>requeued</th></tr></thead>"
+        "<th>succeeded</th><th>retried</th><th>dead-lettered</th><th>requeued</th>{ch}</tr>"
+        "</thead>"
         "<tbody>{rows}</tbody></table>"
         '<p class="meta">ready, retrying and dead: now, from {src}; the rest: counted by the '
         "workers since they started</p>",
         problem=problem,
         rh=retry_head,
         dh=dead_head,
+        ch=render("<th>workers</th>") if not sidekiq and view.csrf else "",
         rows=join(rows),
         src="Redis" if sidekiq else "RabbitMQ",
     )
