@@ -146,3 +146,30 @@ def test_priority_jobs_start_within_a_second_behind_2000_prefetched(
     )
     assert waits[-1] < 1.0, waits
     assert ran_before < 1500  # they did not wait for the backlog
+
+
+def test_a_missing_queue_is_declared_as_a_priority_queue(
+    rabbitmq_url: str, queue_name: str, fpm, workers: Workers
+) -> None:
+    import asyncio
+
+    workers.start(
+        ["--amqp-url", rabbitmq_url, "--queue", queue_name, "--fpm", fpm.address,
+         "--max-priority", "5"]
+    )  # fmt: skip
+
+    async def redeclare(arguments: dict) -> None:
+        connection = await aiormq.connect(rabbitmq_url)
+        try:
+            channel = await connection.channel()
+            await channel.queue_declare(queue_name, arguments=arguments)
+        finally:
+            await connection.close()
+
+    asyncio.run(redeclare({"x-max-priority": 5}))  # the same arguments: accepted
+    try:
+        asyncio.run(redeclare({}))
+    except aiormq.exceptions.ChannelPreconditionFailed:
+        pass
+    else:
+        raise AssertionError("the queue was not declared with x-max-priority 5")

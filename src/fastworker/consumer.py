@@ -75,6 +75,7 @@ class AmqpConsumerBase(ConsumerBase[AbstractConnection]):
 
     nodes: Nodes
     queue_type: str = queue_types.CLASSIC
+    max_priority: int = 0  # >0: a missing work queue is declared with x-max-priority
 
     def configure(self) -> None:
         self.nodes = Nodes.parse(self.url)
@@ -101,7 +102,14 @@ async def connect(consumer: AmqpConsumerBase, node: Node, role: str) -> Abstract
     connection = await broker.connect(node.url, node.tls, role)
     try:
         for queue in consumer.queues:
-            await ensure_queue(connection, queue, queue_type=consumer.queue_type)
+            # Quorum queues of RabbitMQ 3.10 have no priorities: the worker still orders
+            # what it holds, the broker does not.
+            classic = consumer.queue_type == queue_types.CLASSIC
+            wanted = consumer.max_priority if classic else 0
+            priority = {"x-max-priority": wanted} if wanted else None
+            await ensure_queue(
+                connection, queue, queue_type=consumer.queue_type, arguments=priority
+            )
             if consumer.prepare is not None:
                 await consumer.prepare(connection, queue)
     except BaseException:

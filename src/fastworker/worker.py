@@ -234,6 +234,7 @@ def build(settings: Settings) -> tuple[Consumer, Executor | ConsoleExecutor, Fai
         # Queues it declares because they are missing: the work queue, its delay and
         # dead-letter queues.
         consumer.queue_type = amqp_failures.queue_type = queue_types.check(settings.queue_type)
+        consumer.max_priority = settings.max_priority
         if len(settings.effective_amqp_urls) > 1 and settings.queue_type == queue_types.CLASSIC:
             log.warning(
                 "several --amqp-url (a cluster) with --queue-type classic: a queue this worker "
