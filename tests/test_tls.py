@@ -278,7 +278,8 @@ def test_jobs_run_retry_and_dead_letter_over_mutual_tls_on_named_connections(
     assert "boom: doomed" in error["message"]
     # Named connections, over TLS with the client certificate.
     name = f"fastworker {socket.gethostname()}:{worker.pid}"
-    roles = {"fast": ["consume", "publish"], "aiormq": ["consume"]}[client]
+    # "control": the pause/resume listener's (fastworker.control).
+    roles = {"fast": ["consume", "publish", "control"], "aiormq": ["consume", "control"]}[client]
     for role in roles:
         assert f"{name} {role}" in connections, connections
     mine = [line for line in connections.splitlines() if name in line]

@@ -92,7 +92,9 @@ class ControlListener:
                 await self.consumer.resume(queue)
 
     async def run(self) -> None:
-        """Listens until cancelled, reconnecting with capped backoff."""
+        """Listens until cancelled, reconnecting with capped backoff; starts once the consumer
+        has consumed (a broker that refuses the worker is the consumer's to report)."""
+        await self.consumer.connected.wait()
         backoff = RECONNECT_FIRST
         while True:
             try:
