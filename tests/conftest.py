@@ -173,6 +173,21 @@ def redis_url() -> str:
     return ensure_redis()
 
 
+@pytest.fixture
+def sidekiq_url(redis_url: str) -> Iterator[str]:
+    """The tests' own Redis database, empty before and after (Sidekiq's sets are per db)."""
+    import redis
+
+    from services.sidekiq import SIDEKIQ_DB
+
+    url = redis_url.rsplit("/", 1)[0] + f"/{SIDEKIQ_DB}"
+    client = redis.Redis.from_url(url)
+    client.flushdb()
+    yield url
+    client.flushdb()
+    client.close()
+
+
 # --------------------------------------------------------------------------- the worker
 
 

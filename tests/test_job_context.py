@@ -15,7 +15,7 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -34,7 +34,7 @@ from helpers import bundle_message, order_placed_data, wait_for
 from services import PHP_DIR
 from services.fpm import FpmServer
 from services.rabbitmq import amqp_host_port, amqp_queue_count
-from services.sidekiq import SIDEKIQ_DB, sidekiq_api, sidekiq_push
+from services.sidekiq import sidekiq_api, sidekiq_push
 from services.worker import Worker, Workers, worker_env
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -609,17 +609,6 @@ def test_the_idempotent_example_does_a_job_once_however_often_it_runs(
 
 
 # --------------------------------------------------------------------------- Sidekiq
-
-
-@pytest.fixture
-def sidekiq_url(redis_url: str) -> Iterator[str]:
-    """The tests' own Redis database, empty before and after (as in test_sidekiq.py)."""
-    url = redis_url.rsplit("/", 1)[0] + f"/{SIDEKIQ_DB}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
 
 
 def sidekiq_args(url: str, queue: str, fpm: FpmServer, *extra: str) -> list[str]:

@@ -21,19 +21,8 @@ from fastworker import sidekiq_store
 from helpers import order_placed_data, read_records, wait_for
 from services import PHP_DIR, SRC_DIR
 from services.fpm import FpmServer
-from services.sidekiq import SIDEKIQ_DB, sidekiq_api, sidekiq_push
+from services.sidekiq import sidekiq_api, sidekiq_push
 from services.worker import Worker, Workers
-
-
-@pytest.fixture
-def sidekiq_url(redis_url: str) -> Iterator[str]:
-    """The tests' own Redis database, empty before and after (Sidekiq's sets are per db)."""
-    url = redis_url.rsplit("/", 1)[0] + f"/{SIDEKIQ_DB}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
 
 
 @pytest.fixture

@@ -30,7 +30,7 @@ from services.browser import basic_auth, screenshot, start_chromium, wait_until
 from services.fpm import FpmServer
 from services.process import free_loopback_port
 from services.rabbitmq import QUEUE_PREFIX, amqp_delete_queues, amqp_publish, amqp_queue_count
-from services.sidekiq import SIDEKIQ_DB, sidekiq_push
+from services.sidekiq import sidekiq_push
 from services.web import WebProcess, run_web
 from services.worker import Workers
 
@@ -357,16 +357,6 @@ def test_with_auth_it_listens_on_every_address(rabbitmq_url: str, tmp_path: Path
 
 
 # --------------------------------------------------------------------------- Sidekiq
-
-
-@pytest.fixture
-def sidekiq_url(redis_url: str) -> Iterator[str]:
-    url = redis_url.rsplit("/", 1)[0] + f"/{SIDEKIQ_DB}"
-    client = redis.Redis.from_url(url)
-    client.flushdb()
-    yield url
-    client.flushdb()
-    client.close()
 
 
 def test_sidekiqs_retry_and_dead_sets_on_the_same_pages(

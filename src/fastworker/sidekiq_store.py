@@ -97,7 +97,8 @@ end
 return n
 """
 
-# A dead job back to its queue, once: only the caller that removed it from `dead` pushes it.
+# A job from a sorted set (`dead`, `retry`) to its queue now, once: only the caller that
+# removed it from the set pushes it.
 _REPLAY = """
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
   redis.call('LPUSH', KEYS[2], ARGV[2])
@@ -301,10 +302,13 @@ class SidekiqStore:
         except redis.exceptions.RedisError as exc:
             raise PublishFailed(f"Redis did not take the job into {sorted_set}: {exc!r}") from exc
 
-    async def replay(self, entry: bytes, queue: str, job: bytes) -> bool:
-        """A dead entry back to `queue` as `job`; False if it was no longer in the dead set
+    async def replay(
+        self, entry: bytes, queue: str, job: bytes, sorted_set: str = "dead"
+    ) -> bool:
+        """An entry of `sorted_set` back to `queue` as `job`; False if it was no longer there
         (someone else replayed or deleted it)."""
-        return bool(await self._replay(keys=["dead", f"queue:{queue}"], args=[entry, job, queue]))
+        keys = [sorted_set, f"queue:{queue}"]
+        return bool(await self._replay(keys=keys, args=[entry, job, queue]))
 
     async def close(self) -> None:
         await self.client.aclose()

@@ -22,16 +22,6 @@ from fastworker.web_letters import Letter, from_sidekiq
 
 SETS = ("dead", "retry")
 
-# A retrying job to its queue now, once: only the caller whose ZREM removed it pushes it.
-_RETRY_NOW = """
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 1 then
-  redis.call('LPUSH', KEYS[2], ARGV[2])
-  redis.call('SADD', 'queues', ARGV[3])
-  return 1
-end
-return 0
-"""
-
 
 @dataclass(slots=True)
 class SidekiqCounts:
@@ -48,7 +38,6 @@ class SidekiqSets:
         self.store = SidekiqStore(connect(url))
         self.queues = list(queues)
         self.scan_limit = scan_limit
-        self._retry_now = self.store.client.register_script(_RETRY_NOW)
 
     async def close(self) -> None:
         await self.store.close()
@@ -103,11 +92,8 @@ class SidekiqSets:
                 assert letter.job is not None
                 fresh = sidekiq_jobs.encode(sidekiq_jobs.replayable(letter.job))
                 done = await self.store.replay(letter.entry, queue, fresh)
-            else:
-                keys = [store, sidekiq_jobs.queue_key(queue)]
-                done = bool(
-                    await self._retry_now(keys=keys, args=[letter.entry, letter.entry, queue])
-                )
+            else:  # a retrying job runs now, as it is
+                done = await self.store.replay(letter.entry, queue, letter.entry, store)
             if done:
                 outcome.done.append(letter)
             else:
