@@ -201,18 +201,17 @@ def build(settings: Settings) -> tuple[Consumer, Executor | ConsoleExecutor, Fai
         sidekiq_jobs.context if sidekiq else amqp_context,  # FASTWORKER_* params, delays
     )
     consumer: ConsumerBase[Any]
+    # What every consumer takes, whichever broker it reads.
+    common: dict[str, Any] = {
+        "concurrency": settings.jobs_in_flight,
+        "prefetch": settings.effective_prefetch,
+        "shutdown_timeout": settings.shutdown_timeout,
+        "max_message_size": settings.max_message_size,
+    }
     if sidekiq:
         from fastworker.sidekiq_consumer import SidekiqConsumer
 
-        consumer = SidekiqConsumer(
-            settings.redis_url,
-            settings.queues,
-            handler,
-            concurrency=settings.jobs_in_flight,
-            prefetch=settings.effective_prefetch,
-            shutdown_timeout=settings.shutdown_timeout,
-            max_message_size=settings.max_message_size,
-        )
+        consumer = SidekiqConsumer(settings.redis_url, settings.queues, handler, **common)
         consumer.classes = tuple(settings.sidekiq_class)
         # Due retries are looked for at least twice per --retry-delay, at most 10 times a second.
         consumer.poll_interval = min(1.0, max(0.1, settings.retry_delay / 2))
@@ -225,11 +224,8 @@ def build(settings: Settings) -> tuple[Consumer, Executor | ConsoleExecutor, Fai
             settings.effective_amqp_urls,
             settings.queues,
             handler,
-            concurrency=settings.jobs_in_flight,
-            prefetch=settings.effective_prefetch,
             prepare=amqp_failures.prepare,
-            shutdown_timeout=settings.shutdown_timeout,
-            max_message_size=settings.max_message_size,
+            **common,
         )
         # Queues it declares because they are missing: the work queue, its delay and
         # dead-letter queues.
