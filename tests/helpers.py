@@ -88,7 +88,22 @@ def wait_for(predicate, timeout: float = 10.0, interval: float = 0.05, what: str
         time.sleep(interval)
 
 
+# The metrics examples/grafana/fastworker.json reads: test_config checks the dashboard reads
+# only these, test_operations that a worker's /metrics has each of them.
+DASHBOARD_METRICS = (
+    "fastworker_jobs_total",
+    "fastworker_job_duration_seconds",
+    "fastworker_inflight_jobs",
+    "fastworker_concurrency",
+    "fastworker_fpm_connections",
+    "fastworker_fpm_errors_total",
+    "fastworker_broker_reconnects_total",
+    "fastworker_dead_letters_total",
+)
+
+
 __all__ = [
+    "DASHBOARD_METRICS",
     "bundle_message",
     "order_placed_data",
     "php_serialize_str",

@@ -10,6 +10,7 @@ import pytest
 
 from fastworker.cli import settings_from, worker_parser
 from fastworker.config import ConfigError, resolve
+from helpers import DASHBOARD_METRICS
 from services import SRC_DIR
 
 
@@ -161,16 +162,7 @@ def test_the_grafana_dashboard_reads_metrics_the_worker_exports() -> None:
     used = {
         re.sub(r"_(bucket|sum|count)$", "", name) for name in re.findall(r"fastworker_\w+", text)
     }
-    exported = {
-        "fastworker_jobs_total",
-        "fastworker_job_duration_seconds",
-        "fastworker_inflight_jobs",
-        "fastworker_concurrency",
-        "fastworker_fpm_connections",
-        "fastworker_fpm_errors_total",
-        "fastworker_broker_reconnects_total",
-        "fastworker_dead_letters_total",
-    }
+    exported = set(DASHBOARD_METRICS)
     assert used <= exported and len(used) == len(exported)
 
 

@@ -57,20 +57,10 @@ class Balancer:
         timeout: float,
         shared: bytes,
         callback: ResponseCallback,
+        tried: tuple[_Member, ...] = (),
     ) -> None:
-        """`FpmPool.request` on the least busy healthy endpoint, moving on while endpoints
-        refuse connections."""
-        self._send(params, stdin, timeout, shared, callback, ())
-
-    def _send(
-        self,
-        params: Mapping[str | bytes, str | bytes],
-        stdin: bytes,
-        timeout: float,
-        shared: bytes,
-        callback: ResponseCallback,
-        tried: tuple[_Member, ...],
-    ) -> None:
+        """`FpmPool.request` on the least busy healthy endpoint not `tried` for this job yet,
+        moving on while endpoints refuse connections."""
         member = self._pick(tried)
         if member is None:
             names = ", ".join(str(m.pool.endpoint) for m in self.members)
@@ -82,7 +72,7 @@ class Balancer:
             member.in_flight -= 1
             if isinstance(exc, FpmConnectFailed):
                 self._eject(member, exc)
-                self._send(params, stdin, timeout, shared, callback, (*tried, member))
+                self.request(params, stdin, timeout, shared, callback, (*tried, member))
                 return
             if member.backoff and exc is None:
                 log.warning("%s is back in the balance", member.pool.endpoint)

@@ -44,14 +44,16 @@ example:
 """
 
 
-def _positive_int(text: str) -> int:
+def positive_int(text: str) -> int:
+    """A flag value of at least 1 (argparse type; dlq and web use it too)."""
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
     return value
 
 
-def _positive_float(text: str) -> float:
+def positive_float(text: str) -> float:
+    """A flag value above 0 (argparse type; web uses it too)."""
     value = float(text)
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
@@ -199,7 +201,7 @@ def worker_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--concurrency",
-        type=_positive_int,
+        type=positive_int,
         default=4,
         metavar="N",
         help="most connections per FPM endpoint; keep it <= the pool's pm.max_children; "
@@ -207,7 +209,7 @@ def worker_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--pipeline",
-        type=_positive_int,
+        type=positive_int,
         default=4,
         metavar="N",
         help="requests written to one FPM connection at once: the next one waits in the "
@@ -216,7 +218,7 @@ def worker_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--prefetch",
-        type=_positive_int,
+        type=positive_int,
         default=0,
         metavar="N",
         help="unacked messages the broker may send ahead (default: max(64, 4 x jobs in flight))",
@@ -275,7 +277,7 @@ def worker_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--job-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=300.0,
         metavar="S",
         help="seconds a job may run before it fails and its connection is closed "
@@ -284,28 +286,28 @@ def worker_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--shutdown-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=30.0,
         metavar="S",
         help="on SIGTERM/SIGINT, seconds to let in-flight jobs finish (default: %(default)g)",
     )
     p.add_argument(
         "--connect-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=5.0,
         metavar="S",
         help="seconds to open a connection to FPM (default: %(default)g)",
     )
     p.add_argument(
         "--idle-timeout",
-        type=_positive_float,
+        type=positive_float,
         default=30.0,
         metavar="S",
         help="seconds an unused FPM connection stays open (default: %(default)g)",
     )
     p.add_argument(
         "--max-message-size",
-        type=_positive_int,
+        type=positive_int,
         default=8 * 1024 * 1024,
         metavar="BYTES",
         help="larger messages are dead-lettered as bad_message (default: %(default)s)",
@@ -321,21 +323,21 @@ def worker_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-attempts",
-        type=_positive_int,
+        type=positive_int,
         default=5,
         metavar="N",
         help="runs of a failing job before it is dead-lettered (default: %(default)s)",
     )
     p.add_argument(
         "--retry-delay",
-        type=_positive_float,
+        type=positive_float,
         default=1.0,
         metavar="S",
         help="delay before the first retry, doubled each time (default: %(default)g)",
     )
     p.add_argument(
         "--retry-max-delay",
-        type=_positive_float,
+        type=positive_float,
         default=300.0,
         metavar="S",
         help="longest delay between retries (default: %(default)g)",
@@ -561,7 +563,7 @@ def control_main(action: str, argv: list[str]) -> int:
         parser.add_argument(flag, dest=dest, metavar="PATH", help=text)
     parser.add_argument(
         "--wait",
-        type=_positive_float,
+        type=positive_float,
         default=3.0,
         metavar="S",
         help="seconds to collect the workers' answers (default: %(default)g)",

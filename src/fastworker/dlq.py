@@ -30,6 +30,8 @@ from fastworker import broker
 from fastworker.amqp_nodes import Nodes
 from fastworker.amqp_url import TLS_FLAGS, URL_HELP, UrlError, split_urls, with_files
 from fastworker.broker import Publisher, PublishFailed
+from fastworker.cli import positive_int, worker_parser
+from fastworker.config import ConfigError, preset
 from fastworker.failures import (
     ATTEMPTS,
     ERROR,
@@ -378,12 +380,6 @@ async def purge(args: argparse.Namespace) -> int:
     return 0
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
 
 # The worker's settings dlq reads as its defaults from $FASTWORKER_* and the --config file.
 PRESET_KEYS = (
@@ -455,7 +451,7 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
         description="Lists dead letters without consuming them: why each failed, how often.",
     )
     p.add_argument("--json", action="store_true", help="one JSON object per line")
-    p.add_argument("--limit", type=_positive_int, metavar="N", help="show the first N only")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="show the first N only")
     p.set_defaults(run=show)
     p = sub.add_parser(
         "replay",
@@ -464,7 +460,7 @@ def build_parser(defaults: dict[str, Any] | None = None) -> argparse.ArgumentPar
         description="Sends dead letters back to the queue they came from with their original "
         "body and properties and the attempt count reset. The others stay, in order.",
     )
-    p.add_argument("--limit", type=_positive_int, metavar="N", help="replay at most N")
+    p.add_argument("--limit", type=positive_int, metavar="N", help="replay at most N")
     p.add_argument(
         "--kind",
         action="append",
@@ -494,9 +490,6 @@ def _run(command: Callable[[argparse.Namespace], Awaitable[int]], args: argparse
 
 def main(argv: Sequence[str]) -> int:
     """Entry point of `fastworker dlq ...`; returns the exit status."""
-    from fastworker.cli import worker_parser
-    from fastworker.config import ConfigError, preset
-
     try:
         values = preset(worker_parser(), PRESET_KEYS, argv)
     except ConfigError as exc:

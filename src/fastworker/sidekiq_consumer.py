@@ -118,9 +118,14 @@ class SidekiqTransport(Transport):
             return
         exc = task.exception()
         if exc is not None:
-            if not isinstance(exc, CONNECTION_ERRORS):
-                log.error("Sidekiq transport task failed", exc_info=exc)
-            self._lose(f"{exc!r}")
+            self._failed(exc, "Sidekiq transport task failed")
+
+    def _failed(self, exc: BaseException, what: str) -> None:
+        """A task or write failed: the session ends (a lost connection quietly, anything
+        else logged with its traceback)."""
+        if not isinstance(exc, CONNECTION_ERRORS):
+            log.error(what, exc_info=exc)
+        self._lose(f"{what}: {exc!r}")
 
     def _lose(self, reason: str) -> None:
         self._alive = False
@@ -253,9 +258,7 @@ class SidekiqTransport(Transport):
             return
         exc = task.exception()
         if exc is not None:
-            if not isinstance(exc, CONNECTION_ERRORS):
-                log.error("Redis write failed", exc_info=exc)
-            self._lose(f"Redis write failed: {exc!r}")
+            self._failed(exc, "Redis write failed")
 
     async def flush(self) -> None:
         if self._settled and not self._settling:

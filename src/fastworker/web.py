@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 from fastworker import logs
 from fastworker.amqp_nodes import Nodes
 from fastworker.amqp_url import TLS_FLAGS, URL_HELP, UrlError, split_urls, with_files
+from fastworker.cli import positive_float, positive_int
 from fastworker.failures import RetryPolicy
 from fastworker.formats import FORMATS
 from fastworker.web_letters import ParseSettings
@@ -77,18 +78,6 @@ front of it, since basic auth sends the password with every request.
 """
 
 
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def build_parser(defaults: Mapping[str, Any] | None = None) -> argparse.ArgumentParser:
@@ -148,12 +137,12 @@ def build_parser(defaults: Mapping[str, Any] | None = None) -> argparse.Argument
     p.add_argument("--dead-letter-queue", default="{queue}.failed", metavar="NAME")
     p.add_argument(
         "--retry-delay",
-        type=_positive_float,
+        type=positive_float,
         default=1.0,
         metavar="S",
         help="as the worker's: names its delay queues (default: %(default)g)",
     )
-    p.add_argument("--retry-max-delay", type=_positive_float, default=300.0, metavar="S")
+    p.add_argument("--retry-max-delay", type=positive_float, default=300.0, metavar="S")
     p.add_argument(
         "--format",
         choices=FORMATS,
@@ -164,21 +153,21 @@ def build_parser(defaults: Mapping[str, Any] | None = None) -> argparse.Argument
     p.add_argument("--allow-param", action="append", default=[], metavar="GLOB")
     p.add_argument(
         "--interval",
-        type=_positive_float,
+        type=positive_float,
         default=2.0,
         metavar="S",
         help="seconds between reads of the workers' metrics (default: %(default)g)",
     )
     p.add_argument(
         "--history",
-        type=_positive_float,
+        type=positive_float,
         default=600.0,
         metavar="S",
         help="seconds of job rates kept and charted (default: %(default)g)",
     )
     p.add_argument(
         "--scan-limit",
-        type=_positive_int,
+        type=positive_int,
         default=10_000,
         metavar="N",
         help="most failed jobs read per listing (default: %(default)s)",

@@ -104,8 +104,7 @@ class Settings:
         if self.executor == "cli":
             return self.concurrency  # one process per job: nothing to pipeline
         if self.route == "balance":  # every endpoint at once: the sum of their caps
-            caps = [parse_fpm(text)[1] or self.concurrency for text in dict.fromkeys(self.fpm)]
-            return sum(caps) * self.pipeline
+            return sum(self.endpoint_caps()) * self.pipeline
         return self.concurrency * self.pipeline
 
     def endpoint_caps(self) -> list[int]:
