@@ -246,6 +246,17 @@ def with_files(
     return urlunsplit(parts._replace(query=urlencode([*kept, *given.items()], safe="/")))
 
 
+def broker_urls(
+    values: str | Sequence[str],
+    ca: str | None = None,
+    cert: str | None = None,
+    key: str | None = None,
+) -> list[str]:
+    """The nodes' URLs of `--amqp-url` (`split_urls`), each with --amqp-ca / --amqp-cert /
+    --amqp-key folded in (`with_files`): what the worker and every tool connect with."""
+    return [with_files(url, ca, cert, key) for url in split_urls(values)]
+
+
 def split_urls(values: str | Sequence[str]) -> list[str]:
     """The broker URLs of `--amqp-url` (repeatable, each a URL or a comma list), in order.
 

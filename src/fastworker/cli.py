@@ -9,7 +9,7 @@ import sys
 from collections.abc import Sequence
 
 from fastworker import __version__, logs, queue_types
-from fastworker.amqp_url import TLS_FLAGS, URL_HELP, split_urls
+from fastworker.amqp_url import TLS_FLAGS, URL_HELP, broker_urls, split_urls
 from fastworker.broker import masked
 from fastworker.config import ConfigError, render, resolve
 from fastworker.formats import FORMATS
@@ -541,7 +541,6 @@ def control_main(action: str, argv: list[str]) -> int:
     import asyncio
 
     from fastworker.amqp_nodes import Nodes
-    from fastworker.amqp_url import with_files
     from fastworker.config import preset
 
     parser = argparse.ArgumentParser(
@@ -581,10 +580,12 @@ def control_main(action: str, argv: list[str]) -> int:
 
     queues = [control.ALL] if args.all else args.queue
     try:
-        urls = [
-            with_files(url, args.amqp_ca, args.amqp_cert, args.amqp_key)
-            for url in split_urls(args.amqp_url or urls_found or [DEFAULT_URL])
-        ]
+        urls = broker_urls(
+            args.amqp_url or urls_found or [DEFAULT_URL],
+            args.amqp_ca,
+            args.amqp_cert,
+            args.amqp_key,
+        )
         answers, node = asyncio.run(control.send(Nodes.parse(urls), action, queues, args.wait))
     except Exception as exc:  # noqa: BLE001 - one line, whatever the broker said
         print(f"fastworker {action}: {exc}", file=sys.stderr)

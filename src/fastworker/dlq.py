@@ -28,7 +28,7 @@ from pamqp.commands import Basic
 
 from fastworker import broker
 from fastworker.amqp_nodes import Nodes
-from fastworker.amqp_url import TLS_FLAGS, URL_HELP, UrlError, split_urls, with_files
+from fastworker.amqp_url import TLS_FLAGS, URL_HELP, UrlError, broker_urls
 from fastworker.broker import Publisher, PublishFailed
 from fastworker.cli import positive_int, worker_parser
 from fastworker.config import ConfigError, preset
@@ -380,7 +380,6 @@ async def purge(args: argparse.Namespace) -> int:
     return 0
 
 
-
 # The worker's settings dlq reads as its defaults from $FASTWORKER_* and the --config file.
 PRESET_KEYS = (
     "backend",
@@ -501,11 +500,15 @@ def main(argv: Sequence[str]) -> int:
     preset_urls = values.pop("amqp_url", None)
     args = build_parser(values).parse_args(list(argv))
     try:
-        urls = split_urls(args.amqp_url or preset_urls or [DEFAULT_URL])
+        args.amqp_url = broker_urls(
+            args.amqp_url or preset_urls or [DEFAULT_URL],
+            args.amqp_ca,
+            args.amqp_cert,
+            args.amqp_key,
+        )
     except UrlError as exc:
         print(f"fastworker dlq: {exc}", file=sys.stderr)
         return 2
-    args.amqp_url = [with_files(u, args.amqp_ca, args.amqp_cert, args.amqp_key) for u in urls]
     if args.backend == "sidekiq":
         return _sidekiq(args)
     args.queue = args.queue or DEFAULT_QUEUE

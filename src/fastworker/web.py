@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 from fastworker import logs
 from fastworker.amqp_nodes import Nodes
-from fastworker.amqp_url import TLS_FLAGS, URL_HELP, UrlError, split_urls, with_files
+from fastworker.amqp_url import TLS_FLAGS, URL_HELP, UrlError, broker_urls
 from fastworker.cli import positive_float, positive_int
 from fastworker.failures import RetryPolicy
 from fastworker.formats import FORMATS
@@ -76,8 +76,6 @@ examples:
 Listening on anything but a loopback address needs --auth; put a reverse proxy with TLS in
 front of it, since basic auth sends the password with every request.
 """
-
-
 
 
 def build_parser(defaults: Mapping[str, Any] | None = None) -> argparse.ArgumentParser:
@@ -207,8 +205,8 @@ def parse(argv: Sequence[str], environ: Mapping[str, str] | None = None) -> argp
     for worker in args.workers:
         if not worker.startswith(("http://", "https://")):
             raise SecurityError(f"--workers takes http://HOST:PORT, got {worker!r}")
-    urls = split_urls(args.amqp_url or values.get("amqp_url") or [DEFAULT_URL])
-    args.amqp_url = [with_files(u, args.amqp_ca, args.amqp_cert, args.amqp_key) for u in urls]
+    urls = args.amqp_url or values.get("amqp_url") or [DEFAULT_URL]
+    args.amqp_url = broker_urls(urls, args.amqp_ca, args.amqp_cert, args.amqp_key)
     return args
 
 

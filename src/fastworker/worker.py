@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any
 import uvloop
 
 from fastworker import __version__, queue_types, sidekiq_jobs
-from fastworker.amqp_url import split_urls, with_files
+from fastworker.amqp_url import broker_urls
 from fastworker.balance import Balancer
 from fastworker.console_executor import ConsoleExecutor, ConsoleTargets, check_programs
 from fastworker.consumer import AmqpConsumer
@@ -89,10 +89,7 @@ class Settings:
     def effective_amqp_urls(self) -> list[str]:
         """Each --amqp-url with --amqp-ca/--amqp-cert/--amqp-key in its query: one URL says it
         all, for every node."""
-        return [
-            with_files(url, self.amqp_ca, self.amqp_cert, self.amqp_key)
-            for url in split_urls(self.amqp_url)
-        ]
+        return broker_urls(self.amqp_url, self.amqp_ca, self.amqp_cert, self.amqp_key)
 
     @property
     def effective_amqp_url(self) -> str:
