@@ -377,6 +377,12 @@ def test_a_killed_worker_is_recovered_at_once_on_the_same_host(
         what="every job",
     )
     assert time.monotonic() - started < sidekiq_store.HEARTBEAT_TTL
+    # The dead process's list is gone from the registry too, not looked at forever.
+    dead = sidekiq_store.INPROGRESS_LISTS
+    wait_for(
+        lambda: not any(f"-{first.pid}-".encode() in key for key in r.smembers(dead)),
+        what="the killed worker's list unregistered",
+    )
     assert read_records(fpm.record_file)
 
 

@@ -72,13 +72,14 @@ end
 return 0
 """
 
-# An in-progress list back to its queue, oldest job taken first again; for another process's
-# list only while its heartbeat is gone (ARGV[1] == '0'), checked in the same step.
+# An in-progress list back to its queue, oldest job taken first again; with ARGV[1] == '0'
+# only while its process's heartbeat is gone, checked in the same step; with ARGV[3] == '1'
+# the list is also dropped from the registry (its process is gone for good).
 _RECOVER = """
 if ARGV[1] == '0' and redis.call('EXISTS', KEYS[3]) == 1 then return -1 end
 local n = 0
 while redis.call('LMOVE', KEYS[1], KEYS[2], 'LEFT', 'RIGHT') do n = n + 1 end
-if ARGV[1] == '0' then redis.call('SREM', KEYS[4], KEYS[1]) end
+if ARGV[3] == '1' then redis.call('SREM', KEYS[4], KEYS[1]) end
 if n > 0 then redis.call('SADD', 'queues', ARGV[2]) end
 return n
 """
@@ -207,16 +208,19 @@ class SidekiqStore:
                 pipe.sadd(INPROGRESS_LISTS, *lists)
             await pipe.execute()
 
-    async def recover(self, inprogress: str, own: bool) -> int:
+    async def recover(self, inprogress: str, own: bool, forget: bool | None = None) -> int:
         """Pushes `inprogress` back to its queue: always when `own`, else only if its process
-        is gone (its heartbeat expired). Returns the jobs moved, -1 if the process lives."""
+        is gone (its heartbeat expired); `forget` (default: not `own`) also drops the list from
+        the registry. Returns the jobs moved, -1 if the process lives."""
         owner = owner_of(inprogress)
         if owner is None:
             await self.client.srem(INPROGRESS_LISTS, inprogress)
             return 0
         process, queue = owner
         keys = [inprogress, f"queue:{queue}", heartbeat_key(process), INPROGRESS_LISTS]
-        return int(await self._recover(keys=keys, args=["1" if own else "0", queue]))
+        forget = not own if forget is None else forget
+        args = ["1" if own else "0", queue, "1" if forget else "0"]
+        return int(await self._recover(keys=keys, args=args))
 
     async def recover_gone(self, own_process: str) -> dict[str, int]:
         """Every gone process's in-progress list back to its queue: {list: jobs moved}.
@@ -230,7 +234,7 @@ class SidekiqStore:
             if owner is not None and owner[0] == own_process:
                 continue
             dead_here = owner is not None and _died_on_this_host(owner[0])
-            n = await self.recover(key, own=dead_here)
+            n = await self.recover(key, own=dead_here, forget=True)
             if n > 0:
                 moved[key] = n
         return moved
