@@ -68,7 +68,9 @@ def read_records(path: str | os.PathLike[str]) -> list[tuple[int, str, int]]:
     if not p.exists():
         return []
     out: list[tuple[int, str, int]] = []
-    for line in p.read_text().splitlines():
+    text = p.read_text()
+    # A line PHP is still appending has no newline yet: it is read on the next poll.
+    for line in text[: text.rfind("\n") + 1].splitlines():
         if not line.strip():
             continue
         pid, digest, length = line.split()
