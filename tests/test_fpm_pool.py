@@ -361,6 +361,37 @@ def test_pipelined_requests_run_once_each(fpm_factory, max_requests: int) -> Non
         assert pipelined > 100  # most requests were written behind another
 
 
+@pytest.mark.parametrize("max_requests", [0, 3])
+def test_batched_pipelined_writes_on_a_unix_socket_run_once_each(
+    fpm_factory, max_requests: int
+) -> None:
+    # The worker's pools hold pipelined requests back while the child has more than half the
+    # pipeline in hand, and write them in one go (Unix sockets only): none may be lost, run
+    # twice or wait for ever, also when children end under pm.max_requests with some held.
+    server = fpm_factory(children=2, max_requests=max_requests, unix_socket=True)
+    datas = [f"batched-{i}" for i in range(400)]
+
+    async def main() -> tuple[list, int, int]:
+        endpoint = Endpoint.parse(server.address)
+        pool = FpmPool(endpoint, max_connections=2, pipeline=4, batch_writes=True)
+        assert pool.refill_at == 2
+        assert FpmPool(endpoint, 2, pipeline=4).refill_at == 4  # not asked: written at once
+        tcp = Endpoint("127.0.0.1", 9)
+        assert FpmPool(tcp, 2, pipeline=4, batch_writes=True).refill_at == 4  # Nagle on TCP
+        jobs = [params("record.php", DEFERRED_DATA=data) for data in datas]
+        outcomes = await drive(pool, jobs, in_flight=8)
+        await pool.close()
+        return outcomes, pool.pipelined, pool.held
+
+    outcomes, pipelined, held = run(main())
+    assert [exc for _, exc in outcomes] == [None] * len(datas)
+    assert all(body_of(response.stdout) == b"ok\n" for response, _ in outcomes)
+    expected = sorted(hashlib.sha1(d.encode()).hexdigest() for d in datas)
+    assert sorted(sha for _, sha, _ in server.records()) == expected  # each ran exactly once
+    if not max_requests:
+        assert held > 100  # most pipelined requests left in a batch of two
+
+
 def warm(pool: FpmPool) -> Any:
     """One request, so the pool has a connection that has served (pipelining needs one)."""
     return request_cb(pool, params("pid.php"), 10)

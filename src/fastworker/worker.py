@@ -275,6 +275,7 @@ def build_executor(settings: Settings) -> Executor | ConsoleExecutor:
         connect_timeout=settings.connect_timeout,
         idle_timeout=settings.idle_timeout,
         pipeline=settings.pipeline,
+        batch_writes=True,
         max_response_head=settings.max_response_head,
     )
     if settings.route == "balance":
