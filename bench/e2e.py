@@ -6,7 +6,8 @@ same dispatch script:
 (a) the ceiling: a private nginx passes requests to the pool over kept-alive FastCGI connections
     (an ``upstream`` with ``keepalive``, ``fastcgi_keep_conn on``), driven by wrk;
 (b) fastworker draining ``--jobs`` bundle-format messages queued beforehand on the running
-    RabbitMQ, then a paced latency phase (publish -> end of the PHP request).
+    RabbitMQ, then a paced latency phase (publish -> end of the PHP request), or with ``--rate``
+    a steady-rate run (publish -> start and end of the PHP script).
 
 CPU figures come from /proc (utime + stime) of the processes involved. See bench/README.md.
 
@@ -14,6 +15,8 @@ CPU figures come from /proc (utime + stime) of the processes involved. See bench
     python bench/e2e.py --quick
     python bench/e2e.py --sweep --json bench/out/sweep.json
     python bench/e2e.py --profile --jobs 20000        # py-spy on the worker during the drain
+    python bench/e2e.py --quick --job-ms 5 --children 8      # slow jobs: jobs/s of the maximum
+    python bench/e2e.py --children 16 --rate 3000 --seconds 10 --jobs 2000   # latency run
 """
 
 from __future__ import annotations
@@ -64,6 +67,8 @@ from services.rabbitmq import amqp_delete_queues, amqp_host_port, amqp_queue_cou
 
 DEFAULT_SCRIPT = ROOT / "examples" / "php" / "dispatch.php"
 TIMED_SCRIPT = BENCH_DIR / "php" / "timed.php"
+TIMED_START_SCRIPT = BENCH_DIR / "php" / "timed_start.php"
+SLEEP_SCRIPT = BENCH_DIR / "php" / "sleep.php"
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 QUEUE_PREFIX = "fwbench."
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -201,10 +206,33 @@ def broker_pid(url: str) -> int | None:
 # --------------------------------------------------------------------------- data
 
 
-def event_data(order_id: int, tag: str = "") -> str:
-    """base64(serialize(OrderPlaced)) of ~400 bytes; ``tag`` leads the payload."""
-    payload = (f"{tag} order {order_id} " if tag else f"order {order_id} ").ljust(PAYLOAD_LEN, "x")
+def event_data(order_id: int, tag: str = "", payload_len: int = PAYLOAD_LEN) -> str:
+    """base64(serialize(OrderPlaced)) of ~400 bytes (more with a longer ``payload_len``);
+    ``tag`` leads the payload."""
+    payload = (f"{tag} order {order_id} " if tag else f"order {order_id} ").ljust(payload_len, "x")
     return order_placed_data(order_id, payload)
+
+
+def payload_len_for(data_kb: float) -> int:
+    """The payload length that makes event_data() about ``data_kb`` KiB of base64 (at least
+    the usual ~400 bytes)."""
+    extra = round(data_kb * 1024) - len(event_data(0))
+    return PAYLOAD_LEN + max(0, extra * 3 // 4)
+
+
+def theoretical_max(args: argparse.Namespace) -> float | None:
+    """With --job-ms: jobs/s of all FPM children sleeping --job-ms per job and nothing else."""
+    return args.children * 1000 / args.job_ms if args.job_ms else None
+
+
+def _pcts(values: Sequence[float]) -> dict[str, float]:
+    """p50, p90, p99 and max of already sorted milliseconds."""
+    return {
+        "p50_ms": round(percentile(values, 0.50), 2),
+        "p90_ms": round(percentile(values, 0.90), 2),
+        "p99_ms": round(percentile(values, 0.99), 2),
+        "max_ms": round(values[-1], 2) if values else math.nan,
+    }
 
 
 def percentile(sorted_values: Sequence[float], q: float) -> float:
@@ -269,9 +297,11 @@ async def _publish_all(url: str, queue: str, bodies: Sequence[bytes]) -> None:
 
 async def _publish_paced(
     url: str, queue: str, make_body: Callable[[int, float], bytes], count: int, rate: float
-) -> None:
+) -> float:
     """Publish ``count`` messages evenly at ``rate``/s; each body is made (and stamped) just
     before it is sent. No publisher confirms: waiting for them would turn the pace into bursts.
+    Returns the seconds the publishing took: count/rate on pace, more if the publisher fell
+    behind (it then catches up in bursts).
     """
     conn = await aiormq.connect(url)
     try:
@@ -284,6 +314,7 @@ async def _publish_paced(
                 await channel.basic_publish(body, exchange="", routing_key=queue)
                 sent += 1
             await asyncio.sleep(max(0.0, start + sent / rate - time.monotonic()))
+        return time.monotonic() - start
     finally:
         await conn.close()
 
@@ -467,7 +498,9 @@ class Bench:
         self.procs: list[subprocess.Popen[bytes]] = []
         self.fpm: FpmServer | None = None
         self.broker = broker_pid(self.url)
-        self.sample = event_data(0)
+        self.sample = event_data(0)  # the ceiling's data: ~400 bytes, even with --body-kb
+        # --body-kb: the queued (drained) messages' data is about that size.
+        self.payload_len = payload_len_for(args.body_kb) if args.body_kb else PAYLOAD_LEN
 
     # ---- lifecycle
 
@@ -476,6 +509,7 @@ class Bench:
             "FASTWORKER_DEMO_LOG": str(self.done_log),
             "FW_BENCH_LATENCY_FILE": str(self.latency_log),
             "FW_BENCH_SCRIPT": str(self.script),
+            "FW_BENCH_JOB_MS": f"{self.args.job_ms:g}",  # bench/php/sleep.php (--job-ms)
         }
         try:
             self.fpm = start_fpm(
@@ -594,9 +628,9 @@ class Bench:
             cmd = [wrk, "-t1", f"-c{conns}", "--timeout", "10s"]
             self._wrk(cmd + ["-d1s", url])  # warm-up: connections, opcache
             self.done.reset()
-            note(f"ceiling: wrk -t1 -c{conns} -d{self.args.seconds}s ...")
+            note(f"ceiling: wrk -t1 -c{conns} -d{self.args.wrk_seconds}s ...")
             ng0, fpm0, t0 = cpu_seconds(proc.pid), fpm_cpu(fpm), time.monotonic()
-            text, wrk_cpu = self._wrk(cmd + [f"-d{self.args.seconds}s", url])
+            text, wrk_cpu = self._wrk(cmd + [f"-d{self.args.wrk_seconds}s", url])
             ng1, fpm1, t1 = cpu_seconds(proc.pid), fpm_cpu(fpm), time.monotonic()
         finally:
             self.stop(proc, signal.SIGQUIT)
@@ -670,6 +704,8 @@ class Bench:
             str(self.script),
             "--allow-script",
             str(TIMED_SCRIPT),
+            "--allow-script",
+            str(TIMED_START_SCRIPT),
             "--concurrency",
             str(concurrency),
             "--prefetch",
@@ -697,13 +733,17 @@ class Bench:
         src: Path = ROOT / "src",
         metrics: bool = False,
         web: bool | None = None,
+        rate: float = 0.0,
     ) -> dict[str, Any]:
-        """Queue ``jobs`` messages, start the worker, time the drain; then the latency phase.
+        """Queue ``jobs`` messages, start the worker, time the drain; then the latency phase
+        (``latency_jobs``), or with ``rate`` the steady-rate run (--rate for --seconds).
 
         ``src`` is the source tree the worker runs from (its compiled codecs built in place):
-        another checkout's, to compare two versions in one invocation. ``web`` (--compare-web):
-        the worker serves --metrics-port, and with True `fastworker web` reads it (every 2 s)
-        while a reader loads the dashboard's overview every 2 s, as its open page does.
+        another checkout's, to compare two versions in one invocation. ``metrics``: the worker
+        serves --metrics-port and a thread scrapes /metrics every second, until the worker is
+        stopped. ``web`` (--compare-web): the worker serves --metrics-port, and with True
+        `fastworker web` reads it (every 2 s) while a reader loads the dashboard's overview
+        every 2 s, as its open page does.
         """
         fpm = self.fpm
         assert fpm is not None
@@ -712,7 +752,10 @@ class Bench:
             label += f" ({src.parent.name})"
         queue = self.new_queue()
         asyncio.run(_declare(self.url, queue))
-        bodies = [self.body(event_data(i), self.script) for i in range(jobs)]
+        bodies = [
+            self.body(event_data(i, payload_len=self.payload_len), self.script) for i in range(jobs)
+        ]
+        body_bytes = round(sum(map(len, bodies)) / max(len(bodies), 1))
         note(f"{label}: publishing {jobs} messages to {queue} ...")
         t = time.monotonic()
         asyncio.run(_publish_all(self.url, queue, bodies))
@@ -747,10 +790,8 @@ class Bench:
         done = self._wait_done(worker, log, jobs, label, t0)
         t1 = time.monotonic()
         w1, b1, f1 = cpu_seconds(worker.pid), self._broker_cpu(), fpm_cpu(fpm)
-        if scraper is not None:
-            scrapes = scraper.stop()
-            if not scrapes:
-                raise BenchError(f"{label}: /metrics never answered on port {port}")
+        if scraper is not None:  # it goes on scraping through the latency phase or rate run
+            scrapes = scraper.ok
             note(f"{label}: /metrics scraped {scrapes} times during the drain")
         web_result: dict[str, Any] = {}
         if dashboard is not None and reader is not None:
@@ -770,13 +811,21 @@ class Bench:
         broker_idle = min(idle_before, self._broker_idle_rate())
         seconds = t1 - t0
         ours = (w1 - w0) + (b1 - b0) + (f1 - f0) + (me1 - me0)
+        most = theoretical_max(self.args)
         result: dict[str, Any] = {
             "concurrency": concurrency,
             "prefetch": prefetch,
             "jobs": jobs,
+            "body_bytes": body_bytes,
             "seconds": round(seconds, 3),
             "jobs_s": round(jobs / seconds, 1),
+            **(
+                {"max_jobs_s": round(most, 1), "of_max": round(jobs / seconds / most, 3)}
+                if most
+                else {}
+            ),
             "measured_from": started_by,
+            "metrics": scraper is not None,
             "worker_cpu_us": round((w1 - w0) / jobs * 1e6, 1),
             "worker_user_cpu_us": round((us1[0] - us0[0]) / jobs * 1e6, 1),
             "worker_system_cpu_us": round((us1[1] - us0[1]) / jobs * 1e6, 1),
@@ -789,6 +838,8 @@ class Bench:
             "broker_cpu_us_raw": round((b1 - b0) / jobs * 1e6, 1),
             "broker_idle_cpu_ms_s": round(broker_idle * 1e3, 1),
             "fpm_cpu_us": round((f1 - f0) / jobs * 1e6, 1),
+            # worker CPU per job / FPM CPU per job: the worker's cost next to PHP's own.
+            "worker_fpm_cpu_ratio": round((w1 - w0) / (f1 - f0), 3) if f1 > f0 else None,
             "machine_busy_cores": round((m1 - m0) / seconds, 2),
             "bench_busy_cores": round((me1 - me0) / seconds, 2),
             "others_busy_cores": round(max(0.0, (m1 - m0) - ours) / seconds, 2),
@@ -798,18 +849,33 @@ class Bench:
         note(
             f"{label}: {result['jobs_s']:,.0f} jobs/s, worker {result['worker_cpu_us']} us/job,"
             f" RabbitMQ {result['broker_cpu_us']} us/job, FPM {result['fpm_cpu_us']} us/job"
+            f" (worker/FPM {_ratio(result['worker_fpm_cpu_ratio'])})"
         )
         if profile_result is not None:
             result["profile"] = profile_result
-        if latency_jobs:
+        rate_jobs = 0
+        if rate:
+            result["rate_run"] = self._rate_run(queue, rate, self.args.seconds, label)
+            rate_jobs, latency_jobs = result["rate_run"]["jobs"], 0  # it replaces the phase
+        elif latency_jobs:
             result["latency"] = self._latency_phase(queue, latency_jobs, result["jobs_s"], label)
+        if scraper is not None:
+            result["metrics_scrapes"] = scrapes
+            result["metrics_scrapes_total"] = scraper.stop()
+            if not result["metrics_scrapes_total"]:
+                raise BenchError(f"{label}: /metrics never answered on port {port}")
         result["peak_rss_mib"] = round(vm_hwm_mib(worker.pid), 1)
         code = self.stop(worker, wait=60)
         result["worker_exit"] = code
         left = amqp_queue_count(self.url, queue)
         runs = self.done.count()
-        expected = jobs + latency_jobs
+        expected = jobs + latency_jobs + rate_jobs
+        result["runs"], result["published"] = runs, expected
         result["exactly_once"] = left == 0 and runs == expected
+        if rate_jobs:  # and each rate-run message's probe ran once
+            probes = LineCounter(self.latency_log).count()
+            result["rate_run"]["probe_lines"] = probes
+            result["exactly_once"] = result["exactly_once"] and probes == rate_jobs
         problems = _problems(log, r" (?:WARNING|ERROR|CRITICAL) ")
         result["worker_log_problems"] = len(problems)
         if code != 0 or left or runs != expected or problems:
@@ -917,16 +983,64 @@ class Bench:
         result = {
             "jobs": count,
             "rate_s": rate,
-            "p50_ms": round(percentile(values, 0.50), 2),
-            "p90_ms": round(percentile(values, 0.90), 2),
-            "p99_ms": round(percentile(values, 0.99), 2),
-            "max_ms": round(values[-1], 2),
+            **_pcts(values),
             "how": "publish (time.time() embedded in the event just before basic_publish) -> "
             "end of the PHP request (microtime(true) in a shutdown function of "
             "bench/php/timed.php, which runs the same dispatch script); paced publishing "
             "while the worker had nothing else queued",
         }
         note(f"{label}: latency p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms")
+        return result
+
+    def _rate_run(self, queue: str, rate: float, seconds: float, label: str) -> dict[str, Any]:
+        """--rate: publish ``rate`` jobs/s for ``seconds`` onto the idle worker; publish -> the
+        first statement of the PHP script (and -> the end of the request)."""
+        count = max(1, round(rate * seconds))
+        note(f"{label}: rate run, {count} jobs at {rate:,.0f}/s for {seconds:g} s ...")
+        before = self.done.count()
+        self.latency_log.write_bytes(b"")
+
+        def make(i: int, now: float) -> bytes:
+            data = event_data(2_000_000 + i, f"published={now:.6f}")
+            return self.body(data, TIMED_START_SCRIPT)
+
+        took = asyncio.run(_publish_paced(self.url, queue, make, count, rate))
+        published_rate = count / took
+        if published_rate < 0.95 * rate:
+            note(f"{label}: WARNING the publisher kept up only {published_rate:,.0f}/s")
+        latency = LineCounter(self.latency_log)
+        last, last_change = -1, time.monotonic()
+        while latency.count() < count or self.done.count() < before + count:
+            if latency.lines != last:
+                last, last_change = latency.lines, time.monotonic()
+            elif time.monotonic() - last_change > STALL_SECONDS:
+                raise BenchError(f"rate run: only {latency.lines}/{count} jobs recorded")
+            time.sleep(0.01)
+        rows = [
+            [float(x) for x in line.split()]
+            for line in self.latency_log.read_text().splitlines()
+            if line
+        ]
+        to_start = sorted((start - published) * 1e3 for published, start, _ in rows)
+        to_end = sorted((end - published) * 1e3 for published, _, end in rows)
+        result = {
+            "jobs": count,
+            "rate_s": rate,
+            "seconds": seconds,
+            "published_rate_s": round(published_rate, 1),
+            "publish_seconds": round(took, 3),
+            "start": _pcts(to_start),
+            "end": _pcts(to_end),
+            "how": "publish (time.time() embedded in the event just before basic_publish, "
+            "paced evenly, no publisher confirms) -> start: microtime(true) as the first "
+            "statement of bench/php/timed_start.php; end: microtime(true) in its shutdown "
+            "function, after the same dispatch script ran; onto the idle worker",
+        }
+        start, end = result["start"], result["end"]
+        note(
+            f"{label}: publish -> PHP start p50 {start['p50_ms']} ms, p99 {start['p99_ms']} ms;"
+            f" -> end p50 {end['p50_ms']} ms, p99 {end['p99_ms']} ms"
+        )
         return result
 
     # ---- py-spy
@@ -1021,8 +1135,16 @@ def combine_ceilings(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _ms4(p: dict[str, Any]) -> str:
+    return f"{p['p50_ms']} / {p['p90_ms']} / {p['p99_ms']} / {p['max_ms']} ms"
+
+
+def _ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
 def print_report(results: dict[str, Any]) -> None:
-    ceiling, drain = results["ceiling"], results["drain"]
+    ceiling, drain, args = results["ceiling"], results["drain"], results["args"]
     latency = drain.get("latency")
     ratio = drain["jobs_s"] / ceiling["req_s"]
     rows = [
@@ -1036,9 +1158,26 @@ def print_report(results: dict[str, Any]) -> None:
         (
             "fastworker jobs/s",
             f"{drain['jobs_s']:,.0f}",
-            f"{drain['jobs']} jobs queued beforehand, {drain['seconds']} s",
+            f"{drain['jobs']} jobs queued beforehand ({drain['body_bytes']:,} B each),"
+            f" {drain['seconds']} s",
         ),
         ("ratio to ceiling", f"{ratio:.2f}x", "target >= 0.90x"),
+    ]
+    if "of_max" in drain:
+        rows += [
+            (
+                "theoretical max jobs/s",
+                f"{drain['max_jobs_s']:,.0f}",
+                f"{args['children']} children / {args['job_ms']:g} ms per job",
+            ),
+            (
+                "fastworker of max",
+                f"{drain['of_max']:.2f}x",
+                f"jobs/s / max (concurrency {drain['concurrency']})",
+            ),
+            ("ceiling of max", f"{ceiling['of_max']:.2f}x", "nginx -> FPM req/s / max"),
+        ]
+    rows += [
         (
             "worker CPU / job",
             f"{drain['worker_cpu_us']:.1f} us",
@@ -1060,7 +1199,12 @@ def print_report(results: dict[str, Any]) -> None:
         (
             "FPM CPU / job",
             f"{drain['fpm_cpu_us']:.1f} us",
-            f"ceiling run: {ceiling['fpm_cpu_us']} us/req",
+            f"master + children; ceiling run: {ceiling['fpm_cpu_us']} us/req",
+        ),
+        (
+            "worker CPU / FPM CPU",
+            _ratio(drain["worker_fpm_cpu_ratio"]),
+            "(worker CPU / job) / (FPM CPU / job), over the drain",
         ),
         (
             "nginx + wrk CPU / request",
@@ -1077,21 +1221,66 @@ def print_report(results: dict[str, Any]) -> None:
                 f"{latency['jobs']} jobs at {latency['rate_s']:,.0f}/s",
             )
         )
+    rate_run = drain.get("rate_run")
+    if rate_run:
+        rows += [
+            (
+                "rate run",
+                f"{rate_run['published_rate_s']:,.0f} jobs/s",
+                f"{rate_run['jobs']} jobs published in {rate_run['publish_seconds']} s"
+                f" (--rate {rate_run['rate_s']:,.0f} x --seconds {rate_run['seconds']:g})"
+                " onto the idle worker",
+            ),
+            (
+                "-> PHP start p50/p90/p99/max",
+                _ms4(rate_run["start"]),
+                "publish -> first statement of the PHP script",
+            ),
+            (
+                "-> PHP end p50/p90/p99/max",
+                _ms4(rate_run["end"]),
+                "publish -> end of the PHP request",
+            ),
+        ]
+    if drain.get("metrics"):
+        rows.append(
+            (
+                "metrics",
+                f"{drain['metrics_scrapes']} scrapes",
+                "worker with --metrics-port, /metrics scraped every second during the drain"
+                f" ({drain['metrics_scrapes_total']} until it stopped)",
+            )
+        )
     rows += [
-        ("worker peak RSS", f"{drain['peak_rss_mib']} MiB", "VmHWM"),
+        (
+            "worker peak RSS",
+            f"{drain['peak_rss_mib']} MiB",
+            f"VmHWM at the end; prefetch {drain['prefetch']},"
+            f" {drain['body_bytes']:,} B queued messages",
+        ),
         (
             "machine busy during drain",
             f"{drain['machine_busy_cores']} cores",
             f"bench's polling {drain['bench_busy_cores']}, "
             f"other users {drain['others_busy_cores']}",
         ),
-        ("exactly once", "yes" if drain["exactly_once"] else "NO", "runs == jobs, queue empty"),
+        (
+            "exactly once",
+            "yes" if drain["exactly_once"] else "NO",
+            f"runs {drain['runs']} == jobs published {drain['published']}, queue empty",
+        ),
     ]
-    args = results["args"]
+    extras = "".join(
+        [
+            f", {args['job_ms']:g} ms jobs" if args["job_ms"] else "",
+            f", ~{args['body_kb']:g} KB queued data" if args["body_kb"] else "",
+            ", with --metrics-port" if drain.get("metrics") else "",
+        ]
+    )
     print(
         f"\nfastworker e2e: {args['children']} static FPM children"
         f" ({'Unix socket' if args['unix_socket'] else 'TCP loopback'}),"
-        f" {Path(args['script']).name},"
+        f" {Path(args['script']).name}{extras},"
         f" concurrency {drain['concurrency']}, pipeline {args['pipeline']},"
         f" prefetch {drain['prefetch']}, codec {results['machine']['codec']}"
     )
@@ -1120,8 +1309,9 @@ def compare(bench: Bench, args: argparse.Namespace) -> dict[str, list[dict[str, 
                     args.latency_jobs,
                     False,
                     src,
-                    metrics=args.compare_metrics and name == "current",
+                    metrics=args.metrics_port or (args.compare_metrics and name == "current"),
                     web=(name == "current") if args.compare_web else None,
+                    rate=args.rate,
                 )
             )
     return out
@@ -1132,40 +1322,64 @@ def print_compare(results: dict[str, Any]) -> None:
     ceiling = results["ceiling"]["req_s"]
     compare = results["compare"]
 
-    def mean(name: str, key: str) -> float:
-        values = [drain[key] for drain in compare[name]]
-        return sum(values) / len(values)
+    def value(drain: dict[str, Any], key: str) -> float | None:
+        """A drain's figure; "rate_run.start.p99_ms" reaches into the rate run's."""
+        out: Any = drain
+        for part in key.split("."):
+            out = out.get(part) if isinstance(out, dict) else None
+        return out
 
-    rows = []
-    for key, label, fmt in (
+    def mean(name: str, key: str) -> float | None:
+        values = [v for v in (value(drain, key) for drain in compare[name]) if v is not None]
+        return sum(values) / len(values) if values else None
+
+    specs: list[tuple[str, str, Callable[[float], str]]] = [
         ("jobs_s", "ratio to ceiling", lambda v: f"{v / ceiling:.2f}x"),
+    ]
+    if results["args"].get("job_ms"):
+        specs.append(("of_max", "jobs/s of the max", lambda v: f"{v:.2f}x"))
+    specs += [
         ("worker_cpu_us", "worker CPU / job", lambda v: f"{v:.1f} us"),
         ("fpm_cpu_us", "FPM CPU / job", lambda v: f"{v:.1f} us"),
+        ("worker_fpm_cpu_ratio", "worker CPU / FPM CPU", lambda v: f"{v:.2f}"),
         ("broker_cpu_us", "RabbitMQ CPU / job", lambda v: f"{v:.1f} us"),
         ("peak_rss_mib", "worker peak RSS", lambda v: f"{v:.1f} MiB"),
-    ):
+    ]
+    if results["args"].get("rate"):
+        specs += [
+            (f"rate_run.{end}.{p}_ms", f"-> PHP {end} {p}", lambda v: f"{v:.2f} ms")
+            for end in ("start", "end")
+            for p in ("p50", "p99")
+        ]
+
+    def show(fmt: Callable[[float], str], v: float | None) -> str:
+        return "-" if v is None else fmt(v)
+
+    rows = []
+    for key, label, fmt in specs:
         before, after = mean("reference", key), mean("current", key)
         runs = " / ".join(
-            f"{fmt(r[key])} -> {fmt(c[key])}"
+            f"{show(fmt, value(r, key))} -> {show(fmt, value(c, key))}"
             for r, c in zip(compare["reference"], compare["current"], strict=True)
         )
-        rows.append(
-            (label, fmt(before), fmt(after), f"{after / before:.2f}" if before else "-", runs)
-        )
+        ratio = f"{after / before:.2f}" if before and after is not None else "-"
+        rows.append((label, show(fmt, before), show(fmt, after), ratio, runs))
     once = all(d["exactly_once"] for name in compare for d in compare[name])
+    on = " with --metrics-port" if results["args"].get("metrics_port") else ""
     before = (
         "this tree without --metrics-port"
         if results["args"].get("compare_metrics")
-        else "--metrics-port, nothing reading it"
+        else "--metrics-port, " + ("/metrics scraped every second" if on else "nothing reading it")
         if results["args"].get("compare_web")
-        else f"--reference-src {results['args']['reference_src']}"
+        else f"--reference-src {results['args']['reference_src']}{on}"
     )
     after = (
         "with --metrics-port, /metrics scraped every second"
         if results["args"].get("compare_metrics")
         else "fastworker web reading it every 2 s, its overview loaded every 2 s"
+        + (", /metrics scraped every second" if on else "")
         if results["args"].get("compare_web")
-        else "this tree"
+        else f"this tree{on}"
     )
     print(
         f"\nbefore ({before}) and after ({after}), "
@@ -1202,16 +1416,20 @@ def _print_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> None:
 def print_sweep(results: dict[str, Any]) -> None:
     ceiling = results["ceiling"]["req_s"]
     runs = " / ".join(f"{r:,.0f}" for r in results["ceiling"]["req_s_runs"])
-    print(f"\nsweep: ceiling {ceiling:,.0f} req/s (mean of {runs}, before / after)")
+    most = results["ceiling"].get("max_req_s")
+    of_max = f", {results['ceiling']['of_max']:.2f}x of the max {most:,.0f}" if most else ""
+    print(f"\nsweep: ceiling {ceiling:,.0f} req/s (mean of {runs}, before / after){of_max}")
     rows = [
         (
             str(r["concurrency"]),
             str(r["prefetch"]),
             f"{r['jobs_s']:,.0f}",
             f"{r['jobs_s'] / ceiling:.2f}x",
+            *([f"{r['of_max']:.2f}x"] if most else []),
             f"{r['worker_cpu_us']:.1f}",
             f"{r['broker_cpu_us']:.1f}" + ("" if r["broker_cpu_reliable"] else "?"),
             f"{r['fpm_cpu_us']:.1f}",
+            _ratio(r["worker_fpm_cpu_ratio"]),
             f"{r['peak_rss_mib']}",
             "yes" if r["exactly_once"] else "NO",
             f"{r['others_busy_cores']:.2f}",
@@ -1224,9 +1442,11 @@ def print_sweep(results: dict[str, Any]) -> None:
             "prefetch",
             "jobs/s",
             "ratio",
+            *(["of max"] if most else []),
             "worker us",
             "rabbit us",
             "fpm us",
+            "worker/fpm",
             "RSS MiB",
             "once",
             "others' cores",
@@ -1294,9 +1514,33 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--children", type=int, default=4, help="static FPM children (default: 4)")
     p.add_argument(
         "--script",
-        default=str(DEFAULT_SCRIPT),
+        default=None,
         help="dispatch script; it must append one line per job to $FASTWORKER_DEMO_LOG "
-        "(default: examples/php/dispatch.php; bench/php/trivial.php has no framework)",
+        "(default: examples/php/dispatch.php, with --job-ms bench/php/sleep.php; "
+        "bench/php/trivial.php has no framework)",
+    )
+    p.add_argument(
+        "--job-ms",
+        type=float,
+        default=0,
+        metavar="N",
+        help="slow jobs: every job (and every ceiling request) runs bench/php/sleep.php, which "
+        "sleeps N ms and then records the job as trivial.php does; jobs/s are also shown as a "
+        "ratio to the maximum, --children / N ms",
+    )
+    p.add_argument(
+        "--body-kb",
+        type=float,
+        default=0,
+        metavar="K",
+        help="the drained messages' data is about K KB each (default: ~0.4), e.g. for the "
+        "worker's peak RSS with a large --prefetch; the ceiling keeps ~0.4 KB",
+    )
+    p.add_argument(
+        "--metrics-port",
+        action="store_true",
+        help="every drain's worker serves --metrics-port (a free loopback port) and /metrics "
+        "is scraped every second while it runs",
     )
     p.add_argument(
         "--unix-socket",
@@ -1325,7 +1569,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--rounds", type=int, default=1, help="with --reference-src: alternating drains each"
     )
-    p.add_argument("--seconds", type=int, default=10, help="wrk duration (default: 10)")
+    p.add_argument("--wrk-seconds", type=int, default=10, help="wrk duration (default: 10)")
     p.add_argument("--wrk-connections", type=int, default=0, help="default: 2 x --children")
     p.add_argument("--nginx-keepalive", type=int, default=8, help="upstream keepalive (8)")
     p.add_argument("--concurrency", type=int, default=0, help="default: --children")
@@ -1345,6 +1589,21 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     )
     p.add_argument("--latency-jobs", type=int, default=5000, help="0 skips the phase (5000)")
     p.add_argument("--latency-rate", type=float, default=0, help="jobs/s (default: drain/2)")
+    p.add_argument(
+        "--rate",
+        type=float,
+        default=0,
+        metavar="R",
+        help="after the drain, publish R jobs/s for --seconds onto the idle worker and measure "
+        "publish -> start (and end) of the PHP script; replaces the latency phase",
+    )
+    p.add_argument(
+        "--seconds",
+        type=float,
+        default=None,
+        metavar="S",
+        help="the --rate run's duration (default: 10; wrk's is --wrk-seconds)",
+    )
     p.add_argument(
         "--baseline-seconds", type=float, default=2.0, help="each broker idle sample (2)"
     )
@@ -1379,8 +1638,25 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="regex of the worker log line that marks the start of consuming",
     )
     args = p.parse_args(argv)
+    if args.seconds is not None and not args.rate:
+        p.error("--seconds is the --rate run's duration; wrk's is --wrk-seconds")
+    if args.rate < 0 or (args.seconds is not None and args.seconds <= 0):
+        p.error("--rate and --seconds must be above 0")
+    if args.rate and args.sweep:
+        p.error("--sweep runs no latency phase: no --rate either")
+    if args.jobs < 1 or args.job_ms < 0 or args.body_kb < 0:
+        p.error("--jobs must be at least 1, --job-ms and --body-kb at least 0")
+    if args.metrics_port and args.compare_metrics:
+        p.error("--compare-metrics drains without, then with --metrics-port: not both")
+    if args.job_ms and args.script is not None:
+        p.error("--job-ms runs bench/php/sleep.php (trivial.php after the sleep): no --script")
+    args.script = str(SLEEP_SCRIPT if args.job_ms else args.script or DEFAULT_SCRIPT)
+    if args.rate:
+        args.seconds = args.seconds or 10.0
+        args.latency_jobs = 0  # the rate run replaces the latency phase
     if args.quick:
-        args.jobs, args.seconds = min(args.jobs, 2000), min(args.seconds, 3)
+        args.jobs, args.wrk_seconds = min(args.jobs, 2000), min(args.wrk_seconds, 3)
+        args.seconds = args.seconds and min(args.seconds, 3.0)
         args.latency_jobs = min(args.latency_jobs, 300)
         args.baseline_seconds = min(args.baseline_seconds, 0.5)
         args.sweep_prefetch = args.sweep_prefetch[:2]
@@ -1426,7 +1702,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             ceilings = [bench.run_ceiling()]
             if args.sweep:
                 results["sweep"] = [
-                    bench.run_drain(c, p, args.sweep_jobs, 0, False)
+                    bench.run_drain(c, p, args.sweep_jobs, 0, False, metrics=args.metrics_port)
                     for c in args.sweep_concurrency
                     for p in args.sweep_prefetch
                 ]
@@ -1435,11 +1711,21 @@ def main(argv: Sequence[str] | None = None) -> int:
                 results["drain"] = results["compare"]["current"][0]
             else:
                 results["drain"] = bench.run_drain(
-                    args.concurrency, args.prefetch, args.jobs, args.latency_jobs, args.profile
+                    args.concurrency,
+                    args.prefetch,
+                    args.jobs,
+                    args.latency_jobs,
+                    args.profile,
+                    metrics=args.metrics_port,
+                    rate=args.rate,
                 )
             # Again after the drain: other users' load comes and goes; the mean is the ceiling.
             ceilings.append(bench.run_ceiling())
             results["ceiling"] = combine_ceilings(ceilings)
+            most = theoretical_max(args)
+            if most:
+                results["ceiling"]["max_req_s"] = round(most, 1)
+                results["ceiling"]["of_max"] = round(results["ceiling"]["req_s"] / most, 3)
     except BenchError as exc:
         note(f"FAILED: {exc}")
         return 1
@@ -1449,8 +1735,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.sweep:
         print_sweep(results)
         plot = Path(args.plot)
-        plot_sweep(results, plot)
-        note(f"plot written to {plot}")
+        try:
+            plot_sweep(results, plot)
+            note(f"plot written to {plot}")
+        except ImportError:
+            note("no plot: matplotlib is not installed (pip install -e '.[bench]')")
         json_path = Path(args.json or plot.with_suffix(".json"))
     else:
         print_report(results)
