@@ -432,3 +432,38 @@ def test_fastworker_check_tries_redis_for_the_sidekiq_backend(
     down = [a if a != sidekiq_url else "redis://127.0.0.1:1/0" for a in args]
     failed = subprocess.run(down, capture_output=True, text=True, timeout=60, env=env, check=False)
     assert failed.returncode == 1 and "FIX  Redis redis://127.0.0.1:1/0" in failed.stdout
+
+
+def test_a_failure_record_and_leaving_progress_are_one_step(
+    sidekiq_url: str, r: redis.Redis
+) -> None:
+    """A failed job enters `retry`/`dead` in the same step as it leaves the in-progress list:
+    a worker killed in between leaves the job or its record, never both (which ran it twice and
+    made two dead entries). If the job is no longer in progress (a worker took this one for
+    gone and put it back in its queue), nothing is written: the queue's copy runs."""
+    import asyncio
+
+    inprogress = sidekiq_store.inprogress_key("here-1-abcdef", "q")
+    r.lpush(inprogress, b"job-a", b"job-b")
+
+    async def main() -> tuple[bool, bool, bool, bool]:
+        store = sidekiq_store.SidekiqStore(sidekiq_store.connect(sidekiq_url))
+        try:
+            killed = await store.kill(b'{"jid":"a"}', (inprogress, b"job-a"))
+            retried = await store.add_failed(
+                "retry", time.time() + 60, b'{"jid":"b"}', (inprogress, b"job-b")
+            )
+            # job-a left the list with its record: a second outcome for it (as when a recovery
+            # had moved it back to its queue first) writes nothing.
+            again = await store.kill(b'{"jid":"a2"}', (inprogress, b"job-a"))
+            plain = await store.schedule(time.time() + 60, b'{"jid":"c"}')
+            return killed, retried, again, plain
+        finally:
+            await store.close()
+
+    assert asyncio.run(main()) == (True, True, False, True)
+    assert r.zrange("dead", 0, -1) == [b'{"jid":"a"}']
+    assert r.zrange("retry", 0, -1) == [b'{"jid":"b"}']
+    assert r.zrange("schedule", 0, -1) == [b'{"jid":"c"}']
+    assert r.llen(inprogress) == 0
+    assert int(r.get("stat:failed")) == 2  # the dead and the retried one; not the scheduled

@@ -37,3 +37,7 @@ class Message:
     # a body over --max-message-size (then not kept: `body` is empty). The job is refused as
     # bad_message with this text; nothing else about the connection is affected.
     problem: str = ""
+    # What the transport needs to take the delivery off the broker in the same step as its
+    # failure record is written (Sidekiq: the in-progress list and the job's text), so a worker
+    # killed in between leaves either the job or its record, never both; None for AMQP.
+    receipt: Any = None

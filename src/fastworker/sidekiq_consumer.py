@@ -168,9 +168,7 @@ class SidekiqTransport(Transport):
             room = consumer.prefetch - len(self._jobs)
             # Refill when the jobs waiting to start run low or half the window is free: one
             # script call then moves many jobs, instead of one call per job that settled.
-            if room <= 0 or (
-                len(waiting) >= consumer.concurrency and 2 * room < consumer.prefetch
-            ):
+            if room <= 0 or (len(waiting) >= consumer.concurrency and 2 * room < consumer.prefetch):
                 self._room.clear()
                 await self._room.wait()
                 continue
@@ -187,7 +185,9 @@ class SidekiqTransport(Transport):
             for raw in raws:
                 self._next_tag += 1
                 jobs[self._next_tag] = (queue, raw)
-                batch.append((self, self._next_tag, sidekiq_jobs.message_of(raw, queue, classes)))
+                message = sidekiq_jobs.message_of(raw, queue, classes)
+                message.receipt = (inprogress, raw)
+                batch.append((self, self._next_tag, message))
             consumer.deliver(batch)
 
     async def cancel(self) -> None:

@@ -65,7 +65,8 @@ class SidekiqFailures(Tally):
             infra = infra + 1 if isinstance(infra, int) and infra >= 0 else 1
             job[jobs.INFRA_RETRIES] = infra
             at = now + self._delay(infra)
-            await store.add_failed("schedule", at, jobs.encode(job))
+            if not await store.add_failed("schedule", at, jobs.encode(job), message.receipt):
+                return _gone(message)
             self.tally(message.queue, result.kind, "requeue")
             log.warning(
                 "job %s from %s not run (%s); back to the queue after a delay",
@@ -81,7 +82,10 @@ class SidekiqFailures(Tally):
         runs = 1 if result.kind in REFUSED else jobs.max_runs(job, self.policy.max_attempts)
         if attempts < runs:
             delay = self._delay(attempts)
-            await store.add_failed("retry", now + delay, jobs.encode(record))
+            if not await store.add_failed(
+                "retry", now + delay, jobs.encode(record), message.receipt
+            ):
+                return _gone(message)
             self.tally(message.queue, result.kind, "retry")
             log.warning(
                 "job %s from %s failed (%s%s): %s; attempt %d of %d, retry in %.1f s",
@@ -96,7 +100,8 @@ class SidekiqFailures(Tally):
                 extra=log_fields(message, result, attempts),
             )
             return
-        await store.kill(jobs.encode(record))
+        if not await store.kill(jobs.encode(record), message.receipt):
+            return _gone(message)
         self.tally(message.queue, result.kind, "dead_letter")
         log.error(
             "job %s from %s moved to Sidekiq's dead set (%s%s): %s; attempts %d",
@@ -124,7 +129,8 @@ class SidekiqFailures(Tally):
             retry_count=0,
         )
         job[jobs.ERROR] = orjson.loads(error_json(result, 0, message.queue, now, now, self.worker))
-        await store.kill(jobs.encode(job))
+        if not await store.kill(jobs.encode(job), message.receipt):
+            return _gone(message)
         self.tally(message.queue, result.kind, "dead_letter")
         log.error(
             "job %s from %s moved to Sidekiq's dead set (%s): %s",
@@ -141,7 +147,8 @@ class SidekiqFailures(Tally):
         job = dict(message.headers)
         job.setdefault("queue", message.queue)
         job[jobs.DELAYED] = ms
-        await store.schedule(time.time() + ms / 1000, jobs.encode(job))
+        if not await store.schedule(time.time() + ms / 1000, jobs.encode(job), message.receipt):
+            return _gone(message)
         self.counts["delayed"] += 1
         log.debug(
             "job %s from %s waits %.1f s in Sidekiq's schedule before its first run",
@@ -153,3 +160,15 @@ class SidekiqFailures(Tally):
 
     def _delay(self, retry: int) -> float:
         return self.policy.delay_ms(retry) / 1000 * random.uniform(1 - JITTER, 1.0)
+
+
+def _gone(message: Message) -> None:
+    """The job was no longer in this process's in-progress list when its outcome was to be
+    written: this process was taken for gone (its heartbeat expired) and the job went back to
+    its queue, where it runs again. Writing the outcome too would make two of it."""
+    log.warning(
+        "job %s from %s had gone back to its queue (this worker was taken for gone); its "
+        "outcome here is dropped, the job runs again",
+        message.headers.get("jid"),
+        message.queue,
+    )

@@ -84,6 +84,26 @@ if n > 0 then redis.call('SADD', 'queues', ARGV[2]) end
 return n
 """
 
+# A job into sorted set KEYS[1] (`retry`, `schedule`, `dead`) at score ARGV[1] as ARGV[2], and
+# out of the in-progress list KEYS[2] (its text ARGV[3]) in the same step; nothing at all if it
+# is no longer there (its process was taken for gone and the job went back to its queue, where
+# it runs again). ARGV[4] == '1': counted as failed (KEYS[3], KEYS[4] the stats); ARGV[5], if
+# set: entries scored up to it are dropped, and all but the newest ARGV[6].
+_PARK = """
+if KEYS[2] ~= '' and redis.call('LREM', KEYS[2], -1, ARGV[3]) == 0 then return 0 end
+redis.call('ZADD', KEYS[1], ARGV[1], ARGV[2])
+if ARGV[5] ~= '' then
+  redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', ARGV[5])
+  redis.call('ZREMRANGEBYRANK', KEYS[1], 0, -tonumber(ARGV[6]) - 1)
+end
+if ARGV[4] == '1' then
+  redis.call('INCR', KEYS[3])
+  redis.call('INCR', KEYS[4])
+  redis.call('EXPIRE', KEYS[4], tonumber(ARGV_TTL))
+end
+return 1
+""".replace("ARGV_TTL", str(STATS_TTL))
+
 # Due jobs from `retry`/`schedule` to their queues: each moves only if this step removed it
 # from the set, so two pollers never enqueue one job twice. ARGV: (entry, new text, queue)*.
 _ENQUEUE_DUE = """
@@ -180,6 +200,7 @@ class SidekiqStore:
         self._recover = register(_RECOVER)
         self._enqueue_due = register(_ENQUEUE_DUE)
         self._replay = register(_REPLAY)
+        self._park = register(_PARK)
 
     # ---------------------------------------------------------------- reliable fetch
 
@@ -273,42 +294,54 @@ class SidekiqStore:
             return 0
         return int(await self._enqueue_due(keys=[sorted_set], args=args))
 
-    async def add_failed(self, sorted_set: str, at: float, job: bytes) -> None:
+    # `taken` below is the job's (in-progress list, text) as fetched (`Message.receipt`): the
+    # job leaves that list in the same step as it enters the set, and nothing is written if it
+    # is no longer there. None: only the set is written.
+
+    async def add_failed(
+        self, sorted_set: str, at: float, job: bytes, taken: tuple[str, bytes] | None = None
+    ) -> bool:
         """A failed job into `retry` or `schedule` (runs again at `at`), counted as failed by
-        Sidekiq's stats; raises PublishFailed if Redis did not take it."""
-        await self._zadd(sorted_set, at, job, failed=sorted_set == "retry")
-
-    async def schedule(self, at: float, job: bytes) -> None:
-        """A job that asked to wait into `schedule` (runs at `at`), not counted as failed;
+        Sidekiq's stats. False if `taken` was no longer in progress here (nothing written);
         raises PublishFailed if Redis did not take it."""
-        await self._zadd("schedule", at, job, failed=False)
+        return await self._zadd(sorted_set, at, job, taken, failed=sorted_set == "retry")
 
-    async def kill(self, job: bytes) -> None:
-        """A job into `dead`, which keeps Sidekiq's bounds (the newest 10,000 of 6 months)."""
+    async def schedule(self, at: float, job: bytes, taken: tuple[str, bytes] | None = None) -> bool:
+        """A job that asked to wait into `schedule` (runs at `at`), not counted as failed;
+        False and PublishFailed as `add_failed`."""
+        return await self._zadd("schedule", at, job, taken, failed=False)
+
+    async def kill(self, job: bytes, taken: tuple[str, bytes] | None = None) -> bool:
+        """A job into `dead`, which keeps Sidekiq's bounds (the newest 10,000 of 6 months);
+        False and PublishFailed as `add_failed`."""
         now = time.time()
-        await self._zadd("dead", now, job, failed=True, trim=now - DEAD_TIMEOUT)
+        return await self._zadd("dead", now, job, taken, failed=True, trim=now - DEAD_TIMEOUT)
 
     async def _zadd(
-        self, sorted_set: str, at: float, job: bytes, failed: bool, trim: float | None = None
-    ) -> None:
+        self,
+        sorted_set: str,
+        at: float,
+        job: bytes,
+        taken: tuple[str, bytes] | None,
+        failed: bool,
+        trim: float | None = None,
+    ) -> bool:
+        inprogress, raw = taken if taken is not None else ("", b"")
+        keys = [sorted_set, inprogress, "stat:failed", f"stat:failed:{_day()}"]
+        args = [
+            repr(at),
+            job,
+            raw,
+            "1" if failed else "0",
+            "" if trim is None else repr(trim),
+            DEAD_MAX_JOBS,
+        ]
         try:
-            async with self.client.pipeline(transaction=True) as pipe:
-                pipe.zadd(sorted_set, {job: at})
-                if trim is not None:
-                    pipe.zremrangebyscore(sorted_set, "-inf", trim)
-                    pipe.zremrangebyrank(sorted_set, 0, -DEAD_MAX_JOBS - 1)
-                if failed:
-                    pipe.incr("stat:failed")
-                    day = f"stat:failed:{_day()}"
-                    pipe.incr(day)
-                    pipe.expire(day, STATS_TTL)
-                await pipe.execute()
+            return bool(await self._park(keys=keys, args=args))
         except redis.exceptions.RedisError as exc:
             raise PublishFailed(f"Redis did not take the job into {sorted_set}: {exc!r}") from exc
 
-    async def replay(
-        self, entry: bytes, queue: str, job: bytes, sorted_set: str = "dead"
-    ) -> bool:
+    async def replay(self, entry: bytes, queue: str, job: bytes, sorted_set: str = "dead") -> bool:
         """An entry of `sorted_set` back to `queue` as `job`; False if it was no longer there
         (someone else replayed or deleted it)."""
         keys = [sorted_set, f"queue:{queue}"]
