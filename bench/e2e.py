@@ -66,8 +66,7 @@ from services.process import free_loopback_port, tcp_port_open, which  # noqa: E
 from services.rabbitmq import amqp_delete_queues, amqp_host_port, amqp_queue_count  # noqa: E402
 
 DEFAULT_SCRIPT = ROOT / "examples" / "php" / "dispatch.php"
-TIMED_SCRIPT = BENCH_DIR / "php" / "timed.php"
-TIMED_START_SCRIPT = BENCH_DIR / "php" / "timed_start.php"
+TIMED_SCRIPT = BENCH_DIR / "php" / "timed.php"  # latency probe: "<published> <start> <end>"
 SLEEP_SCRIPT = BENCH_DIR / "php" / "sleep.php"
 DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 QUEUE_PREFIX = "fwbench."
@@ -704,8 +703,6 @@ class Bench:
             str(self.script),
             "--allow-script",
             str(TIMED_SCRIPT),
-            "--allow-script",
-            str(TIMED_START_SCRIPT),
             "--concurrency",
             str(concurrency),
             "--prefetch",
@@ -974,12 +971,7 @@ class Bench:
             if time.monotonic() > deadline:
                 raise BenchError(f"latency phase: only {latency.lines}/{count} jobs recorded")
             time.sleep(0.01)
-        values = sorted(
-            (float(done) - float(published)) * 1e3
-            for published, done in (
-                line.split() for line in self.latency_log.read_text().splitlines() if line
-            )
-        )
+        values = sorted((end - published) * 1e3 for published, _, end in self._latency_rows())
         result = {
             "jobs": count,
             "rate_s": rate,
@@ -992,6 +984,14 @@ class Bench:
         note(f"{label}: latency p50 {result['p50_ms']} ms, p99 {result['p99_ms']} ms")
         return result
 
+    def _latency_rows(self) -> list[list[float]]:
+        """The probe's lines: [published, PHP start, PHP end] as Unix times."""
+        return [
+            [float(x) for x in line.split()]
+            for line in self.latency_log.read_text().splitlines()
+            if line
+        ]
+
     def _rate_run(self, queue: str, rate: float, seconds: float, label: str) -> dict[str, Any]:
         """--rate: publish ``rate`` jobs/s for ``seconds`` onto the idle worker; publish -> the
         first statement of the PHP script (and -> the end of the request)."""
@@ -1002,7 +1002,7 @@ class Bench:
 
         def make(i: int, now: float) -> bytes:
             data = event_data(2_000_000 + i, f"published={now:.6f}")
-            return self.body(data, TIMED_START_SCRIPT)
+            return self.body(data, TIMED_SCRIPT)
 
         took = asyncio.run(_publish_paced(self.url, queue, make, count, rate))
         published_rate = count / took
@@ -1016,11 +1016,7 @@ class Bench:
             elif time.monotonic() - last_change > STALL_SECONDS:
                 raise BenchError(f"rate run: only {latency.lines}/{count} jobs recorded")
             time.sleep(0.01)
-        rows = [
-            [float(x) for x in line.split()]
-            for line in self.latency_log.read_text().splitlines()
-            if line
-        ]
+        rows = self._latency_rows()
         to_start = sorted((start - published) * 1e3 for published, start, _ in rows)
         to_end = sorted((end - published) * 1e3 for published, _, end in rows)
         result = {
@@ -1033,7 +1029,7 @@ class Bench:
             "end": _pcts(to_end),
             "how": "publish (time.time() embedded in the event just before basic_publish, "
             "paced evenly, no publisher confirms) -> start: microtime(true) as the first "
-            "statement of bench/php/timed_start.php; end: microtime(true) in its shutdown "
+            "statement of bench/php/timed.php; end: microtime(true) in its shutdown "
             "function, after the same dispatch script ran; onto the idle worker",
         }
         start, end = result["start"], result["end"]
