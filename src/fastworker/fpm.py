@@ -175,7 +175,6 @@ class _Connection(asyncio.Protocol):
         "callback",
         "queued",
         "unwritten",
-        "written",
         "payload",
         "timeout",
         "stale_left",
@@ -199,7 +198,6 @@ class _Connection(asyncio.Protocol):
         self.callback: ResponseCallback | None = None
         self.queued: deque[_Request] = deque()  # behind the head, not yet started
         self.unwritten: list[bytes] = []  # the payloads of the last of `queued`, held back
-        self.written = 0  # requests written and not yet answered (the head included)
         self.payload = b""
         self.timeout = 0.0
         self.stale_left = 0
@@ -244,7 +242,6 @@ class _Connection(asyncio.Protocol):
             self.callback = None
             self.payload = b""
             self.served += 1
-            self.written -= 1
             if self.queued:
                 self._promote()
             self.pool._answered(self, callback, response)
@@ -315,6 +312,12 @@ class _Connection(asyncio.Protocol):
     def in_flight(self) -> bool:
         return self.callback is not None
 
+    @property
+    def written(self) -> int:
+        """Requests written and not yet answered, the head included (the held-back ones are
+        always the last of `queued`)."""
+        return (self.callback is not None) + len(self.queued) - len(self.unwritten)
+
     def _on_timeout(self) -> None:
         self.close()
         self._fail(FpmTimeout(f"{self.pool.endpoint}: no response within the job timeout"))
@@ -337,7 +340,6 @@ class _Connection(asyncio.Protocol):
         self.timeout = timeout
         self.stale_left = stale_left
         self._start(timeout)
-        self.written = 1
         self.transport.write(payload)  # type: ignore[union-attr]
 
     def _start(self, timeout: float) -> None:
@@ -353,20 +355,18 @@ class _Connection(asyncio.Protocol):
     ) -> None:
         """Queues a request behind the head; it starts (and its timeout runs) when it is next.
         It is written now if the child is down to `refill_at` requests, else with the batch."""
+        hold = self.unwritten or self.written > self.pool.refill_at
         self.queued.append((payload, timeout, callback, stale_left))
-        if self.unwritten or self.written > self.pool.refill_at:
+        if hold:
             self.unwritten.append(payload)
         else:
-            self.written += 1
             self.transport.write(payload)  # type: ignore[union-attr]
 
     def _flush(self) -> None:
         """Writes the held-back requests, in one write."""
-        unwritten = self.unwritten
-        self.written += len(unwritten)
-        self.pool.held += len(unwritten)
-        data = unwritten[0] if len(unwritten) == 1 else b"".join(unwritten)
-        unwritten.clear()
+        self.pool.held += len(self.unwritten)
+        data = b"".join(self.unwritten)
+        self.unwritten.clear()
         self.transport.write(data)  # type: ignore[union-attr]
 
     def _promote(self) -> None:
