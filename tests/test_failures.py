@@ -51,6 +51,7 @@ from helpers import (  # noqa: E402
 from services.fpm import FpmServer  # noqa: E402
 from services.process import free_loopback_port  # noqa: E402
 from services.rabbitmq import (  # noqa: E402
+    amqp_declare,
     amqp_delete_queues,
     amqp_get_all,
     amqp_publish,
@@ -128,18 +129,6 @@ def publish_each(url: str, queue: str, messages: Sequence[tuple[bytes, Basic.Pro
             channel = await conn.channel()
             for body, props in messages:
                 await channel.basic_publish(body, routing_key=queue, properties=props)
-        finally:
-            await conn.close()
-
-    asyncio.run(run())
-
-
-def declare(url: str, queue: str, durable: bool) -> None:
-    async def run() -> None:
-        conn = await aiormq.connect(url)
-        try:
-            channel = await conn.channel()
-            await channel.queue_declare(queue, durable=durable)
         finally:
             await conn.close()
 
@@ -271,7 +260,7 @@ def test_php_error_retried_max_attempts_then_dead_lettered(
         assert "Stack trace" in error["stderr"]
     # The dead-letter queue is durable: redeclaring it non-durable is refused.
     with pytest.raises(aiormq.exceptions.ChannelPreconditionFailed):
-        declare(rabbitmq_url, dead_letters, durable=False)
+        amqp_declare(rabbitmq_url, dead_letters, durable=False)
     assert w.alive()
 
 
@@ -660,8 +649,8 @@ def dead_letter(
 @pytest.fixture
 def queues(rabbitmq_url: str, queue_name: str) -> str:
     """The work queue (non-durable, like the bundle's) and its durable `.failed`, empty."""
-    declare(rabbitmq_url, queue_name, durable=False)
-    declare(rabbitmq_url, f"{queue_name}.failed", durable=True)
+    amqp_declare(rabbitmq_url, queue_name, durable=False)
+    amqp_declare(rabbitmq_url, f"{queue_name}.failed", durable=True)
     return queue_name
 
 
@@ -794,7 +783,7 @@ def test_dlq_clear_errors(rabbitmq_url, queue_name, command):
 
 def test_dlq_custom_dead_letter_queue_name(rabbitmq_url, queue_name):
     custom = f"{queue_name}.dead"
-    declare(rabbitmq_url, custom, durable=True)
+    amqp_declare(rabbitmq_url, custom, durable=True)
     try:
         publish_each(rabbitmq_url, custom, [dead_letter("lost", 0, queue_name)])
         shown = dlq_json(rabbitmq_url, queue_name, "--dead-letter-queue", "{queue}.dead")

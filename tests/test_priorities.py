@@ -10,7 +10,7 @@ from fastworker.message import Message
 from fastworker.priorities import Prioritized, priority_of
 from helpers import bundle_message, order_placed_data, read_records, wait_for
 from services import PHP_DIR
-from services.rabbitmq import amqp_publish
+from services.rabbitmq import amqp_declare, amqp_publish
 from services.worker import Workers
 
 
@@ -151,24 +151,14 @@ def test_priority_jobs_start_within_a_second_behind_2000_prefetched(
 def test_a_missing_queue_is_declared_as_a_priority_queue(
     rabbitmq_url: str, queue_name: str, fpm, workers: Workers
 ) -> None:
-    import asyncio
-
     workers.start(
         ["--amqp-url", rabbitmq_url, "--queue", queue_name, "--fpm", fpm.address,
          "--max-priority", "5"]
     )  # fmt: skip
 
-    async def redeclare(arguments: dict) -> None:
-        connection = await aiormq.connect(rabbitmq_url)
-        try:
-            channel = await connection.channel()
-            await channel.queue_declare(queue_name, arguments=arguments)
-        finally:
-            await connection.close()
-
-    asyncio.run(redeclare({"x-max-priority": 5}))  # the same arguments: accepted
+    amqp_declare(rabbitmq_url, queue_name, arguments={"x-max-priority": 5})  # the same: accepted
     try:
-        asyncio.run(redeclare({}))
+        amqp_declare(rabbitmq_url, queue_name, arguments={})
     except aiormq.exceptions.ChannelPreconditionFailed:
         pass
     else:

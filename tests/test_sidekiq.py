@@ -3,6 +3,7 @@ real PHP-FPM by `fastworker --backend sidekiq`, failures read back with Sidekiq'
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
 import os
@@ -441,8 +442,6 @@ def test_a_failure_record_and_leaving_progress_are_one_step(
     a worker killed in between leaves the job or its record, never both (which ran it twice and
     made two dead entries). If the job is no longer in progress (a worker took this one for
     gone and put it back in its queue), nothing is written: the queue's copy runs."""
-    import asyncio
-
     inprogress = sidekiq_store.inprogress_key("here-1-abcdef", "q")
     r.lpush(inprogress, b"job-a", b"job-b")
 

@@ -15,6 +15,7 @@ import secrets
 import subprocess
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiormq
@@ -258,6 +259,23 @@ def amqp_delete_queues(url: str, queues: Iterable[str]) -> None:
     asyncio.run(_delete_queues(url, list(queues)))
 
 
+def amqp_declare(
+    url: str, queue: str, durable: bool = False, arguments: dict[str, Any] | None = None
+) -> None:
+    """Declare a queue (raises the broker's refusal, e.g. ChannelPreconditionFailed when it
+    exists with other arguments)."""
+
+    async def run() -> None:
+        conn = await aiormq.connect(url)
+        try:
+            channel = await conn.channel()
+            await channel.queue_declare(queue, durable=durable, arguments=arguments)
+        finally:
+            await conn.close()
+
+    asyncio.run(run())
+
+
 def amqp_purge(url: str, queue: str) -> None:
     """Drop all ready messages of a queue."""
 
@@ -275,6 +293,7 @@ def amqp_purge(url: str, queue: str) -> None:
 __all__ = [
     "DEFAULT_AMQP_URL",
     "QUEUE_PREFIX",
+    "amqp_declare",
     "amqp_delete_queues",
     "amqp_get_all",
     "amqp_host_port",

@@ -15,7 +15,6 @@ would then eat a core, so they are told not to (``+sbwt none``).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import json
 import os
@@ -27,10 +26,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import aiormq
-
 from services.process import die_with_parent, free_loopback_port, tcp_port_open
-from services.rabbitmq import rabbitmq_ready
+from services.rabbitmq import amqp_declare, rabbitmq_ready
 from services.rabbitmq_tls import rabbitmq_script
 
 START_TIMEOUT = 120.0  # seconds for all nodes to accept AMQP (they start at once, on 2 cores)
@@ -280,16 +277,7 @@ def start_rabbitmq_cluster(base: Path, size: int = SIZE) -> RabbitCluster:
 def declare_quorum_queue(url: str, queue: str) -> None:
     """Declares `queue` as a durable quorum queue through the node at `url` (its replicas go
     on every node of the cluster; the leader on that node)."""
-
-    async def declare() -> None:
-        connection = await aiormq.connect(url)
-        try:
-            channel = await connection.channel()
-            await channel.queue_declare(queue, durable=True, arguments={"x-queue-type": "quorum"})
-        finally:
-            await connection.close()
-
-    asyncio.run(declare())
+    amqp_declare(url, queue, durable=True, arguments={"x-queue-type": "quorum"})
 
 
 __all__ = ["ClusterNode", "RabbitCluster", "declare_quorum_queue", "start_rabbitmq_cluster"]
