@@ -63,7 +63,12 @@ from helpers import bundle_message, order_placed_data  # noqa: E402
 from services.fpm import FpmServer, start_fpm  # noqa: E402
 from services.process import die_with_parent as _die_with_parent  # noqa: E402
 from services.process import free_loopback_port, tcp_port_open, which  # noqa: E402
-from services.rabbitmq import amqp_delete_queues, amqp_host_port, amqp_queue_count  # noqa: E402
+from services.rabbitmq import (  # noqa: E402
+    amqp_declare,
+    amqp_delete_queues,
+    amqp_host_port,
+    amqp_queue_count,
+)
 
 DEFAULT_SCRIPT = ROOT / "examples" / "php" / "dispatch.php"
 TIMED_SCRIPT = BENCH_DIR / "php" / "timed.php"  # latency probe: "<published> <start> <end>"
@@ -264,16 +269,6 @@ class LineCounter:
 
 
 # --------------------------------------------------------------------------- AMQP
-
-
-async def _declare(url: str, queue: str) -> None:
-    conn = await aiormq.connect(url)
-    try:
-        channel = await conn.channel()
-        # As the bundle declares it: not durable, not exclusive, not auto-deleted.
-        await channel.queue_declare(queue, durable=False, auto_delete=False)
-    finally:
-        await conn.close()
 
 
 async def _publish_all(url: str, queue: str, bodies: Sequence[bytes]) -> None:
@@ -748,7 +743,7 @@ class Bench:
         if src != ROOT / "src":
             label += f" ({src.parent.name})"
         queue = self.new_queue()
-        asyncio.run(_declare(self.url, queue))
+        amqp_declare(self.url, queue)  # as the bundle declares it: not durable, not exclusive
         bodies = [
             self.body(event_data(i, payload_len=self.payload_len), self.script) for i in range(jobs)
         ]
