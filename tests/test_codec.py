@@ -17,6 +17,7 @@ import sys
 import time
 import tracemalloc
 import types
+import urllib.parse
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -682,6 +683,64 @@ def test_encode_params_differential(params: dict[Any, Any]) -> None:
     assert a == _outcome(twin.encode_params, params)
     if a[0] == "ok":  # the pairs as one PARAMS record's content, in order
         assert compiled.encode_request(1, {}, b"", True, a[1]) == compiled.encode_request(1, params)
+
+
+# --------------------------------------------------------------------------------------------
+# encode_form_value: a job's data as the request body's one form value
+
+_FORM_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+
+
+def _form_value(data: bytes) -> bytes:
+    """The test's own percent-encoder (RFC 3986 unreserved bytes pass, the rest is %XX)."""
+    return b"".join(bytes((c,)) if c in _FORM_SAFE else b"%%%02X" % c for c in data)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"",
+        b"a",
+        b"+",
+        b"a+",
+        b"+a",
+        bytes(range(256)),
+        bytes(range(255, -1, -1)),
+        b"T3JkZXI6IDQyLCB0b3RhbDogMTkuOTk=" * 3000,  # base64, as the bundle sends it
+        b"\x00" * 70_000,
+    ],
+    ids=lambda d: f"{len(d)}B",
+)
+def test_encode_form_value_known_vectors(codec: types.ModuleType, data: bytes) -> None:
+    encoded = codec.encode_form_value(data)
+    assert type(encoded) is bytes
+    assert encoded == _form_value(data)
+    assert urllib.parse.unquote_to_bytes(encoded) == data
+
+
+def test_encode_form_value_accepts_buffers(codec: types.ModuleType) -> None:
+    for data in (bytearray(b"a b/c"), memoryview(b"xa b/cx")[1:-1], memoryview(b"a\x00b\xff")):
+        assert codec.encode_form_value(data) == _form_value(bytes(data))
+
+
+@pytest.mark.parametrize("bad", ["text", 1, None, [1]])
+def test_encode_form_value_refuses_non_bytes(codec: types.ModuleType, bad: object) -> None:
+    with pytest.raises(TypeError, match="data must be a bytes-like object"):
+        codec.encode_form_value(bad)
+
+
+@SETTINGS
+@given(
+    data=st.one_of(
+        st.binary(max_size=300),
+        st.text(alphabet="ab+/= %~\xff", max_size=300).map(lambda t: t.encode("latin-1")),
+        st.text(max_size=3),
+        st.integers(0, 3),
+    )
+)
+def test_encode_form_value_differential(data: Any) -> None:
+    compiled, twin = both()
+    assert _outcome(compiled.encode_form_value, data) == _outcome(twin.encode_form_value, data)
 
 
 # --------------------------------------------------------------------------------------------

@@ -48,6 +48,7 @@ amqp, AMQP_COMPILED, AMQP_IMPORT_ERROR = _pick("fastworker._amqp_codec", amqp_py
 COMPILED = FCGI_COMPILED
 IMPORT_ERROR = FCGI_IMPORT_ERROR
 
+encode_form_value = fcgi.encode_form_value
 encode_params = fcgi.encode_params
 encode_request = fcgi.encode_request
 ResponseParser = fcgi.ResponseParser
@@ -66,6 +67,7 @@ __all__ = [
     "Response",
     "ResponseParser",
     "amqp",
+    "encode_form_value",
     "encode_params",
     "encode_request",
     "fcgi",

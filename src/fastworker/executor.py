@@ -9,11 +9,11 @@ from __future__ import annotations
 import os
 import socket
 from typing import NamedTuple
-from urllib.parse import quote_from_bytes
 
 from fastworker import __version__, cgi
 from fastworker.balance import Balancer
 from fastworker.callbacks import Answer
+from fastworker.codec import encode_form_value
 from fastworker.endpoint import Endpoint
 from fastworker.fcgi_base import OVERLOADED, REQUEST_COMPLETE
 from fastworker.fpm import (
@@ -110,7 +110,7 @@ class Executor:
             if len(job.data) <= INLINE_DATA_LIMIT:
                 params["DEFERRED_DATA"] = job.data
             else:
-                body = b"DEFERRED_DATA=" + quote_from_bytes(job.data, safe="").encode()
+                body = b"DEFERRED_DATA=" + encode_form_value(job.data)
                 content_type = "application/x-www-form-urlencoded"
         params["CONTENT_LENGTH"] = str(len(body))
         params["CONTENT_TYPE"] = content_type
