@@ -548,7 +548,8 @@ class _Owner:
     """A FastAmqpConsumer as its transport sees it: `deliver`, and `waiting` set by the test."""
 
     queues = ["q"]
-    prefetch = 8
+    prefetch = 10
+    concurrency = 2  # jobs in flight: acks go once half of the other 8 are finished
     max_message_size = amqp_py.DEFAULT_MAX_BODY_SIZE
 
     def __init__(self) -> None:
@@ -660,7 +661,7 @@ def test_link_acks_in_batches_and_at_half_the_prefetch() -> None:
     from pamqp import commands
 
     async def main() -> None:
-        link, transport = _link()  # prefetch 8: a flush once 4 acks are due
+        link, transport = _link()  # prefetch 10, 2 in flight: a flush once 4 acks are due
         waiting = link._consumer.waiting
         waiting.append(None)  # a delivery waits to start: acks may be batched
         for tag in range(1, 4):
@@ -691,14 +692,40 @@ def test_link_acks_in_batches_and_at_half_the_prefetch() -> None:
         [ack] = _frames(bytes(transport.written))
         assert (ack.delivery_tag, ack.multiple) == (12, True)
         transport.written.clear()
-        # Nothing waits to start any more: the prefetch window is what limits the consumer,
-        # so each finished delivery is acked at once, even behind a gap.
+        # Nothing waits to start and the window is not full: the queue ran dry. A finished
+        # delivery behind a gap keeps waiting for it, as if deliveries were waiting.
         waiting.clear()
         for tag in (13, 14):
             link._acks.delivered(tag)
         link.finished(14)
+        await asyncio.sleep(0.02)
+        assert transport.written == b""
+        # The window full (10 delivered, unacked) and nothing waiting: the prefetch window is
+        # what limits the consumer, so each finished delivery is acked at once, even behind a
+        # gap.
+        for tag in range(15, 23):
+            link._acks.delivered(tag)
+        link.finished(16)
+        acks = _frames(bytes(transport.written))
+        assert [(a.delivery_tag, a.multiple) for a in acks] == [(14, False), (16, False)]
+
+    arun(main)
+
+
+def test_link_acks_a_dry_queue_s_last_deliveries_in_one_batch() -> None:
+    """The queue ran dry (nothing waits, the window is not full): the last deliveries finish
+    out of order, and their acks still leave as one multiple ack, not one frame each."""
+
+    async def main() -> None:
+        link, transport = _link()
+        for tag in range(1, 7):
+            link._acks.delivered(tag)
+        for tag in (2, 3, 5, 6, 4, 1):  # 1 was the slowest job
+            link.finished(tag)
+        assert transport.written == b""
+        await asyncio.sleep(0.02)
         [ack] = _frames(bytes(transport.written))
-        assert (ack.delivery_tag, ack.multiple) == (14, False)
+        assert (ack.delivery_tag, ack.multiple) == (6, True)
 
     arun(main)
 

@@ -39,6 +39,12 @@ class AckTracker:
             pass
 
     @property
+    def outstanding(self) -> int:
+        """Delivered and not acked (finished or not): what the broker counts against the
+        prefetch window."""
+        return len(self._outstanding)
+
+    @property
     def pending(self) -> int:
         """Finished deliveries not yet acked nor held behind a gap: what a flush would send."""
         return len(self._finished) - len(self._held)

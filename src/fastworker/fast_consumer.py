@@ -6,10 +6,13 @@ the connection, reading the socket through the frame codec's `FrameReader`) that
 per delivery: each `Delivery` becomes a `Message` (properties decoded per delivery, so one bad
 message is that message's `problem` alone), and each read's deliveries go to the consumer
 skeleton (`consuming`) in one batch, which starts jobs straight from the data callback. Acks
-leave as pre-encoded frames, many per write: batched `multiple=True` acks every ~2 ms, at once
-when nothing waits to start, or as soon as half the prefetch window is finished, so the broker
-never stalls. aiormq stays for what is not the hot path: queue declares, the `prepare` hook and
-the confirmed `Publisher`, on a second ("control") connection per session.
+leave as pre-encoded frames, many per write: batched `multiple=True` acks every ~2 ms, or as soon
+as half of the window the jobs in flight leave free is finished, so the broker never stalls; at
+once only when the prefetch window is full and nothing waits to start (an ack is then what lets
+the broker send the next delivery). A delivery that finished behind a running one waits up to
+ACK_HOLD for the gap to close, so that it is acked with its neighbours instead of alone.
+aiormq stays for what is not the hot path: queue declares, the `prepare` hook and the confirmed
+`Publisher`, on a second ("control") connection per session.
 
 `codec` is the frame codec new connections use, as `fastworker.codec` chose it (`amqp`): the
 compiled `_amqp_codec`, or the pure-Python twin `amqp_py` when FASTWORKER_NO_EXTENSIONS is set or
@@ -73,6 +76,7 @@ class FastTransport(AmqpWire, Transport):
         "_flush_scheduled",
         "_observers",
         "_waiting",
+        "_window",
     )
 
     def __init__(self, consumer: FastAmqpConsumer) -> None:
@@ -88,7 +92,11 @@ class FastTransport(AmqpWire, Transport):
         self._delivered = self._acks.delivered
         self._encode_acks = codec.encode_acks
         self._encode_nack = codec.encode_nack
-        self._flush_at = max(1, consumer.prefetch // 2)
+        # The window: deliveries the broker sends ahead of the acks. The jobs in flight fill
+        # part of it; acks go once half of the rest is finished, so that deliveries keep
+        # waiting to start while the next batch of acks builds up.
+        self._window = consumer.prefetch
+        self._flush_at = max(1, (consumer.prefetch - consumer.concurrency) // 2)
         self._flush_scheduled = False
 
     def refusal(self, exc: BaseException) -> str | None:
@@ -160,13 +168,21 @@ class FastTransport(AmqpWire, Transport):
             return  # the broker requeues it when this connection goes away
         acks = self._acks
         acks.finished(tag)
-        if not self._waiting:
-            # Nothing received is waiting to start: the prefetch window is the limit, so an
-            # ack now (gaps or not) is what lets the broker send the next delivery.
+        if self._starved():
+            # The window is full and nothing received waits to start: an ack now (gaps or
+            # not) is what lets the broker send the next delivery.
             self._send_acks()
         elif acks.pending >= self._flush_at:
             self._send_acks(hold=True)
         self._flush_later()
+
+    def _starved(self) -> bool:
+        """Whether the prefetch window is what keeps jobs from starting. With nothing waiting
+        and the window not full, the queue is empty (or the broker slow): acking a delivery
+        behind a gap alone, at once, would cost the broker a frame and start nothing."""
+        # With several queues each has its own window; counting them together errs towards
+        # acking at once.
+        return not self._waiting and self._acks.outstanding >= self._window
 
     def _flush_later(self) -> None:
         """Arms the ~ACK_INTERVAL flush while acks (sent later or held) are outstanding."""
@@ -176,7 +192,7 @@ class FastTransport(AmqpWire, Transport):
 
     def _flush_timer(self) -> None:
         self._flush_scheduled = False
-        self._send_acks(hold=bool(self._waiting))
+        self._send_acks(hold=not self._starved())
         self._flush_later()  # held ones: ack them next round at the latest
 
     def _send_acks(self, hold: bool = False) -> None:
