@@ -7,6 +7,10 @@ consume/ack path cost. It runs the callback path the fast consumer uses (`JobHan
 (both consumers use it).
 
     python bench/job_path.py [-n 30000] [--children 4] [--pipeline 4] [--script PATH]
+                             [--unix-socket]
+
+The pool is set up as the worker sets it up (`batch_writes`: pipelined requests leave in batches
+on a Unix socket). The FPM writes per job count the pool's writes to FPM sockets.
 """
 
 from __future__ import annotations
@@ -49,9 +53,7 @@ def cpu_seconds(pids: list[int]) -> float:
     return total / os.sysconf("SC_CLK_TCK")
 
 
-async def drain(
-    handler: JobHandler, body: bytes, jobs: int, concurrency: int
-) -> None:
+async def drain(handler: JobHandler, body: bytes, jobs: int, concurrency: int) -> None:
     remaining = jobs
     done = asyncio.get_running_loop().create_future()
     in_flight = 0
@@ -77,6 +79,11 @@ async def drain(
     await done
 
 
+def fpm_writes(pools: FpmPools) -> int:
+    """Writes to FPM sockets so far: one per request, less those that left in a batch."""
+    return sum(pool.writes for pool in pools.pools())
+
+
 def context_switches() -> int:
     """This process's voluntary context switches: how often it went to sleep waiting for I/O."""
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -94,17 +101,23 @@ def main() -> int:
         "--pipeline", type=int, default=4, help="requests per connection (worker's --pipeline)"
     )
     parser.add_argument("--script", default=str(ROOT / "examples" / "php" / "dispatch.php"))
+    parser.add_argument("--unix-socket", action="store_true", help="FPM listens on a Unix socket")
     args = parser.parse_args()
     concurrency = args.concurrency or args.children
     workdir = Path(tempfile.mkdtemp(prefix="fastworker-job-path-"))
     fpm = start_fpm(
-        workdir, children=args.children, env={"FASTWORKER_DEMO_LOG": str(workdir / "jobs.log")}
+        workdir,
+        children=args.children,
+        env={"FASTWORKER_DEMO_LOG": str(workdir / "jobs.log")},
+        unix_socket=args.unix_socket,
     )
     script = str(Path(args.script).resolve())
-    body = bundle_message(order_placed_data(1, "x" * 300), script, "127.0.0.1", fpm.port)
+    # No fastcgi_host/port lines on a Unix socket: the job goes to the default endpoint.
+    host, port = ("", "") if args.unix_socket else ("127.0.0.1", fpm.port)
+    body = bundle_message(order_placed_data(1, "x" * 300), script, host, port)
 
     async def run() -> None:
-        pools = FpmPools(concurrency, pipeline=args.pipeline)
+        pools = FpmPools(concurrency, pipeline=args.pipeline, batch_writes=True)
         in_flight = concurrency * args.pipeline
         policy = TargetPolicy([Endpoint.parse(fpm.address)], [script])
         handler = JobHandler(
@@ -116,16 +129,16 @@ def main() -> int:
         )
         await drain(handler, body, 200, in_flight)  # warm-up
         children = fpm.child_pids()
-        switches0 = context_switches()
+        switches0, writes0 = context_switches(), fpm_writes(pools)
         fpm0, times0, wall0 = cpu_seconds(children), os.times(), time.perf_counter()
         await drain(handler, body, args.jobs, in_flight)
         wall, times1, fpm1 = time.perf_counter() - wall0, os.times(), cpu_seconds(children)
-        switches = context_switches() - switches0
+        switches, writes = context_switches() - switches0, fpm_writes(pools) - writes0
         await pools.close()
         per_job = 1e6 / args.jobs
         print(
             f"{args.jobs} jobs, {args.children} FPM children, concurrency {concurrency}, "
-            f"pipeline {args.pipeline}, "
+            f"pipeline {args.pipeline}, {'Unix socket' if args.unix_socket else 'TCP loopback'}, "
             f"codec {'compiled' if COMPILED else 'pure Python'}, no broker"
         )
         print(f"jobs/s              {args.jobs / wall:,.0f}")
@@ -133,6 +146,7 @@ def main() -> int:
         print(f"worker sys CPU/job  {(times1.system - times0.system) * per_job:.1f} us")
         print(f"FPM CPU/job         {(fpm1 - fpm0) * per_job:.1f} us")
         print(f"worker sleeps/job   {switches / args.jobs:.2f}")
+        print(f"FPM writes/job      {writes / args.jobs:.2f}")
 
     try:
         uvloop.run(run())

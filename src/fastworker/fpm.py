@@ -340,6 +340,7 @@ class _Connection(asyncio.Protocol):
         self.timeout = timeout
         self.stale_left = stale_left
         self._start(timeout)
+        self.pool.writes += 1
         self.transport.write(payload)  # type: ignore[union-attr]
 
     def _start(self, timeout: float) -> None:
@@ -360,11 +361,14 @@ class _Connection(asyncio.Protocol):
         if hold:
             self.unwritten.append(payload)
         else:
+            self.pool.writes += 1
             self.transport.write(payload)  # type: ignore[union-attr]
 
     def _flush(self) -> None:
         """Writes the held-back requests, in one write."""
-        self.pool.held += len(self.unwritten)
+        pool = self.pool
+        pool.held += len(self.unwritten)
+        pool.writes += 1
         data = b"".join(self.unwritten)
         self.unwritten.clear()
         self.transport.write(data)  # type: ignore[union-attr]
@@ -421,6 +425,7 @@ class FpmPool:
         self.connect_failures = 0  # connects failed since the last that worked: down if > 0
         self.pipelined = 0  # requests ever written behind another, for tests and stats
         self.held = 0  # pipelined requests held back for a batched write, for tests and stats
+        self.writes = 0  # writes of requests to FPM sockets, for benches
         self._open = 0  # connections open or being opened
         self._idle: list[_Connection] = []
         self._busy: set[_Connection] = set()
