@@ -447,6 +447,22 @@ def _frame_name(frame: str) -> str:
 # --------------------------------------------------------------------------- the bench
 
 
+def ack_frames(port: int) -> tuple[int, int] | None:
+    """(multiple, single) ack frames the worker sent so far, from its /metrics; None if it has
+    no such counter (the aiormq client) or did not answer."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+            text = response.read().decode()
+    except OSError:
+        return None
+    found = {}
+    for line in text.splitlines():
+        if line.startswith("fastworker_broker_acks_total{"):
+            labels, _, value = line.rpartition(" ")
+            found["true" in labels] = int(float(value))
+    return (found[True], found[False]) if len(found) == 2 else None
+
+
 class _Scraper:
     """GETs /metrics every second in a thread while a drain runs, as a busy Prometheus would
     (its default is every 15 s); `stop()` returns how many scrapes answered 200."""
@@ -782,9 +798,11 @@ class Bench:
         done = self._wait_done(worker, log, jobs, label, t0)
         t1 = time.monotonic()
         w1, b1, f1 = cpu_seconds(worker.pid), self._broker_cpu(), fpm_cpu(fpm)
+        acks: tuple[int, int] | None = None
         if scraper is not None:  # it goes on scraping through the latency phase or rate run
             scrapes = scraper.ok
             note(f"{label}: /metrics scraped {scrapes} times during the drain")
+            acks = ack_frames(port)
         web_result: dict[str, Any] = {}
         if dashboard is not None and reader is not None:
             d1 = cpu_seconds(dashboard[0].pid)
@@ -838,6 +856,9 @@ class Bench:
             "overshoot_runs": done - jobs,
             **web_result,
         }
+        if acks is not None:  # fastworker_broker_acks_total at the end of the drain
+            result["ack_frames_per_job"] = round(sum(acks) / jobs, 3)
+            result["single_ack_frames_per_job"] = round(acks[1] / jobs, 3)
         note(
             f"{label}: {result['jobs_s']:,.0f} jobs/s, worker {result['worker_cpu_us']} us/job,"
             f" RabbitMQ {result['broker_cpu_us']} us/job, FPM {result['fpm_cpu_us']} us/job"
@@ -1180,6 +1201,18 @@ def print_report(results: dict[str, Any]) -> None:
             f"{drain['worker_reads_per_job']:.2f} r {drain['worker_writes_per_job']:.2f} w",
             f"and {drain['worker_sleeps_per_job']:.2f} sleeps (voluntary context switches)",
         ),
+        *(
+            [
+                (
+                    "ack frames / job",
+                    f"{drain['ack_frames_per_job']:.3f}",
+                    f"single (a job acked alone) {drain['single_ack_frames_per_job']:.3f}; "
+                    "fastworker_broker_acks_total at the end of the drain",
+                )
+            ]
+            if "ack_frames_per_job" in drain
+            else []
+        ),
         (
             "RabbitMQ CPU / job",
             f"{drain['broker_cpu_us']:.1f} us",
@@ -1334,6 +1367,8 @@ def print_compare(results: dict[str, Any]) -> None:
         ("fpm_cpu_us", "FPM CPU / job", lambda v: f"{v:.1f} us"),
         ("worker_fpm_cpu_ratio", "worker CPU / FPM CPU", lambda v: f"{v:.2f}"),
         ("broker_cpu_us", "RabbitMQ CPU / job", lambda v: f"{v:.1f} us"),
+        ("ack_frames_per_job", "ack frames / job", lambda v: f"{v:.3f}"),
+        ("single_ack_frames_per_job", "single acks / job", lambda v: f"{v:.3f}"),
         ("peak_rss_mib", "worker peak RSS", lambda v: f"{v:.1f} MiB"),
     ]
     if results["args"].get("rate"):

@@ -554,6 +554,7 @@ class _Owner:
 
     def __init__(self) -> None:
         self.waiting: list[object] = []  # deliveries received, not started
+        self.ack_frames = {"multiple": 0, "single": 0}
         self.batches: list[list[tuple[Any, int, Message]]] = []
 
     def deliver(self, deliveries: list[tuple[Any, int, Message]]) -> None:
@@ -708,6 +709,8 @@ def test_link_acks_in_batches_and_at_half_the_prefetch() -> None:
         link.finished(16)
         acks = _frames(bytes(transport.written))
         assert [(a.delivery_tag, a.multiple) for a in acks] == [(14, False), (16, False)]
+        # Counted for the metrics: 3, 12 multiple; 5-8, 14, 16 single.
+        assert link._consumer.ack_frames == {"multiple": 2, "single": 6}
 
     arun(main)
 

@@ -203,6 +203,10 @@ class FastTransport(AmqpWire, Transport):
         taken = self._acks.take(self._loop.time(), ACK_HOLD if hold else 0.0)
         if taken:
             self.write(self._encode_acks(CHANNEL, taken))
+            frames = self._consumer.ack_frames
+            multiple = taken[0][1]  # only the first may be a multiple ack
+            frames["multiple"] += multiple
+            frames["single"] += len(taken) - multiple
 
     def requeue(self, tag: int) -> None:
         """Hands a delivery back to the broker without acking it; written at once, so no later
@@ -282,6 +286,11 @@ class FastAmqpConsumer(AmqpConsumerBase):
     """The default AMQP consumer: `AmqpConsumer`'s arguments and semantics, with the per-message
     path in the compiled codec. Bodies over `max_message_size` are skipped while they are read,
     not buffered."""
+
+    def configure(self) -> None:
+        super().configure()
+        # Ack frames its transports sent, multiple or single, for the metrics.
+        self.ack_frames = {"multiple": 0, "single": 0}
 
     def new_transport(self) -> FastTransport:
         return FastTransport(self)

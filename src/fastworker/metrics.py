@@ -110,6 +110,15 @@ class WorkerCollector:
             "Broker sessions opened after the first",
             value=consumer.reconnects,
         )
+        acks = CounterMetricFamily(
+            "fastworker_broker_acks",
+            "Ack frames sent to the broker: one multiple ack covers a run of finished jobs, a "
+            "single one a job that finished behind a running one (AMQP)",
+            labels=["multiple"],
+        )
+        for kind, n in getattr(consumer, "ack_frames", {}).items():
+            acks.add_metric(["true" if kind == "multiple" else "false"], n)
+        yield acks
 
 
 def _pools(executor: Any) -> list[Any]:
