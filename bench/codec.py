@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import base64
 import json
+import random
 import struct
 import sys
 import time
@@ -115,6 +116,18 @@ def round_trip_small(m: ModuleType) -> Runner:
     return run
 
 
+# A large job's data (over the executor's 32 KB inline limit): base64 text, as the bundle sends.
+FORM_DATA = base64.b64encode(random.Random(1).randbytes(36 * 1024))
+
+
+def form_value_48k(m: ModuleType) -> Runner:
+    def run(n: int, enc: Any = m.encode_form_value, data: bytes = FORM_DATA) -> None:
+        for _ in range(n):
+            enc(data)
+
+    return run
+
+
 CASES: list[tuple[str, Callable[[ModuleType], Runner], int]] = [
     ("encode_small", encode_small, len(fcgi_py.encode_request(1, PARAMS))),
     ("encode_200k_stdin", encode_200k_stdin, len(fcgi_py.encode_request(1, BIG_PARAMS, BODY))),
@@ -125,6 +138,7 @@ CASES: list[tuple[str, Callable[[ModuleType], Runner], int]] = [
         round_trip_small,
         len(fcgi_py.encode_request(1, PARAMS)) + len(SMALL_RESPONSE),
     ),
+    ("form_value_48k", form_value_48k, len(FORM_DATA)),
 ]
 
 
