@@ -1284,6 +1284,7 @@ def test_bench_quick_json() -> None:
         "parse_small",
         "parse_1m_stdout",
         "round_trip_small",
+        "form_value_48k",
     }
     for row in rows:
         assert row["ns_per_op_compiled"] > 0 and row["ns_per_op_twin"] > 0
