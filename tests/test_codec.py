@@ -688,11 +688,12 @@ def test_encode_params_differential(params: dict[Any, Any]) -> None:
 # --------------------------------------------------------------------------------------------
 # encode_form_value: a job's data as the request body's one form value
 
-_FORM_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~")
+_FORM_SAFE = frozenset(b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~/=")
 
 
 def _form_value(data: bytes) -> bytes:
-    """The test's own percent-encoder (RFC 3986 unreserved bytes pass, the rest is %XX)."""
+    """The test's own percent-encoder (RFC 3986 unreserved bytes, `/` and `=` pass, the rest is
+    %XX)."""
     return b"".join(bytes((c,)) if c in _FORM_SAFE else b"%%%02X" % c for c in data)
 
 

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
+import random
 import re
 import shutil
 import signal
@@ -40,6 +42,10 @@ def test_bundle_jobs_run_exactly_once_and_the_queue_drains(
     fpm.clear_records()
     small = [f"event-{i}" for i in range(1500)]
     large = [(f"big-{i}-" * 60_000)[:300_000] for i in range(6)]
+    # Over the 32 KB inline limit data travels form-encoded in the body: every byte that has a
+    # meaning there (+ & = % / space, UTF-8) must reach PHP unchanged.
+    large += [base64.b64encode(random.Random(seed).randbytes(75_000)).decode() for seed in range(3)]
+    large.append("a+b&c=d%2B/e f\u00e9\n" * 4_000)
     amqp_publish(
         rabbitmq_url,
         queue_name,

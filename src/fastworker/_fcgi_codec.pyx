@@ -463,21 +463,21 @@ def encode_request(request_id, params, stdin=b"", keep_conn=True, shared=b""):
 
 # encode_form_value: what each byte becomes (itself, or %XX) and how many bytes that is
 cdef unsigned char _FORM_OUT[256][3]
-cdef unsigned char _FORM_LEN[256]
+cdef unsigned char _FORM_UNSAFE[256]  # 1 for a byte that becomes %XX
 
 
 cdef int _init_form_table() except -1:
-    cdef bytes safe = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~"
+    cdef bytes safe = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~/="
     cdef bytes hex_digits = b"0123456789ABCDEF"
     cdef int c
     for c in range(256):
         _FORM_OUT[c][0] = 37  # '%'
         _FORM_OUT[c][1] = hex_digits[c >> 4]
         _FORM_OUT[c][2] = hex_digits[c & 15]
-        _FORM_LEN[c] = 3
+        _FORM_UNSAFE[c] = 1
     for c in safe:
         _FORM_OUT[c][0] = c
-        _FORM_LEN[c] = 1
+        _FORM_UNSAFE[c] = 0
     return 0
 
 
@@ -486,40 +486,57 @@ _init_form_table()
 
 def encode_form_value(data):
     """`data` percent-encoded as one application/x-www-form-urlencoded value (a job's data sent
-    as the request body): every byte but A-Z a-z 0-9 and `_.-~` becomes %XX, upper-case hex,
-    exactly as urllib.parse.quote_from_bytes(data, safe="") (the twin's way, about 60 ns a
+    as the request body): every byte but A-Z a-z 0-9 and `_.-~/=` becomes %XX, upper-case hex,
+    exactly as urllib.parse.quote_from_bytes(data, safe="/=") (the twin's way, about 60 ns a
     byte: 4 ms for the 64 KiB a large job carries).
 
     Runs of bytes that pass unchanged (nearly all of the base64 text the bundle sends) are
-    copied whole."""
+    found eight bytes at a time and copied whole."""
     cdef Py_buffer view
     cdef const unsigned char* s
     cdef unsigned char* d
-    cdef Py_ssize_t n, i, run, size = 0
+    cdef Py_ssize_t n, i, start, escaped = 0
     if not PyBytes_CheckExact(data):
         data = byte_view(data, "data")
     PyObject_GetBuffer(data, &view, PyBUF_SIMPLE)
     try:
         s = <const unsigned char*>view.buf
         n = view.len
-        for i in range(n):
-            size += _FORM_LEN[s[i]]
-        if size == n:
+        i = 0
+        while i + 8 <= n:
+            escaped += (
+                _FORM_UNSAFE[s[i]] + _FORM_UNSAFE[s[i + 1]] + _FORM_UNSAFE[s[i + 2]]
+                + _FORM_UNSAFE[s[i + 3]] + _FORM_UNSAFE[s[i + 4]] + _FORM_UNSAFE[s[i + 5]]
+                + _FORM_UNSAFE[s[i + 6]] + _FORM_UNSAFE[s[i + 7]]
+            )
+            i += 8
+        while i < n:
+            escaped += _FORM_UNSAFE[s[i]]
+            i += 1
+        if not escaped:
             return PyBytes_FromStringAndSize(<const char*>s, n)
-        out = PyBytes_FromStringAndSize(NULL, size)
+        out = PyBytes_FromStringAndSize(NULL, n + 2 * escaped)
         d = <unsigned char*>PyBytes_AS_STRING(out)
         i = 0
         while i < n:
-            run = i
-            while run < n and _FORM_LEN[s[run]] == 1:
-                run += 1
-            memcpy(d, s + i, <size_t>(run - i))
-            d += run - i
-            if run < n:
-                memcpy(d, _FORM_OUT[s[run]], 3)
+            start = i
+            while i + 8 <= n and not (
+                _FORM_UNSAFE[s[i]] | _FORM_UNSAFE[s[i + 1]] | _FORM_UNSAFE[s[i + 2]]
+                | _FORM_UNSAFE[s[i + 3]] | _FORM_UNSAFE[s[i + 4]] | _FORM_UNSAFE[s[i + 5]]
+                | _FORM_UNSAFE[s[i + 6]] | _FORM_UNSAFE[s[i + 7]]
+            ):
+                i += 8
+            while i < n and not _FORM_UNSAFE[s[i]]:
+                i += 1
+            if i > start:
+                memcpy(d, s + start, <size_t>(i - start))
+                d += i - start
+            while i < n and _FORM_UNSAFE[s[i]]:
+                d[0] = 37  # '%'
+                d[1] = _FORM_OUT[s[i]][1]
+                d[2] = _FORM_OUT[s[i]][2]
                 d += 3
-                run += 1
-            i = run
+                i += 1
         return out
     finally:
         PyBuffer_Release(&view)

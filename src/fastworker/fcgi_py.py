@@ -213,15 +213,20 @@ def encode_request(
     return bytes(buf)
 
 
-# --------------------------------------------------------------------------------------------
-# parsing
+FORM_SAFE = "/="  # besides A-Z a-z 0-9 _.-~, which quote_from_bytes never escapes
 
 
 def encode_form_value(data: object) -> bytes:
     """`data` percent-encoded as one application/x-www-form-urlencoded value (a job's data sent
-    as the request body): every byte but A-Z a-z 0-9 and `_.-~` becomes %XX, upper-case hex,
-    exactly as urllib.parse.quote_from_bytes(data, safe="")."""
-    return quote_from_bytes(byte_view(data, "data").tobytes(), safe="").encode("ascii")
+    as the request body): every byte but A-Z a-z 0-9 and `_.-~/=` becomes %XX, upper-case hex,
+    exactly as urllib.parse.quote_from_bytes(data, safe="/="). A form parser splits pairs at `&`
+    and a pair at its first `=`, and decodes `+` as a space, so `/` and `=` may stay as they
+    are, and base64 text (the bundle's data) grows only by its `+` signs."""
+    return quote_from_bytes(byte_view(data, "data").tobytes(), safe=FORM_SAFE).encode("ascii")
+
+
+# --------------------------------------------------------------------------------------------
+# parsing
 
 
 class _Request:
