@@ -31,6 +31,7 @@ __all__ = [
     "DATA",
     "END_REQUEST",
     "FILTER",
+    "FORM_SAFE",
     "GET_VALUES",
     "GET_VALUES_RESULT",
     "HEADER_LEN",
@@ -103,6 +104,11 @@ UNKNOWN_ROLE = 3
 MAX_CONTENT = 65535  # content bytes in one record; a name-value pair never spans two
 STDIN_CHUNK = 0xFFF8  # STDIN content per record: the largest multiple of 8, so no padding
 MAX_HEAD_LIMIT = 2**62  # largest max_head: fits a C Py_ssize_t with room to add a record length
+
+# Bytes `encode_form_value` leaves as they are in a form value: RFC 3986's unreserved ones, and
+# `/` and `=` (a form parser splits pairs at `&` and a pair at its first `=` only). `+` (a
+# space there), `%`, `&` and everything else become %XX.
+FORM_SAFE = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789_.-~/="
 
 
 class ProtocolError(Exception):

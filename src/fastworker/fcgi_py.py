@@ -17,6 +17,7 @@ from urllib.parse import quote_from_bytes
 from fastworker.fcgi_base import (
     BEGIN_REQUEST,
     END_REQUEST,
+    FORM_SAFE,
     GET_VALUES_RESULT,
     KEEP_CONN,
     MAX_CONTENT,
@@ -213,15 +214,11 @@ def encode_request(
     return bytes(buf)
 
 
-FORM_SAFE = "/="  # besides A-Z a-z 0-9 _.-~, which quote_from_bytes never escapes
-
-
 def encode_form_value(data: object) -> bytes:
     """`data` percent-encoded as one application/x-www-form-urlencoded value (a job's data sent
-    as the request body): every byte but A-Z a-z 0-9 and `_.-~/=` becomes %XX, upper-case hex,
-    exactly as urllib.parse.quote_from_bytes(data, safe="/="). A form parser splits pairs at `&`
-    and a pair at its first `=`, and decodes `+` as a space, so `/` and `=` may stay as they
-    are, and base64 text (the bundle's data) grows only by its `+` signs."""
+    as the request body): every byte outside fcgi_base.FORM_SAFE becomes %XX, upper-case hex,
+    as urllib.parse.quote_from_bytes does. Base64 text (the bundle's data) grows only by its
+    `+` signs."""
     return quote_from_bytes(byte_view(data, "data").tobytes(), safe=FORM_SAFE).encode("ascii")
 
 
