@@ -45,6 +45,7 @@ from typing import Any
 
 import aiormq
 import aiormq.exceptions
+from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"
@@ -455,12 +456,14 @@ def ack_frames(port: int) -> tuple[int, int] | None:
             text = response.read().decode()
     except OSError:
         return None
-    found = {}
-    for line in text.splitlines():
-        if line.startswith("fastworker_broker_acks_total{"):
-            labels, _, value = line.rpartition(" ")
-            found["true" in labels] = int(float(value))
-    return (found[True], found[False]) if len(found) == 2 else None
+    found = {
+        sample.labels["multiple"]: int(sample.value)
+        for family in text_string_to_metric_families(text)
+        if family.name == "fastworker_broker_acks"
+        for sample in family.samples
+        if sample.name == "fastworker_broker_acks_total"
+    }
+    return (found["true"], found["false"]) if len(found) == 2 else None
 
 
 class _Scraper:
