@@ -31,7 +31,6 @@ from e2e import (  # noqa: E402
     ROOT,
     BenchError,
     LineCounter,
-    _declare,
     _die_with_parent,
     _publish_all,
     cpu_seconds,
@@ -41,14 +40,14 @@ from e2e import (  # noqa: E402
 from helpers import bundle_message  # noqa: E402
 from services.fpm import start_fpm  # noqa: E402
 from services.process import proc_children  # noqa: E402
-from services.rabbitmq import amqp_delete_queues  # noqa: E402
+from services.rabbitmq import amqp_declare, amqp_delete_queues  # noqa: E402
 
 
 def drain(
     processes: int, args: argparse.Namespace, fpm_address: str, done: LineCounter, tmp: Path
 ) -> dict[str, float]:
     queue = f"fwbench.processes.{uuid.uuid4().hex[:8]}"
-    asyncio.run(_declare(args.amqp_url, queue))
+    amqp_declare(args.amqp_url, queue)  # as the bundle declares it
     bodies = [
         bundle_message(event_data(i), str(DEFAULT_SCRIPT), host="", port="")
         for i in range(args.jobs)

@@ -41,7 +41,6 @@ from e2e import (  # noqa: E402
     ROOT,
     BenchError,
     LineCounter,
-    _declare,
     _die_with_parent,
     _publish_all,
     cpu_seconds,
@@ -51,7 +50,7 @@ from e2e import (  # noqa: E402
 )
 from helpers import bundle_message  # noqa: E402
 from services.fpm import start_fpm  # noqa: E402
-from services.rabbitmq import amqp_delete_queues  # noqa: E402
+from services.rabbitmq import amqp_declare, amqp_delete_queues  # noqa: E402
 
 UNBATCHED = (
     "import sys, fastworker.sidekiq_consumer as c; c.FETCH_BATCH = 1; "
@@ -84,7 +83,7 @@ def drain(
     common = ["--fpm", fpm_address, "--script", str(DEFAULT_SCRIPT), "--queue", queue]
     common += ["--stats-interval", "0", "--concurrency", str(args.children)]
     if mode == "amqp":
-        asyncio.run(_declare(args.amqp_url, queue))
+        amqp_declare(args.amqp_url, queue)  # as the bundle declares it
         bodies = [bundle_message(d, str(DEFAULT_SCRIPT), host="", port="") for d in datas]
         asyncio.run(_publish_all(args.amqp_url, queue, bodies))
         cmd = [sys.executable, "-m", "fastworker", "--amqp-url", args.amqp_url, *common]

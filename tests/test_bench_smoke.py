@@ -42,3 +42,18 @@ def test_job_path_bench_runs() -> None:
     result = run_bench("bench/job_path.py", "-n", "500")
     assert result.returncode == 0, result.stderr[-3000:]
     assert "jobs/s" in result.stdout and "FPM CPU/job" in result.stdout
+
+
+BENCHES = sorted(
+    path.name for path in (ROOT / "bench").glob("*.py") if not path.name.startswith("fuzz_")
+)
+
+
+def test_every_bench_loads_and_shows_its_options() -> None:
+    """The benches borrow e2e.py's helpers: one renamed there must not break another's start
+    (bench/sidekiq.py and bench/processes.py once imported a helper e2e.py no longer had)."""
+    assert {"e2e.py", "sidekiq.py", "processes.py", "web_overhead.py"} <= set(BENCHES)
+    for name in BENCHES:
+        result = run_bench(f"bench/{name}", "--help")
+        assert result.returncode == 0, f"{name}: {result.stderr[-2000:]}"
+        assert "usage:" in result.stdout, name
