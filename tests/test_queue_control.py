@@ -63,6 +63,7 @@ def test_pause_stops_every_worker_and_resume_finishes_exactly_once(
     assert late == [], f"{len(late)} jobs started more than 2 s after the pause"
     count = len(started())
     assert count < 3000
+    last = max(at for at, _ in started()) - issued
     # Nothing lost: what did not start is back in the queue, none held by a worker.
     wait_for(
         lambda: amqp_queue_count(rabbitmq_url, queue_name) == 3000 - count,
@@ -74,15 +75,22 @@ def test_pause_stops_every_worker_and_resume_finishes_exactly_once(
     time.sleep(2.0)
     assert len(started()) == count
     assert "paused at start" in third.log()
+    resumed_at = time.time()
     resumed = control("resume", rabbitmq_url, "--queue", queue_name)
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert "3 workers acknowledged" in resumed.stdout
     wait_for(lambda: len(started()) >= 3000, timeout=120, interval=0.5, what="all 3000")
+    first_after = min(at for at, _ in started() if at > resumed_at) - resumed_at
     time.sleep(1.0)
     runs = Counter(d for _, d in started())
     assert set(runs) == set(datas) and max(runs.values()) == 1, "each job exactly once"
     for worker in (first, second):
         assert f"paused {queue_name}" in worker.log() and f"resumed {queue_name}" in worker.log()
+    print(
+        f"\n[pause] {count} jobs started when paused; last start {last:+.2f} s from the pause "
+        f"command was issued; {3000 - count} back in the queue; resume -> first start "
+        f"{first_after:.2f} s"
+    )
 
 
 def test_pause_with_no_worker_listening_says_so_and_records_it(
