@@ -62,8 +62,11 @@ def test_a_config_file_metrics_health_and_json_logs(
     amqp_publish(rabbitmq_url, queue_name, bodies)
     wait_for(lambda: len(fpm.records()) >= 500, timeout=60, what="500 jobs")
 
+    scraped: list[str] = []
+
     def jobs_done() -> dict | None:
         status, text = get(f"{base}/metrics")
+        scraped[:] = [text]
         found = samples(text)
         key = (
             "fastworker_jobs_total",
@@ -91,6 +94,9 @@ def test_a_config_file_metrics_health_and_json_logs(
     for line in lines:
         record = json.loads(line)  # every line is one JSON object
         assert {"time", "level", "logger", "message"} <= set(record)
+    # What an operator sees, for the record (pytest -s): the samples and the last log line.
+    shown = [line for line in scraped[0].splitlines() if line.startswith("fastworker_")]
+    print("\n[metrics]\n" + "\n".join(shown) + "\n[log] " + lines[-1])
 
 
 def test_failures_are_counted_by_queue_kind_and_endpoint(
