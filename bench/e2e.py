@@ -49,13 +49,14 @@ from prometheus_client.parser import text_string_to_metric_families
 
 ROOT = Path(__file__).resolve().parent.parent
 BENCH_DIR = ROOT / "bench"
-for _path in (ROOT / "tests", ROOT / "src"):
+for _path in (ROOT / "tests", ROOT / "src", ROOT / "bench"):
     if str(_path) not in sys.path:
         sys.path.insert(0, str(_path))
 
 # start_fpm reports failures through pytest.fail.
 import pytest  # noqa: E402
 
+from blocking_amqp import publish_paced as publish_paced_blocking  # noqa: E402
 from fastworker.executor import Executor  # noqa: E402
 from fastworker.fpm import Endpoint, FpmPools  # noqa: E402
 from fastworker.job import Job  # noqa: E402
@@ -231,11 +232,12 @@ def theoretical_max(args: argparse.Namespace) -> float | None:
 
 
 def _pcts(values: Sequence[float]) -> dict[str, float]:
-    """p50, p90, p99 and max of already sorted milliseconds."""
+    """p50, p90, p99, p99.9 and max of already sorted milliseconds."""
     return {
         "p50_ms": round(percentile(values, 0.50), 2),
         "p90_ms": round(percentile(values, 0.90), 2),
         "p99_ms": round(percentile(values, 0.99), 2),
+        "p999_ms": round(percentile(values, 0.999), 2),
         "max_ms": round(values[-1], 2) if values else math.nan,
     }
 
@@ -972,6 +974,16 @@ class Bench:
                 note(f"  {label}: {count}/{jobs} done, {count / (now - t0):,.0f} jobs/s")
             time.sleep(0.005)
 
+    def _publish_paced(
+        self, queue: str, make: Callable[[int, float], bytes], count: int, rate: float
+    ) -> float:
+        """--publisher: blocking (each message written the moment it is stamped, as PHP
+        publishes) or aiormq (the asyncio client, whose writer task and millisecond sleeps
+        add their own delay to every figure)."""
+        if self.args.publisher == "aiormq":
+            return asyncio.run(_publish_paced(self.url, queue, make, count, rate))
+        return publish_paced_blocking(self.url, queue, make, count, rate)
+
     def _latency_phase(
         self, queue: str, count: int, drain_rate: float, label: str
     ) -> dict[str, Any]:
@@ -983,7 +995,7 @@ class Bench:
         def make(i: int, now: float) -> bytes:
             return self.body(event_data(1_000_000 + i, f"published={now:.6f}"), TIMED_SCRIPT)
 
-        asyncio.run(_publish_paced(self.url, queue, make, count, rate))
+        self._publish_paced(queue, make, count, rate)
         latency = LineCounter(self.latency_log)
         deadline = time.monotonic() + 60
         while latency.count() < count or self.done.count() < before + count:
@@ -995,6 +1007,7 @@ class Bench:
             "jobs": count,
             "rate_s": rate,
             **_pcts(values),
+            "publisher": self.args.publisher,
             "how": "publish (time.time() embedded in the event just before basic_publish) -> "
             "end of the PHP request (microtime(true) in a shutdown function of "
             "bench/php/timed.php, which runs the same dispatch script); paced publishing "
@@ -1023,7 +1036,7 @@ class Bench:
             data = event_data(2_000_000 + i, f"published={now:.6f}")
             return self.body(data, TIMED_SCRIPT)
 
-        took = asyncio.run(_publish_paced(self.url, queue, make, count, rate))
+        took = self._publish_paced(queue, make, count, rate)
         published_rate = count / took
         if published_rate < 0.95 * rate:
             note(f"{label}: WARNING the publisher kept up only {published_rate:,.0f}/s")
@@ -1044,6 +1057,7 @@ class Bench:
             "seconds": seconds,
             "published_rate_s": round(published_rate, 1),
             "publish_seconds": round(took, 3),
+            "publisher": self.args.publisher,
             "start": _pcts(to_start),
             "end": _pcts(to_end),
             "how": "publish (time.time() embedded in the event just before basic_publish, "
@@ -1150,8 +1164,8 @@ def combine_ceilings(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def _ms4(p: dict[str, Any]) -> str:
-    return f"{p['p50_ms']} / {p['p90_ms']} / {p['p99_ms']} / {p['max_ms']} ms"
+def _ms5(p: dict[str, Any]) -> str:
+    return f"{p['p50_ms']} / {p['p90_ms']} / {p['p99_ms']} / {p.get('p999_ms')} / {p['max_ms']} ms"
 
 
 def _ratio(value: float | None) -> str:
@@ -1255,17 +1269,17 @@ def print_report(results: dict[str, Any]) -> None:
                 "rate run",
                 f"{rate_run['published_rate_s']:,.0f} jobs/s",
                 f"{rate_run['jobs']} jobs published in {rate_run['publish_seconds']} s"
-                f" (--rate {rate_run['rate_s']:,.0f} x --seconds {rate_run['seconds']:g})"
-                " onto the idle worker",
+                f" (--rate {rate_run['rate_s']:,.0f} x --seconds {rate_run['seconds']:g},"
+                f" --publisher {rate_run.get('publisher', 'aiormq')}) onto the idle worker",
             ),
             (
-                "-> PHP start p50/p90/p99/max",
-                _ms4(rate_run["start"]),
+                "-> PHP start p50/90/99/99.9/max",
+                _ms5(rate_run["start"]),
                 "publish -> first statement of the PHP script",
             ),
             (
-                "-> PHP end p50/p90/p99/max",
-                _ms4(rate_run["end"]),
+                "-> PHP end p50/90/99/99.9/max",
+                _ms5(rate_run["end"]),
                 "publish -> end of the PHP request",
             ),
         ]
@@ -1375,10 +1389,11 @@ def print_compare(results: dict[str, Any]) -> None:
         ("peak_rss_mib", "worker peak RSS", lambda v: f"{v:.1f} MiB"),
     ]
     if results["args"].get("rate"):
+        shown = {"start": ("p50", "p90", "p99", "p999", "max"), "end": ("p50", "p99")}
         specs += [
             (f"rate_run.{end}.{p}_ms", f"-> PHP {end} {p}", lambda v: f"{v:.2f} ms")
-            for end in ("start", "end")
-            for p in ("p50", "p99")
+            for end, ps in shown.items()
+            for p in ps
         ]
 
     def show(fmt: Callable[[float], str], v: float | None) -> str:
@@ -1625,6 +1640,14 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="R",
         help="after the drain, publish R jobs/s for --seconds onto the idle worker and measure "
         "publish -> start (and end) of the PHP script; replaces the latency phase",
+    )
+    p.add_argument(
+        "--publisher",
+        choices=["blocking", "aiormq"],
+        default="blocking",
+        help="how the latency phase and --rate run publish: blocking writes each message the "
+        "moment it is stamped, as a PHP app publishes (default); aiormq is the asyncio client, "
+        "whose own delay (a writer task, millisecond sleeps) is then part of every figure",
     )
     p.add_argument(
         "--seconds",

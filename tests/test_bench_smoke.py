@@ -29,6 +29,26 @@ def test_e2e_quick_run_reports_a_ratio_and_exactly_once(tmp_path: Path) -> None:
     assert "ratio to ceiling" in result.stdout
 
 
+def test_e2e_rate_run_publishes_blocking_and_every_job_runs_once(tmp_path: Path) -> None:
+    out = tmp_path / "e2e.json"
+    result = run_bench(
+        "bench/e2e.py", "--quick", "--rate", "300", "--seconds", "1", "--json", str(out)
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    drain = json.loads(out.read_text())["drain"]
+    rate_run = drain["rate_run"]
+    assert rate_run["publisher"] == "blocking" and rate_run["jobs"] == 300
+    assert drain["exactly_once"] is True  # 300 timed.php lines, one run per published message
+    start = rate_run["start"]
+    assert 0 < start["p50_ms"] <= start["p99_ms"] <= start["p999_ms"] <= start["max_ms"]
+
+
+def test_broker_latency_bench_reads_every_message() -> None:
+    result = run_bench("bench/broker_latency.py", "--rate", "500", "--seconds", "1", "--rounds=1")
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "p99.9" in result.stdout and result.stdout.splitlines()[-1].startswith("1 ")
+
+
 def test_amqp_consume_bench_runs_both_consumers() -> None:
     result = run_bench("bench/amqp_consume.py", "-n", "2000", "--rounds", "1", "--json")
     assert result.returncode == 0, result.stderr[-3000:]
@@ -44,8 +64,11 @@ def test_job_path_bench_runs() -> None:
     assert "jobs/s" in result.stdout and "FPM CPU/job" in result.stdout
 
 
+HELPERS = {"blocking_amqp.py"}  # imported by the benches, not run
 BENCHES = sorted(
-    path.name for path in (ROOT / "bench").glob("*.py") if not path.name.startswith("fuzz_")
+    path.name
+    for path in (ROOT / "bench").glob("*.py")
+    if not path.name.startswith("fuzz_") and path.name not in HELPERS
 )
 
 

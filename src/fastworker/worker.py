@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import signal
 from dataclasses import dataclass, field, replace
@@ -304,9 +305,11 @@ async def serve(settings: Settings) -> None:
     if settings.stats_interval > 0:
         stats = loop.create_task(_log_progress(consumer, failures, settings.stats_interval))
     control = await _control(consumer) if settings.backend == "amqp" else None
+    settled = loop.create_task(_settle_heap_once_consuming(consumer))
     try:
         await consumer.run()
     finally:
+        settled.cancel()
         if control is not None:
             control.cancel()
         if stats is not None:
@@ -315,6 +318,23 @@ async def serve(settings: Settings) -> None:
             await metrics.close()
         await executor.close()
     log.info("stopped after %d jobs", consumer.processed)
+
+
+def settle_heap() -> int:
+    """Collects once, then moves every object that exists now out of the cyclic GC's sight
+    (`gc.freeze`), and returns how many. Start-up leaves some 30,000 long-lived objects
+    (modules, settings, connections); each full collection would scan them all, 7-10 ms with
+    the event loop stalled and every job waiting to be read or written. Frozen, a full
+    collection scans only what jobs made since."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
+
+
+async def _settle_heap_once_consuming(consumer: Consumer) -> None:
+    """`settle_heap` when the first session consumes: what connecting made is frozen too."""
+    await consumer.connected.wait()
+    log.debug("%d start-up objects frozen out of the cyclic GC", settle_heap())
 
 
 async def _control(consumer: Any) -> asyncio.Task[None] | None:
