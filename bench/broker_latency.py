@@ -25,8 +25,8 @@ from pamqp import commands
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from blocking_amqp import BlockingConnection, publish_paced  # noqa: E402
+from e2e import DEFAULT_URL, percentile  # noqa: E402
 
-DEFAULT_URL = "amqp://guest:guest@127.0.0.1:5672/"
 ACK_EVERY = 32
 
 
@@ -48,10 +48,6 @@ def consume(url: str, queue: str, count: int, prefetch: int, ready: Event, out: 
         out.put(sorted(delays))
     finally:
         conn.close()
-
-
-def percentile(values: list[float], q: float) -> float:
-    return values[min(len(values) - 1, int(q * len(values)))]
 
 
 def main() -> int:

@@ -292,7 +292,7 @@ async def _publish_all(url: str, queue: str, bodies: Sequence[bytes]) -> None:
         await conn.close()
 
 
-async def _publish_paced(
+async def _publish_paced_aiormq(
     url: str, queue: str, make_body: Callable[[int, float], bytes], count: int, rate: float
 ) -> float:
     """Publish ``count`` messages evenly at ``rate``/s; each body is made (and stamped) just
@@ -981,7 +981,7 @@ class Bench:
         publishes) or aiormq (the asyncio client, whose writer task and millisecond sleeps
         add their own delay to every figure)."""
         if self.args.publisher == "aiormq":
-            return asyncio.run(_publish_paced(self.url, queue, make, count, rate))
+            return asyncio.run(_publish_paced_aiormq(self.url, queue, make, count, rate))
         return publish_paced_blocking(self.url, queue, make, count, rate)
 
     def _latency_phase(
@@ -1165,7 +1165,7 @@ def combine_ceilings(runs: Sequence[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _ms5(p: dict[str, Any]) -> str:
-    return f"{p['p50_ms']} / {p['p90_ms']} / {p['p99_ms']} / {p.get('p999_ms')} / {p['max_ms']} ms"
+    return f"{p['p50_ms']} / {p['p90_ms']} / {p['p99_ms']} / {p['p999_ms']} / {p['max_ms']} ms"
 
 
 def _ratio(value: float | None) -> str:
@@ -1270,7 +1270,7 @@ def print_report(results: dict[str, Any]) -> None:
                 f"{rate_run['published_rate_s']:,.0f} jobs/s",
                 f"{rate_run['jobs']} jobs published in {rate_run['publish_seconds']} s"
                 f" (--rate {rate_run['rate_s']:,.0f} x --seconds {rate_run['seconds']:g},"
-                f" --publisher {rate_run.get('publisher', 'aiormq')}) onto the idle worker",
+                f" --publisher {rate_run['publisher']}) onto the idle worker",
             ),
             (
                 "-> PHP start p50/90/99/99.9/max",
