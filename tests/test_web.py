@@ -71,8 +71,18 @@ def by_css(driver: Any, selector: str) -> list[Any]:
 
 
 def cell(driver: Any, selector: str) -> str:
-    found = by_css(driver, selector)
-    return found[0].text.strip() if found else ""
+    """The first match's text. The overview swaps in a fresh copy of its live section every
+    --interval, so an element found a moment ago may be gone by the time it is read: find it
+    again (an assertion on the text must not race the refresh)."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    for _ in range(20):
+        found = by_css(driver, selector)
+        try:
+            return found[0].text.strip() if found else ""
+        except StaleElementReferenceException:
+            continue
+    raise AssertionError(f"{selector}: replaced by the page's refresh on every read")
 
 
 def rows(driver: Any) -> list[Any]:
