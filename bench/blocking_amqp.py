@@ -1,6 +1,7 @@
 """Blocking AMQP for latency runs: a publisher whose messages go to the socket the moment they
 are stamped, as a PHP app's php-amqplib `basic_publish` writes them, and a consumer that reads
-with plain blocking `recv` (the broker's own latency floor, bench/broker_latency.py).
+with plain blocking `recv` (the broker's own latency floor: `broker_floor`, which
+bench/broker_latency.py prints and bench/e2e.py's --rate run measures beside the worker's).
 
 The asyncio publisher (aiormq) hands a message to a writer task, which writes it a loop turn
 later, and asyncio's sleeps wake in whole milliseconds, so paced messages leave in small bursts:
@@ -11,6 +12,8 @@ own frame codec) and written with one `sendall`; pacing sleeps with `time.sleep`
 
 from __future__ import annotations
 
+import multiprocessing
+import secrets
 import socket
 import time
 from collections.abc import Callable, Iterator
@@ -145,3 +148,52 @@ def publish_paced(
         return time.monotonic() - start
     finally:
         publisher.close()
+
+
+ACK_EVERY = 32  # the floor's consumer acks in batches, as the worker does
+
+
+def _consume_delays(url: str, queue: str, count: int, prefetch: int, ready: Any, out: Any) -> None:
+    """Consumes `count` messages whose bodies are their publish times; puts the sorted
+    publish -> read times (ms) on `out`."""
+    conn = BlockingConnection(url, "fastworker bench consumer")
+    try:
+        conn.call(commands.Queue.Declare(queue=queue, auto_delete=True), commands.Queue.DeclareOk)
+        conn.call(commands.Basic.Qos(prefetch_count=prefetch), commands.Basic.QosOk)
+        conn.call(commands.Basic.Consume(queue=queue), commands.Basic.ConsumeOk)
+        ready.set()
+        delays: list[float] = []
+        for read_at, tag, body in conn.deliveries():
+            delays.append((read_at - float(body)) * 1e3)
+            if tag % ACK_EVERY == 0 or len(delays) == count:
+                conn.ack(tag)
+            if len(delays) == count:
+                break
+        out.put(sorted(delays))
+    finally:
+        conn.close()
+
+
+def broker_floor(url: str, rate: float, seconds: float, prefetch: int) -> tuple[list[float], float]:
+    """RabbitMQ's own latency floor: `rate` messages/s for `seconds` through a fresh queue to a
+    blocking consumer in a process of its own (so no worker, no PHP, no event loop). Returns the
+    sorted publish -> read times in ms and the seconds the publishing took."""
+    count = max(1, round(rate * seconds))
+    queue = f"fwbench.floor.{secrets.token_hex(4)}"
+    # spawn, not fork: the caller may have threads (e2e.py's /metrics scraper)
+    context = multiprocessing.get_context("spawn")
+    ready, out = context.Event(), context.Queue()
+    consumer = context.Process(
+        target=_consume_delays, args=(url, queue, count, prefetch, ready, out), daemon=True
+    )
+    consumer.start()
+    try:
+        if not ready.wait(30):
+            raise RuntimeError("the broker-floor consumer did not start consuming within 30 s")
+        time.sleep(0.2)
+        took = publish_paced(url, queue, lambda _i, now: repr(now).encode(), count, rate)
+        return out.get(timeout=60), took
+    finally:
+        consumer.join(10)
+        if consumer.is_alive():
+            consumer.kill()

@@ -11,43 +11,14 @@ that acks in batches of 32, so what is left is the broker, the loopback and the 
 from __future__ import annotations
 
 import argparse
-import multiprocessing
 import os
-import secrets
 import sys
-import time
-from multiprocessing.synchronize import Event
 from pathlib import Path
-from typing import Any
-
-from pamqp import commands
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from blocking_amqp import BlockingConnection, publish_paced  # noqa: E402
+from blocking_amqp import ACK_EVERY, broker_floor  # noqa: E402
 from e2e import DEFAULT_URL, percentile  # noqa: E402
-
-ACK_EVERY = 32
-
-
-def consume(url: str, queue: str, count: int, prefetch: int, ready: Event, out: Any) -> None:
-    """Consumes `count` messages; puts the sorted publish -> read times (ms) on `out`."""
-    conn = BlockingConnection(url, "fastworker bench consumer")
-    try:
-        conn.call(commands.Queue.Declare(queue=queue, auto_delete=True), commands.Queue.DeclareOk)
-        conn.call(commands.Basic.Qos(prefetch_count=prefetch), commands.Basic.QosOk)
-        conn.call(commands.Basic.Consume(queue=queue), commands.Basic.ConsumeOk)
-        ready.set()
-        delays: list[float] = []
-        for read_at, tag, body in conn.deliveries():
-            delays.append((read_at - float(body)) * 1e3)
-            if tag % ACK_EVERY == 0 or len(delays) == count:
-                conn.ack(tag)
-            if len(delays) == count:
-                break
-        out.put(sorted(delays))
-    finally:
-        conn.close()
 
 
 def main() -> int:
@@ -65,24 +36,7 @@ def main() -> int:
     )
     print(f"{'round':<6} {'p50':>8} {'p90':>8} {'p99':>8} {'p99.9':>8} {'max':>8}  (ms)")
     for round_no in range(1, args.rounds + 1):
-        queue = f"fwbench.latency.{secrets.token_hex(4)}"
-        ready, out = multiprocessing.Event(), multiprocessing.Queue()
-        consumer = multiprocessing.Process(
-            target=consume, args=(args.amqp_url, queue, count, args.prefetch, ready, out)
-        )
-        consumer.start()
-        try:
-            if not ready.wait(30):
-                raise SystemExit("the consumer did not start consuming within 30 s")
-            time.sleep(0.2)
-            took = publish_paced(
-                args.amqp_url, queue, lambda _i, now: repr(now).encode(), count, args.rate
-            )
-            delays = out.get(timeout=60)
-        finally:
-            consumer.join(10)
-            if consumer.is_alive():
-                consumer.kill()
+        delays, took = broker_floor(args.amqp_url, args.rate, args.seconds, args.prefetch)
         figures = [percentile(delays, q) for q in (0.5, 0.9, 0.99, 0.999)] + [delays[-1]]
         kept = count / took
         behind = "" if kept >= 0.95 * args.rate else f"  (the publisher kept only {kept:,.0f}/s)"

@@ -56,6 +56,7 @@ for _path in (ROOT / "tests", ROOT / "src", ROOT / "bench"):
 # start_fpm reports failures through pytest.fail.
 import pytest  # noqa: E402
 
+from blocking_amqp import broker_floor  # noqa: E402
 from blocking_amqp import publish_paced as publish_paced_blocking  # noqa: E402
 from fastworker.executor import Executor  # noqa: E402
 from fastworker.fpm import Endpoint, FpmPools  # noqa: E402
@@ -172,6 +173,12 @@ def machine_busy_seconds() -> tuple[float, float]:
     user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
     busy = user + nice + system + irq + softirq + steal
     return busy / CLK_TCK, (busy + idle + iowait) / CLK_TCK
+
+
+def steal_seconds() -> float:
+    """CPU seconds the hypervisor gave to other guests so far (/proc/stat's steal column)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return int(fields[7]) / CLK_TCK if len(fields) > 7 else 0.0
 
 
 def listening_pid(port: int) -> int | None:
@@ -873,7 +880,7 @@ class Bench:
             result["profile"] = profile_result
         rate_jobs = 0
         if rate:
-            result["rate_run"] = self._rate_run(queue, rate, self.args.seconds, label)
+            result["rate_run"] = self._rate_run(queue, rate, self.args.seconds, prefetch, label)
             rate_jobs, latency_jobs = result["rate_run"]["jobs"], 0  # it replaces the phase
         elif latency_jobs:
             result["latency"] = self._latency_phase(queue, latency_jobs, result["jobs_s"], label)
@@ -1024,9 +1031,15 @@ class Bench:
             if line
         ]
 
-    def _rate_run(self, queue: str, rate: float, seconds: float, label: str) -> dict[str, Any]:
+    def _rate_run(
+        self, queue: str, rate: float, seconds: float, prefetch: int, label: str
+    ) -> dict[str, Any]:
         """--rate: publish ``rate`` jobs/s for ``seconds`` onto the idle worker; publish -> the
-        first statement of the PHP script (and -> the end of the request)."""
+        first statement of the PHP script (and -> the end of the request). RabbitMQ's own floor
+        (the same rate and prefetch to a blocking consumer, no worker, no PHP) is measured just
+        before and just after, as the ceiling is around a drain: the reference that says what
+        of the tail is the broker and the machine's scheduling on that day."""
+        floor_before = self._broker_floor(rate, seconds, prefetch, "before")
         count = max(1, round(rate * seconds))
         note(f"{label}: rate run, {count} jobs at {rate:,.0f}/s for {seconds:g} s ...")
         before = self.done.count()
@@ -1036,6 +1049,7 @@ class Bench:
             data = event_data(2_000_000 + i, f"published={now:.6f}")
             return self.body(data, TIMED_SCRIPT)
 
+        steal0, t0 = steal_seconds(), time.monotonic()
         took = self._publish_paced(queue, make, count, rate)
         published_rate = count / took
         if published_rate < 0.95 * rate:
@@ -1048,6 +1062,8 @@ class Bench:
             elif time.monotonic() - last_change > STALL_SECONDS:
                 raise BenchError(f"rate run: only {latency.lines}/{count} jobs recorded")
             time.sleep(0.01)
+        steal = (steal_seconds() - steal0) / (time.monotonic() - t0)
+        floor_after = self._broker_floor(rate, seconds, prefetch, "after")
         rows = self._latency_rows()
         to_start = sorted((start - published) * 1e3 for published, start, _ in rows)
         to_end = sorted((end - published) * 1e3 for published, _, end in rows)
@@ -1060,6 +1076,8 @@ class Bench:
             "publisher": self.args.publisher,
             "start": _pcts(to_start),
             "end": _pcts(to_end),
+            "broker_floor": {"before": floor_before, "after": floor_after},
+            "steal_cores": round(steal, 3),
             "how": "publish (time.time() embedded in the event just before basic_publish, "
             "paced evenly, no publisher confirms) -> start: microtime(true) as the first "
             "statement of bench/php/timed.php; end: microtime(true) in its shutdown "
@@ -1071,6 +1089,16 @@ class Bench:
             f" -> end p50 {end['p50_ms']} ms, p99 {end['p99_ms']} ms"
         )
         return result
+
+    def _broker_floor(self, rate: float, seconds: float, prefetch: int, when: str) -> dict:
+        """RabbitMQ alone at the rate run's rate and prefetch (`blocking_amqp.broker_floor`)."""
+        delays, took = broker_floor(self.url, rate, seconds, prefetch)
+        floor = {**_pcts(delays), "published_rate_s": round(len(delays) / took, 1)}
+        note(
+            f"RabbitMQ alone ({when}): publish -> consumer read p50 {floor['p50_ms']} ms,"
+            f" p99 {floor['p99_ms']} ms"
+        )
+        return floor
 
     # ---- py-spy
 
@@ -1283,6 +1311,22 @@ def print_report(results: dict[str, Any]) -> None:
                 "publish -> end of the PHP request",
             ),
         ]
+        floor = rate_run["broker_floor"]
+        rows += [
+            (
+                f"RabbitMQ alone ({when})",
+                _ms5(floor[when]),
+                "publish -> read by a blocking consumer, no worker or PHP, same rate and prefetch",
+            )
+            for when in ("before", "after")
+        ]
+        rows.append(
+            (
+                "host steal during rate run",
+                f"{rate_run['steal_cores']:.3f} cores",
+                "CPU time the hypervisor gave to other guests (/proc/stat)",
+            )
+        )
     if drain.get("metrics"):
         rows.append(
             (

@@ -41,6 +41,13 @@ def test_e2e_rate_run_publishes_blocking_and_every_job_runs_once(tmp_path: Path)
     assert drain["exactly_once"] is True  # 300 timed.php lines, one run per published message
     start = rate_run["start"]
     assert 0 < start["p50_ms"] <= start["p99_ms"] <= start["p999_ms"] <= start["max_ms"]
+    # RabbitMQ's own floor ran at the same rate just before and just after, in the same report.
+    for when in ("before", "after"):
+        floor = rate_run["broker_floor"][when]
+        assert 0 < floor["p50_ms"] <= floor["p99_ms"] <= floor["max_ms"], floor
+        assert floor["published_rate_s"] > 0
+    assert rate_run["steal_cores"] >= 0
+    assert "RabbitMQ alone (before)" in result.stdout
 
 
 def test_broker_latency_bench_reads_every_message() -> None:
