@@ -804,6 +804,7 @@ class Bench:
         w0, b0, f0 = cpu_seconds(worker.pid), self._broker_cpu(), fpm_cpu(fpm)
         io0, us0 = io_counts(worker.pid), user_system_seconds(worker.pid)
         m0, _ = machine_busy_seconds()
+        steal0 = steal_seconds()
         me0 = time.process_time()
         spy = self._start_pyspy(worker.pid) if profile else None
         note(f"{label}: consuming (from {started_by}); draining {jobs} ...")
@@ -826,6 +827,7 @@ class Bench:
             self.stop(dashboard[0])
         io1, us1 = io_counts(worker.pid), user_system_seconds(worker.pid)
         m1, _ = machine_busy_seconds()
+        steal1 = steal_seconds()
         me1 = time.process_time()
         profile_result = self._stop_pyspy(spy) if spy else None
         # The broker's background CPU, to subtract: other users of the shared broker add to it,
@@ -865,6 +867,8 @@ class Bench:
             "machine_busy_cores": round((m1 - m0) / seconds, 2),
             "bench_busy_cores": round((me1 - me0) / seconds, 2),
             "others_busy_cores": round(max(0.0, (m1 - m0) - ours) / seconds, 2),
+            # The hypervisor's share of "others": our vCPUs given to other guests.
+            "steal_cores": round((steal1 - steal0) / seconds, 2),
             "overshoot_runs": done - jobs,
             **web_result,
         }
@@ -1347,7 +1351,7 @@ def print_report(results: dict[str, Any]) -> None:
             "machine busy during drain",
             f"{drain['machine_busy_cores']} cores",
             f"bench's polling {drain['bench_busy_cores']}, "
-            f"other users {drain['others_busy_cores']}",
+            f"other users {drain['others_busy_cores']} (host steal {drain['steal_cores']})",
         ),
         (
             "exactly once",

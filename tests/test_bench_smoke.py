@@ -24,6 +24,7 @@ def test_e2e_quick_run_reports_a_ratio_and_exactly_once(tmp_path: Path) -> None:
     drain, ceiling = report["drain"], report["ceiling"]
     assert drain["exactly_once"] is True and drain["worker_exit"] == 0
     assert drain["jobs_s"] > 0 and drain["worker_cpu_us"] > 0
+    assert 0 <= drain["steal_cores"] and "host steal" in result.stdout
     # The nginx + wrk reference ran in the same invocation, and PHP answered it without errors.
     assert ceiling["req_s"] > 0 and ceiling["non_2xx"] == 0
     assert "ratio to ceiling" in result.stdout
