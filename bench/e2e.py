@@ -168,17 +168,12 @@ def vm_hwm_mib(pid: int) -> float:
 
 
 def machine_busy_seconds() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine so far, from /proc/stat."""
+    """(busy, steal) CPU seconds of the whole machine so far, from /proc/stat. Busy includes
+    steal: the time the hypervisor gave our vCPUs to other guests."""
     fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
-    user, nice, system, idle, iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
     busy = user + nice + system + irq + softirq + steal
-    return busy / CLK_TCK, (busy + idle + iowait) / CLK_TCK
-
-
-def steal_seconds() -> float:
-    """CPU seconds the hypervisor gave to other guests so far (/proc/stat's steal column)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    return int(fields[7]) / CLK_TCK if len(fields) > 7 else 0.0
+    return busy / CLK_TCK, steal / CLK_TCK
 
 
 def listening_pid(port: int) -> int | None:
@@ -803,8 +798,7 @@ class Bench:
         d0 = cpu_seconds(dashboard[0].pid) if dashboard else 0.0
         w0, b0, f0 = cpu_seconds(worker.pid), self._broker_cpu(), fpm_cpu(fpm)
         io0, us0 = io_counts(worker.pid), user_system_seconds(worker.pid)
-        m0, _ = machine_busy_seconds()
-        steal0 = steal_seconds()
+        m0, steal0 = machine_busy_seconds()
         me0 = time.process_time()
         spy = self._start_pyspy(worker.pid) if profile else None
         note(f"{label}: consuming (from {started_by}); draining {jobs} ...")
@@ -826,8 +820,7 @@ class Bench:
             note(f"{label}: fastworker web read the worker, overview loaded {pages} times")
             self.stop(dashboard[0])
         io1, us1 = io_counts(worker.pid), user_system_seconds(worker.pid)
-        m1, _ = machine_busy_seconds()
-        steal1 = steal_seconds()
+        m1, steal1 = machine_busy_seconds()
         me1 = time.process_time()
         profile_result = self._stop_pyspy(spy) if spy else None
         # The broker's background CPU, to subtract: other users of the shared broker add to it,
@@ -1053,7 +1046,7 @@ class Bench:
             data = event_data(2_000_000 + i, f"published={now:.6f}")
             return self.body(data, TIMED_SCRIPT)
 
-        steal0, t0 = steal_seconds(), time.monotonic()
+        (_, steal0), t0 = machine_busy_seconds(), time.monotonic()
         took = self._publish_paced(queue, make, count, rate)
         published_rate = count / took
         if published_rate < 0.95 * rate:
@@ -1066,7 +1059,7 @@ class Bench:
             elif time.monotonic() - last_change > STALL_SECONDS:
                 raise BenchError(f"rate run: only {latency.lines}/{count} jobs recorded")
             time.sleep(0.01)
-        steal = (steal_seconds() - steal0) / (time.monotonic() - t0)
+        steal = (machine_busy_seconds()[1] - steal0) / (time.monotonic() - t0)
         floor_after = self._broker_floor(rate, seconds, prefetch, "after")
         rows = self._latency_rows()
         to_start = sorted((start - published) * 1e3 for published, start, _ in rows)
