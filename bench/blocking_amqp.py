@@ -13,6 +13,7 @@ own frame codec) and written with one `sendall`; pacing sleeps with `time.sleep`
 from __future__ import annotations
 
 import multiprocessing
+import queue as queue_module
 import secrets
 import socket
 import time
@@ -192,7 +193,13 @@ def broker_floor(url: str, rate: float, seconds: float, prefetch: int) -> tuple[
             raise RuntimeError("the broker-floor consumer did not start consuming within 30 s")
         time.sleep(0.2)
         took = publish_paced(url, queue, lambda _i, now: repr(now).encode(), count, rate)
-        return out.get(timeout=60), took
+        try:
+            return out.get(timeout=60), took
+        except queue_module.Empty:
+            raise RuntimeError(
+                f"the broker-floor consumer gave no figures within 60 s of the last publish "
+                f"(exit code {consumer.exitcode}; it needs all {count} messages)"
+            ) from None
     finally:
         consumer.join(10)
         if consumer.is_alive():
