@@ -59,18 +59,26 @@ def order_placed_data(order_id: int, payload: str | bytes) -> str:
 # --------------------------------------------------------------------------- records of record.php
 
 
+def complete_lines(path: str | os.PathLike[str]) -> list[str]:
+    """The whole lines of a file PHP scripts append to while a test polls it.
+
+    A line PHP is still appending has no newline yet: it is left for the next poll, so a
+    reader never parses half a record. A missing file means nothing was written yet.
+    """
+    try:
+        text = Path(path).read_text()
+    except FileNotFoundError:
+        return []
+    return text[: text.rfind("\n") + 1].splitlines()
+
+
 def read_records(path: str | os.PathLike[str]) -> list[tuple[int, str, int]]:
     """Parse the lines record.php appended: ``(pid, sha1 of data, strlen of data)``.
 
     A missing file means no job ran, so it reads as no records.
     """
-    p = Path(path)
-    if not p.exists():
-        return []
     out: list[tuple[int, str, int]] = []
-    text = p.read_text()
-    # A line PHP is still appending has no newline yet: it is read on the next poll.
-    for line in text[: text.rfind("\n") + 1].splitlines():
+    for line in complete_lines(path):
         if not line.strip():
             continue
         pid, digest, length = line.split()

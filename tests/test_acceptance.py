@@ -13,7 +13,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from helpers import wait_for
+from helpers import complete_lines, wait_for
 from services import ROOT
 from services.fpm import FpmServer
 from services.rabbitmq import amqp_queue_count
@@ -72,7 +72,7 @@ def test_symfony_events_from_php_amqplib_run_exactly_once(
     )
 
     def dispatched() -> list[list[str]]:
-        return [line.split() for line in orders.read_text().splitlines()] if orders.exists() else []
+        return [line.split() for line in complete_lines(orders)]
 
     try:
         wait_for(lambda: len(dispatched()) >= 3040, 120, what="3040 events dispatched")

@@ -30,7 +30,7 @@ from fastworker.formats import BadMessage, parse_bundle, parse_bundle_console, p
 from fastworker.job import Job
 from fastworker.message import Message
 from fastworker.trace_context import trace_params, traceparent, tracestate
-from helpers import bundle_message, order_placed_data, wait_for
+from helpers import bundle_message, complete_lines, order_placed_data, wait_for
 from services import PHP_DIR
 from services.fpm import FpmServer
 from services.rabbitmq import amqp_host_port, amqp_queue_count
@@ -365,10 +365,8 @@ def test_a_sidekiq_job_waits_once_for_its_bundle_delay() -> None:
 
 def context_runs(fpm: FpmServer) -> list[dict[str, Any]]:
     """Every run context.php recorded, in the order they were written."""
-    path = Path(f"{fpm.record_file}.context")
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    lines = complete_lines(f"{fpm.record_file}.context")
+    return [json.loads(line) for line in lines if line.strip()]
 
 
 def runs_of(fpm: FpmServer, data: str | bytes) -> list[dict[str, Any]]:

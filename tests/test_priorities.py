@@ -8,7 +8,7 @@ import aiormq
 
 from fastworker.message import Message
 from fastworker.priorities import Prioritized, priority_of
-from helpers import bundle_message, order_placed_data, read_records, wait_for
+from helpers import bundle_message, complete_lines, order_placed_data, read_records, wait_for
 from services import PHP_DIR
 from services.rabbitmq import amqp_declare, amqp_publish
 from services.worker import Workers
@@ -131,7 +131,7 @@ def test_priority_jobs_start_within_a_second_behind_2000_prefetched(
 
     def started() -> dict[str, float] | None:
         found = {}
-        for line in starts.read_text().splitlines():
+        for line in complete_lines(starts):
             at, data = line.split(" ", 1)
             if data in published:
                 found[data] = float(at)

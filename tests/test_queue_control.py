@@ -9,7 +9,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
-from helpers import bundle_message, wait_for
+from helpers import bundle_message, complete_lines, wait_for
 from services import PHP_DIR, SRC_DIR
 from services.rabbitmq import amqp_publish, amqp_queue_count
 from services.worker import Workers
@@ -46,12 +46,7 @@ def test_pause_stops_every_worker_and_resume_finishes_exactly_once(
     first, second = workers.start(args), workers.start(args)
 
     def started() -> list[tuple[float, str]]:
-        if not starts.exists():
-            return []
-        return [
-            (float(a), d)
-            for a, d in (line.split(" ", 1) for line in starts.read_text().splitlines())
-        ]
+        return [(float(a), d) for a, d in (line.split(" ", 1) for line in complete_lines(starts))]
 
     wait_for(lambda: len(started()) >= 500, timeout=60, what="500 jobs started")
     issued = time.time()
